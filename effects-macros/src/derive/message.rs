@@ -1,0 +1,90 @@
+//! `#[derive(Message)]`: `#[message(topic = "...")]` on the struct; the payload is the struct's
+//! `Serialize` form; an optional `#[message(key)]` field (its `Display` form) is the partition key.
+
+use proc_macro2::TokenStream;
+use quote::quote;
+use syn::{DeriveInput, LitStr};
+
+use super::fields::{field_ident, is_option, named_fields, string_value, unknown_key};
+use crate::ctxt::Ctxt;
+use crate::util::unraw;
+
+pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
+    let cx = Ctxt::new();
+    let mut topic: Option<LitStr> = None;
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
+        let parsed = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("topic") {
+                topic = Some(string_value(&meta, "#[message(topic = \"card-status-changed\")]")?);
+                Ok(())
+            } else {
+                Err(unknown_key(&meta, "message", &["topic"]))
+            }
+        });
+        if let Err(e) = parsed {
+            cx.syn_error(e);
+        }
+    }
+    let ident = &input.ident;
+    let fields = named_fields(&input, "Message", &cx);
+    if topic.is_none() && !cx.has_errors() {
+        cx.error_spanned_by(
+            ident,
+            format!(
+                "`Message` needs a topic: add `#[message(topic = \"...\")]` above `struct {ident}`"
+            ),
+        );
+    }
+    let mut key: Option<(syn::Ident, bool)> = None;
+    for field in fields.into_iter().flatten() {
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("message")) {
+            let parsed = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("key") {
+                    let fident = field_ident(field);
+                    if let Some((first, _)) = &key {
+                        return Err(meta.error(format!(
+                            "a message has one partition key: `{first}` is already `#[message(key)]`"
+                        )));
+                    }
+                    key = Some((fident, is_option(&field.ty)));
+                    Ok(())
+                } else {
+                    Err(unknown_key(&meta, "message", &["key"]))
+                }
+            });
+            if let Err(e) = parsed {
+                cx.syn_error(e);
+            }
+        }
+    }
+    cx.check()?;
+    let Some(topic) = topic else {
+        unreachable!("a missing topic was reported above");
+    };
+    let type_name = unraw(ident);
+    let key_expr = match key {
+        None => quote!(::core::option::Option::None),
+        Some((field, false)) => {
+            quote!(::core::option::Option::Some(::std::string::ToString::to_string(&self.#field)))
+        }
+        Some((field, true)) => {
+            quote!(self.#field.as_ref().map(::std::string::ToString::to_string))
+        }
+    };
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    Ok(quote! {
+        #[automatically_derived]
+        impl #impl_generics ::effects_core::Message for #ident #ty_generics #where_clause {
+            const TOPIC: &'static str = #topic;
+
+            fn to_message(&self) -> ::effects_core::MessageEffect {
+                ::effects_core::MessageEffect {
+                    topic: ::std::string::String::from(#topic),
+                    key: #key_expr,
+                    headers: ::std::collections::BTreeMap::new(),
+                    payload: ::effects_core::__private::to_value(self, #type_name, "the payload"),
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,108 @@
+//! Rules across slots and schemas, one function per rule. Each records its errors in the context
+//! and marks the schema broken, so nothing is generated for it.
+
+use std::collections::BTreeMap;
+
+use crate::ctxt::Ctxt;
+use crate::schema::ast::{Cardinality, Input, SchemaDef, Slot, type_string};
+
+pub(crate) fn check(input: &mut Input, cx: &Ctxt) {
+    unique_schema_names(input, cx);
+    for schema in &mut input.schemas {
+        let broken = [
+            one_slot_per_type(schema, cx),
+            unique_method_names(schema, cx),
+        ]
+        .contains(&true);
+        schema.broken |= broken;
+    }
+}
+
+fn unique_schema_names(input: &mut Input, cx: &Ctxt) {
+    let mut seen = BTreeMap::new();
+    for schema in &mut input.schemas {
+        let name = schema.name.to_string();
+        if seen.insert(name.clone(), ()).is_some() {
+            cx.error_spanned_by(
+                &schema.name,
+                format!("schema `{name}` is declared twice: rename one of them"),
+            );
+            schema.broken = true;
+        }
+    }
+}
+
+/// Two slots of one type would make every effect of that type ambiguous.
+fn one_slot_per_type(schema: &SchemaDef, cx: &Ctxt) -> bool {
+    let mut broken = false;
+    let mut seen: BTreeMap<String, &Slot> = BTreeMap::new();
+    for slot in &schema.slots {
+        let ty = type_string(&slot.ty);
+        if let Some(first) = seen.get(&ty) {
+            let fix = if first.kind == slot.kind {
+                format!("for several, declare one slot `many {ty}`")
+            } else {
+                format!(
+                    "a type is either a datom, a request or a message: remove it from `{}`",
+                    slot.kind.key()
+                )
+            };
+            cx.error_spanned_by(
+                &slot.ty,
+                format!(
+                    "duplicate slot: `{ty}` already has a slot in `{}` (`{} {ty}` in `{}`); {fix}",
+                    schema.name,
+                    first.cardinality.keyword(),
+                    first.kind.key(),
+                ),
+            );
+            broken = true;
+        } else {
+            seen.insert(ty, slot);
+        }
+    }
+    broken
+}
+
+/// The builder's methods are named after the slots; no two may collide, nor shadow `build`.
+fn unique_method_names(schema: &SchemaDef, cx: &Ctxt) -> bool {
+    let mut broken = false;
+    let mut taken: BTreeMap<String, String> = BTreeMap::new();
+    taken.insert("build".to_owned(), "the builder's `build()`".to_owned());
+    for slot in &schema.slots {
+        let name = slot.name_str();
+        let methods = builder_methods(slot.cardinality, &name);
+        let clash = methods.iter().find_map(|m| taken.get(m).map(|owner| (m, owner)));
+        if let Some((method, owner)) = clash {
+            let ty = type_string(&slot.ty);
+            let card = slot.cardinality.keyword();
+            cx.error_spanned_by(
+                slot.rename.as_ref().map_or_else(
+                    || { let t = &slot.ty; quote::quote!(#t) },
+                    |r| quote::quote!(#r),
+                ),
+                format!(
+                    "the builder method `{method}` of `{card} {ty}` clashes with {owner}: name the slot with `as`, as in `{card} {ty} as other_name`"
+                ),
+            );
+            broken = true;
+        } else {
+            let owner = format!("the slot `{} {}`", slot.cardinality.keyword(), type_string(&slot.ty));
+            for m in methods {
+                taken.insert(m, owner.clone());
+            }
+        }
+    }
+    broken
+}
+
+/// The builder methods a slot generates.
+pub(crate) fn builder_methods(cardinality: Cardinality, name: &str) -> Vec<String> {
+    match cardinality {
+        Cardinality::One => vec![name.to_owned()],
+        Cardinality::Optional => vec![name.to_owned(), format!("maybe_{name}")],
+        Cardinality::Many | Cardinality::AtLeastOne => {
+            vec![name.to_owned(), format!("extend_{name}")]
+        }
+    }
+}

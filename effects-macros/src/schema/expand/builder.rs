@@ -1,0 +1,334 @@
+//! The typestate builder: its declaration, the hidden module of state traits whose
+//! `#[diagnostic::on_unimplemented]` messages are the compile errors users read, and its methods.
+//!
+//! Every `one`, `optional` and `at_least_one` slot gets a type parameter that is
+//! `effects_core::__private::Unset` or `Set`. `build()` requires the `one` and `at_least_one`
+//! parameters to be `Set`; the setter of a `one` or `optional` slot requires `Unset`. Both are
+//! `where` clauses on the method rather than on the impl, so a violation is reported as the
+//! trait's message at the user's call instead of "method not found".
+
+use proc_macro2::{Ident, TokenStream};
+use quote::{format_ident, quote};
+
+use super::Names;
+use super::structure::slot_summary;
+use crate::schema::ast::{Cardinality, Slot};
+
+/// The type parameter tracking a slot, if the slot is tracked.
+fn state_param(index: usize) -> Ident {
+    format_ident!("__S{}", index)
+}
+
+/// `blocked_card` → `BlockedCard`
+fn camel(slot: &Slot) -> String {
+    slot.name_str()
+        .split('_')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let mut c = s.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn is_set_trait(slot: &Slot) -> Ident {
+    format_ident!("{}IsSet", camel(slot))
+}
+
+fn is_unset_trait(slot: &Slot) -> Ident {
+    format_ident!("{}IsUnset", camel(slot))
+}
+
+/// The tracked slots with their type parameters.
+fn tracked<'a>(names: &'a Names<'_>) -> Vec<(&'a Slot, Ident)> {
+    names
+        .schema
+        .slots
+        .iter()
+        .filter(|s| s.cardinality.tracked())
+        .enumerate()
+        .map(|(i, s)| (s, state_param(i)))
+        .collect()
+}
+
+pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
+    let schema = names.schema;
+    let (vis, builder) = (&schema.vis, &names.builder);
+    let params: Vec<Ident> = tracked(names).into_iter().map(|(_, p)| p).collect();
+    let generics = (!params.is_empty()).then(|| {
+        quote!(<#(#params = ::effects_core::__private::Unset),*>)
+    });
+    let fields = schema.slots.iter().map(|slot| {
+        let (name, ty) = (&slot.name, &slot.ty);
+        match slot.cardinality {
+            Cardinality::One | Cardinality::Optional => {
+                quote!(#name: ::core::option::Option<#ty>,)
+            }
+            Cardinality::Many | Cardinality::AtLeastOne => quote!(#name: ::std::vec::Vec<#ty>,),
+        }
+    });
+    let doc = format!(
+        " Builds a [`{}`]: one setter call per effect, then `.build()`, which compiles only once every required slot is filled.",
+        schema.name
+    );
+    quote! {
+        #[doc = #doc]
+        #[must_use = "a builder does nothing until `.build()` is called"]
+        #vis struct #builder #generics {
+            #(#fields)*
+            __state: ::core::marker::PhantomData<fn() -> (#(#params,)*)>,
+        }
+    }
+}
+
+pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
+    let schema = names.schema;
+    let (vis, state_mod) = (&schema.vis, &names.state_mod);
+    let schema_name = schema.name.to_string();
+    let mut items = TokenStream::new();
+    for (slot, _) in tracked(names) {
+        let ty = slot.type_str();
+        let what = slot.kind.singular();
+        let setter = slot.name_str();
+        let card = slot.cardinality.keyword();
+        if matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne) {
+            let trait_name = is_set_trait(slot);
+            let amount = if slot.cardinality == Cardinality::One {
+                "exactly one"
+            } else {
+                "at least one"
+            };
+            let message = format!(
+                "`{schema_name}` needs {amount} `{ty}` {what}: call `.{setter}(..)` before `.build()`"
+            );
+            let label = format!("`.{setter}(..)` has not been called");
+            let note = format!("`{schema_name}` declares `{card} {ty}` in its {what}s");
+            items.extend(quote! {
+                #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
+                pub trait #trait_name {}
+                impl #trait_name for ::effects_core::__private::Set {}
+            });
+        }
+        if matches!(slot.cardinality, Cardinality::One | Cardinality::Optional) {
+            let trait_name = is_unset_trait(slot);
+            let amount = if slot.cardinality == Cardinality::One {
+                "exactly one"
+            } else {
+                "at most one"
+            };
+            let message = format!(
+                "`.{setter}(..)` is called twice: `{schema_name}` takes {amount} `{ty}` {what}"
+            );
+            let label = format!("second `{ty}`");
+            let note = format!(
+                "to take several, declare the slot `many {ty}` or `at_least_one {ty}` in `{schema_name}`"
+            );
+            items.extend(quote! {
+                #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
+                pub trait #trait_name {}
+                impl #trait_name for ::effects_core::__private::Unset {}
+            });
+        }
+    }
+    quote! {
+        #[doc(hidden)]
+        #vis mod #state_mod {
+            #items
+        }
+    }
+}
+
+pub(super) fn methods(names: &Names<'_>) -> TokenStream {
+    let schema = names.schema;
+    let (name, builder, state_mod) = (&schema.name, &names.builder, &names.state_mod);
+    let tracked = tracked(names);
+    let params: Vec<&Ident> = tracked.iter().map(|(_, p)| p).collect();
+    let generics = (!params.is_empty()).then(|| quote!(<#(#params),*>));
+    let all_fields: Vec<&Ident> = schema.slots.iter().map(|s| &s.name).collect();
+
+    // The builder type with the parameter of `slot` replaced by `Set`.
+    let with_set = |slot: &Slot| {
+        let args = tracked.iter().map(|(s, p)| {
+            if std::ptr::eq(*s, slot) {
+                quote!(::effects_core::__private::Set)
+            } else {
+                quote!(#p)
+            }
+        });
+        if params.is_empty() {
+            quote!(#builder)
+        } else {
+            quote!(#builder<#(#args),*>)
+        }
+    };
+    // A builder literal moving every field but `slot`, which becomes `value`.
+    let rebuild = |slot: &Slot, value: TokenStream| {
+        let fields = all_fields.iter().map(|f| {
+            if *f == &slot.name {
+                quote!(#f: #value)
+            } else {
+                quote!(#f: self.#f)
+            }
+        });
+        quote!(#builder { #(#fields,)* __state: ::core::marker::PhantomData })
+    };
+    let param_of = |slot: &Slot| {
+        tracked
+            .iter()
+            .find(|(s, _)| std::ptr::eq(*s, slot))
+            .map(|(_, p)| p.clone())
+    };
+
+    let mut setters = TokenStream::new();
+    for slot in &schema.slots {
+        let (field, ty) = (&slot.name, &slot.ty);
+        let summary = slot_summary(slot);
+        let tystr = slot.type_str();
+        match slot.cardinality {
+            Cardinality::One | Cardinality::Optional => {
+                let p = param_of(slot);
+                let unset = is_unset_trait(slot);
+                let ret = with_set(slot);
+                let set_doc = format!(" Sets the `{tystr}` {}. {summary}", slot.kind.singular());
+                let body = rebuild(slot, quote!(::core::option::Option::Some(value)));
+                setters.extend(quote! {
+                    #[doc = #set_doc]
+                    #[inline]
+                    pub fn #field(self, value: #ty) -> #ret
+                    where
+                        #p: #state_mod::#unset,
+                    {
+                        #body
+                    }
+                });
+                if slot.cardinality == Cardinality::Optional {
+                    let maybe = format_ident!("maybe_{}", slot.name_str());
+                    let doc = format!(
+                        " Sets the `{tystr}` {} if `value` is `Some`. {summary}",
+                        slot.kind.singular()
+                    );
+                    let body = rebuild(slot, quote!(value));
+                    setters.extend(quote! {
+                        #[doc = #doc]
+                        #[inline]
+                        pub fn #maybe(self, value: ::core::option::Option<#ty>) -> #ret
+                        where
+                            #p: #state_mod::#unset,
+                        {
+                            #body
+                        }
+                    });
+                }
+            }
+            Cardinality::Many | Cardinality::AtLeastOne => {
+                let extend = format_ident!("extend_{}", slot.name_str());
+                let add_doc = format!(" Adds one `{tystr}` {}. {summary}", slot.kind.singular());
+                let extend_doc = format!(" Adds every `{tystr}` of `values`. {summary}");
+                let add = if slot.cardinality == Cardinality::Many {
+                    quote! {
+                        pub fn #field(mut self, value: #ty) -> Self {
+                            self.#field.push(value);
+                            self
+                        }
+                    }
+                } else {
+                    let ret = with_set(slot);
+                    let body = rebuild(slot, quote!(values));
+                    quote! {
+                        pub fn #field(self, value: #ty) -> #ret {
+                            let mut values = self.#field;
+                            values.push(value);
+                            #body
+                        }
+                    }
+                };
+                setters.extend(quote! {
+                    #[doc = #add_doc]
+                    #[inline]
+                    #add
+
+                    #[doc = #extend_doc]
+                    #[inline]
+                    pub fn #extend(mut self, values: impl ::core::iter::IntoIterator<Item = #ty>) -> Self {
+                        self.#field.extend(values);
+                        self
+                    }
+                });
+            }
+        }
+    }
+
+    let schema_str = schema.name.to_string();
+    let required = tracked.iter().filter_map(|(slot, p)| {
+        matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne).then(|| {
+            let set = is_set_trait(slot);
+            quote!(#p: #state_mod::#set,)
+        })
+    });
+    let finish = schema.slots.iter().map(|slot| {
+        let field = &slot.name;
+        let fstr = slot.name_str();
+        match slot.cardinality {
+            Cardinality::One => quote! {
+                #field: match self.#field {
+                    ::core::option::Option::Some(value) => value,
+                    ::core::option::Option::None => {
+                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
+                    }
+                }
+            },
+            Cardinality::Optional | Cardinality::Many => quote!(#field: self.#field),
+            Cardinality::AtLeastOne => quote! {
+                #field: match ::effects_core::__private::NonEmpty::from_vec(self.#field) {
+                    ::core::option::Option::Some(values) => values,
+                    ::core::option::Option::None => {
+                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
+                    }
+                }
+            },
+        }
+    });
+    let build_doc = format!(" The finished [`{name}`]. Compiles only once every `one` and `at_least_one` slot is filled.");
+    let starts = all_fields.iter().zip(&schema.slots).map(|(f, s)| match s.cardinality {
+        Cardinality::One | Cardinality::Optional => quote!(#f: ::core::option::Option::None),
+        Cardinality::Many | Cardinality::AtLeastOne => quote!(#f: ::std::vec::Vec::new()),
+    });
+    let builder_doc = format!(" Starts building a [`{name}`].");
+    let merge_doc = format!(
+        " Moves every effect of `other` into this `{name}`. Compiles only when `{name}` has a `many` or `at_least_one` slot for each of `other`'s effect types."
+    );
+    quote! {
+        #[automatically_derived]
+        impl #name {
+            #[doc = #builder_doc]
+            #[inline]
+            pub fn builder() -> #builder {
+                #builder { #(#starts,)* __state: ::core::marker::PhantomData }
+            }
+
+            #[doc = #merge_doc]
+            #[inline]
+            #[must_use]
+            pub fn merge<__M: ::effects_core::MergeInto<Self>>(mut self, other: __M) -> Self {
+                ::effects_core::MergeInto::merge_into(other, &mut self);
+                self
+            }
+        }
+
+        #[automatically_derived]
+        impl #generics #builder #generics {
+            #setters
+
+            #[doc = #build_doc]
+            #[inline]
+            pub fn build(self) -> #name
+            where
+                #(#required)*
+            {
+                #name { #(#finish,)* }
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Typed merge: `Absorbs` for every slot that takes any number, `MergeInto` for any target that
+//! absorbs every slot, and a check per `merges:` entry spanned at the user's token.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use super::Names;
+use crate::schema::ast::{Cardinality, Kind};
+
+fn kind_marker(kind: Kind) -> TokenStream {
+    match kind {
+        Kind::Datoms => quote!(::effects_core::schema::Datoms),
+        Kind::Requests => quote!(::effects_core::schema::Requests),
+        Kind::Messages => quote!(::effects_core::schema::Messages),
+    }
+}
+
+pub(super) fn expand(names: &Names<'_>) -> TokenStream {
+    let schema = names.schema;
+    let name = &schema.name;
+
+    let absorbs = schema.slots.iter().filter(|s| s.cardinality.absorbs()).map(|slot| {
+        let (field, ty) = (&slot.name, &slot.ty);
+        let marker = kind_marker(slot.kind);
+        quote! {
+            #[automatically_derived]
+            impl ::effects_core::Absorbs<#ty, #marker> for #name {
+                #[inline]
+                fn absorb(&mut self, value: #ty) {
+                    self.#field.push(value);
+                }
+            }
+        }
+    });
+
+    let bounds = schema.slots.iter().map(|slot| {
+        let ty = &slot.ty;
+        let marker = kind_marker(slot.kind);
+        quote!(__T: ::effects_core::Absorbs<#ty, #marker>,)
+    });
+    let moves = schema.slots.iter().map(|slot| {
+        let (field, ty) = (&slot.name, &slot.ty);
+        let marker = kind_marker(slot.kind);
+        let absorb = quote!(<__T as ::effects_core::Absorbs<#ty, #marker>>::absorb);
+        match slot.cardinality {
+            Cardinality::One => quote!(#absorb(target, self.#field);),
+            Cardinality::Optional => quote! {
+                if let ::core::option::Option::Some(value) = self.#field {
+                    #absorb(target, value);
+                }
+            },
+            Cardinality::Many | Cardinality::AtLeastOne => quote! {
+                for value in self.#field {
+                    #absorb(target, value);
+                }
+            },
+        }
+    });
+    let target = if schema.slots.is_empty() {
+        quote!(_target)
+    } else {
+        quote!(target)
+    };
+
+    let checks = schema.merges.iter().map(|path| {
+        quote_spanned! {path.span()=>
+            const _: () = {
+                fn merges<__M: ::effects_core::MergeInto<#name>>() {}
+                let _ = merges::<#path>;
+            };
+        }
+    });
+
+    quote! {
+        #(#absorbs)*
+
+        #[automatically_derived]
+        impl<__T> ::effects_core::MergeInto<__T> for #name
+        where
+            #(#bounds)*
+        {
+            #[inline]
+            fn merge_into(self, #target: &mut __T) {
+                #(#moves)*
+            }
+        }
+
+        #(#checks)*
+    }
+}

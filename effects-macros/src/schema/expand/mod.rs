@@ -1,0 +1,46 @@
+//! Code generation for one schema, one file per generated piece.
+
+mod builder;
+mod convert;
+mod merge;
+mod structure;
+
+use proc_macro2::{Ident, TokenStream};
+use quote::{format_ident, quote};
+
+use crate::schema::ast::SchemaDef;
+use crate::util::snake_case;
+
+/// Names shared by the generated pieces of one schema.
+pub(super) struct Names<'a> {
+    pub(super) schema: &'a SchemaDef,
+    /// `BlockCardBuilder`
+    pub(super) builder: Ident,
+    /// `__effects_block_card`: the hidden module holding the typestate traits.
+    pub(super) state_mod: Ident,
+}
+
+pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
+    let name = &schema.name;
+    let names = Names {
+        schema,
+        builder: format_ident!("{}Builder", name),
+        state_mod: format_ident!("__effects_{}", snake_case(&crate::util::unraw(name))),
+    };
+    let structure = structure::expand(&names);
+    let builder_struct = builder::declaration(&names);
+    let state_mod = builder::state_module(&names);
+    let builder_impl = builder::methods(&names);
+    let convert = convert::expand(&names);
+    let merge = merge::expand(&names);
+    quote! {
+        #structure
+        #builder_struct
+        #state_mod
+        const _: () = {
+            #builder_impl
+            #convert
+            #merge
+        };
+    }
+}

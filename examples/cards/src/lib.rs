@@ -1,0 +1,136 @@
+//! The card domain: blocking one card, or every card of a customer.
+//!
+//! Handlers are pure: they take cards and customers and return effects — the datom that marks a
+//! card blocked, the message that says its status changed, one notification for the customer —
+//! and the executor does the rest.
+
+use effects_core::{Datom, Message, effects};
+use serde::{Deserialize, Serialize};
+
+/// A card's lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardStatus {
+    /// In use.
+    Active,
+    /// Blocked: no payment goes through.
+    Blocked,
+    /// Closed for good.
+    Cancelled,
+}
+
+/// A payment card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Card {
+    /// The card's id.
+    pub id: String,
+    /// The customer who holds it.
+    pub customer_id: String,
+    /// Its status.
+    pub status: CardStatus,
+}
+
+impl Card {
+    /// Only an active card can be blocked.
+    pub fn can_block(&self) -> bool {
+        self.status == CardStatus::Active
+    }
+
+    /// The card, blocked.
+    #[must_use]
+    pub fn block(&self) -> Card {
+        Card {
+            status: CardStatus::Blocked,
+            ..self.clone()
+        }
+    }
+}
+
+/// A customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    /// The customer's id.
+    pub id: String,
+    /// Their name.
+    pub name: String,
+}
+
+/// The datom that records a card's new status.
+#[derive(Clone, Debug, PartialEq, Eq, Datom)]
+#[datom(entity = "card")]
+pub struct BlockedCard {
+    /// The card.
+    #[datom(id)]
+    pub id: String,
+    /// Its status, now blocked.
+    pub status: CardStatus,
+}
+
+impl From<&Card> for BlockedCard {
+    fn from(card: &Card) -> Self {
+        BlockedCard {
+            id: card.id.clone(),
+            status: card.status,
+        }
+    }
+}
+
+/// Published when a card's status changes; keyed by card so one card's changes stay in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[message(topic = "card-status-changed")]
+pub struct StatusChanged {
+    /// The card.
+    #[message(key)]
+    pub card_id: String,
+    /// Its holder.
+    pub customer_id: String,
+    /// The new status.
+    pub status: CardStatus,
+}
+
+impl From<&Card> for StatusChanged {
+    fn from(card: &Card) -> Self {
+        StatusChanged {
+            card_id: card.id.clone(),
+            customer_id: card.customer_id.clone(),
+            status: card.status,
+        }
+    }
+}
+
+/// Asks the notification service to tell a customer their cards were blocked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[message(topic = "cards-blocked-notify")]
+pub struct CardsBlockedNotify {
+    /// The customer.
+    #[message(key)]
+    pub customer_id: String,
+    /// Their name, for the greeting.
+    pub name: String,
+}
+
+impl From<&Customer> for CardsBlockedNotify {
+    fn from(customer: &Customer) -> Self {
+        CardsBlockedNotify {
+            customer_id: customer.id.clone(),
+            name: customer.name.clone(),
+        }
+    }
+}
+
+effects! {
+    /// Blocking one card.
+    #[derive(Clone, Debug, PartialEq)]
+    pub BlockCard {
+        datoms:   [one BlockedCard],
+        messages: [one StatusChanged],
+    }
+
+    /// Blocking every card of a customer.
+    #[derive(Clone, Debug, PartialEq)]
+    pub BlockAll {
+        datoms:   [many BlockedCard],
+        messages: [many StatusChanged, one CardsBlockedNotify],
+        merges:   [BlockCard],
+    }
+}
