@@ -21,8 +21,8 @@ pub fn effects(input: TokenStream) -> TokenStream {
 #[proc_macro_derive(Datom, attributes(datom))]
 pub fn derive_datom(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::datom(input)
-        .unwrap_or_else(syn::Error::into_compile_error)
+    derive::datom(&input)
+        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Datom))
         .into()
 }
 
@@ -30,8 +30,8 @@ pub fn derive_datom(input: TokenStream) -> TokenStream {
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::message(input)
-        .unwrap_or_else(syn::Error::into_compile_error)
+    derive::message(&input)
+        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Message))
         .into()
 }
 
@@ -39,7 +39,7 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 #[proc_macro_derive(Request, attributes(request))]
 pub fn derive_request(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::request(input)
-        .unwrap_or_else(syn::Error::into_compile_error)
+    derive::request(&input)
+        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Request))
         .into()
 }

@@ -16,7 +16,7 @@ struct Attribute {
     optional: bool,
 }
 
-pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
+pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let cx = Ctxt::new();
     let mut entity: Option<LitStr> = None;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("datom")) {
@@ -39,7 +39,7 @@ pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
             cx.syn_error(e);
         }
     }
-    let fields = named_fields(&input, "Datom", &cx);
+    let fields = named_fields(input, "Datom", &cx);
     let ident = &input.ident;
     if entity.is_none() && !cx.has_errors() {
         cx.error_spanned_by(

@@ -9,7 +9,7 @@ use super::fields::{field_ident, is_option, named_fields, string_value, unknown_
 use crate::ctxt::Ctxt;
 use crate::util::unraw;
 
-pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
+pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let cx = Ctxt::new();
     let mut topic: Option<LitStr> = None;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
@@ -26,7 +26,7 @@ pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     }
     let ident = &input.ident;
-    let fields = named_fields(&input, "Message", &cx);
+    let fields = named_fields(input, "Message", &cx);
     if topic.is_none() && !cx.has_errors() {
         cx.error_spanned_by(
             ident,

@@ -17,7 +17,7 @@ enum Piece {
     Field(syn::Ident),
 }
 
-pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
+pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let cx = Ctxt::new();
     let (mut method, mut endpoint, mut path) = (None::<LitStr>, None::<LitStr>, None::<LitStr>);
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("request")) {
@@ -57,7 +57,7 @@ pub(crate) fn derive(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     }
     let ident = &input.ident;
-    let fields = named_fields(&input, "Request", &cx);
+    let fields = named_fields(input, "Request", &cx);
     if !cx.has_errors() {
         let missing: Vec<&str> = [("method", &method), ("endpoint", &endpoint), ("path", &path)]
             .into_iter()
@@ -146,6 +146,7 @@ fn template(lit: &LitStr, fields: &[syn::Ident], cx: &Ctxt) -> Vec<Piece> {
             literal.push('/');
         }
         if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            let name = name.strip_prefix("r#").unwrap_or(name);
             match fields.iter().find(|f| unraw(f) == name) {
                 Some(f) => {
                     pieces.push(Piece::Literal(std::mem::take(&mut literal)));

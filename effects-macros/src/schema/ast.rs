@@ -22,8 +22,6 @@ pub(crate) struct SchemaDef {
     pub(crate) name: Ident,
     pub(crate) slots: Vec<Slot>,
     pub(crate) merges: Vec<syn::Path>,
-    /// A recoverable mistake was found inside: report it, generate nothing for this schema.
-    pub(crate) broken: bool,
 }
 
 /// The kind of effect a slot holds.
@@ -159,12 +157,11 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
     let lookahead = input.lookahead1();
     if input.peek(Token![struct]) {
         let kw: Token![struct] = input.parse()?;
-        return Err(syn::Error::new(
+        cx.syn_error(syn::Error::new(
             kw.span,
             "remove `struct`: a schema is declared as `pub Name { datoms: [...], ... }`",
         ));
-    }
-    if !lookahead.peek(Ident) {
+    } else if !lookahead.peek(Ident) {
         return Err(lookahead.error());
     }
     let name: Ident = input.parse()?;
@@ -184,7 +181,6 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
         name,
         slots: Vec::new(),
         merges: Vec::new(),
-        broken: false,
     };
     let mut seen_keys: Vec<Ident> = Vec::new();
     while !content.is_empty() {
@@ -195,10 +191,22 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
             )
         })?;
         content.parse::<Token![:]>()?;
+        if !content.peek(syn::token::Bracket) {
+            let example = if key == "merges" {
+                "merges: [OtherSchema]".to_owned()
+            } else {
+                format!("{key}: [one T, many U]")
+            };
+            return Err(syn::Error::new(
+                content.span(),
+                format!("expected `[` after `{key}:`: the list goes in square brackets, as in `{example}`"),
+            ));
+        }
         let list;
         bracketed!(list in content);
         let key_str = key.to_string();
         if let Some(first) = seen_keys.iter().find(|k| **k == key_str) {
+            // Reported, then parsed as if it were part of the first list.
             cx.error_spanned_by(
                 &key,
                 format!(
@@ -206,28 +214,32 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
                     schema.name
                 ),
             );
-            schema.broken = true;
-            let _: TokenStream = list.parse()?;
         } else {
-            match key_str.as_str() {
-                "datoms" => parse_slots(&list, Kind::Datoms, &mut schema, cx)?,
-                "requests" => parse_slots(&list, Kind::Requests, &mut schema, cx)?,
-                "messages" => parse_slots(&list, Kind::Messages, &mut schema, cx)?,
-                "merges" => {
-                    let paths = Punctuated::<syn::Path, Token![,]>::parse_terminated(&list)?;
-                    schema.merges.extend(paths);
-                }
-                other => {
-                    let hint = match did_you_mean(other, &KEYS) {
-                        Some(s) => format!("did you mean `{s}`?"),
-                        None => "expected `datoms`, `requests`, `messages` or `merges`".to_owned(),
-                    };
-                    cx.error_spanned_by(&key, format!("unknown key `{other}`: {hint}"));
-                    schema.broken = true;
-                    let _: TokenStream = list.parse()?;
-                }
+            seen_keys.push(key.clone());
+        }
+        // An unknown key is reported, then read as the key it most likely meant.
+        let meant = if KEYS.contains(&key_str.as_str()) {
+            Some(key_str.as_str())
+        } else {
+            let guess = did_you_mean(&key_str, &KEYS);
+            let hint = match guess {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => "expected `datoms`, `requests`, `messages` or `merges`".to_owned(),
+            };
+            cx.error_spanned_by(&key, format!("unknown key `{key_str}`: {hint}"));
+            guess
+        };
+        match meant {
+            Some("datoms") => parse_slots(&list, Kind::Datoms, &mut schema, cx)?,
+            Some("requests") => parse_slots(&list, Kind::Requests, &mut schema, cx)?,
+            Some("messages") => parse_slots(&list, Kind::Messages, &mut schema, cx)?,
+            Some(_) => {
+                let paths = Punctuated::<syn::Path, Token![,]>::parse_terminated(&list)?;
+                schema.merges.extend(paths);
             }
-            seen_keys.push(key);
+            None => {
+                let _: TokenStream = list.parse()?;
+            }
         }
         if content.is_empty() {
             break;
@@ -248,75 +260,74 @@ fn parse_slots(
         for attr in &docs {
             if !attr.path().is_ident("doc") {
                 cx.error_spanned_by(attr, "only doc comments are allowed on a slot");
-                schema.broken = true;
             }
         }
-        let cardinality_token: Ident = list.call(<Ident as syn::ext::IdentExt>::parse_any).map_err(|e| {
+        let ahead = list.fork();
+        let first: Ident = ahead.call(<Ident as syn::ext::IdentExt>::parse_any).map_err(|e| {
             syn::Error::new(
                 e.span(),
                 "expected a slot: `one T`, `optional T`, `many T` or `at_least_one T`",
             )
         })?;
-        // `[BlockedCard]`: the type with no cardinality before it.
-        if list.is_empty() || list.peek(Token![,]) || list.peek(Token![<]) || list.peek(Token![::]) {
+        let cardinality = if ahead.is_empty()
+            || ahead.peek(Token![,])
+            || ahead.peek(Token![<])
+            || ahead.peek(Token![::])
+            || ahead.peek(Token![as])
+        {
+            // `[BlockedCard]`: the type with no cardinality before it; read it as `many`.
             cx.error_spanned_by(
-                &cardinality_token,
+                &first,
                 format!(
-                    "missing cardinality before `{cardinality_token}`: write `one {cardinality_token}`, `optional {cardinality_token}`, `many {cardinality_token}` or `at_least_one {cardinality_token}`"
+                    "missing cardinality before `{first}`: write `one {first}`, `optional {first}`, `many {first}` or `at_least_one {first}`"
                 ),
             );
-            schema.broken = true;
-            skip_to_comma(list)?;
+            Cardinality::Many
         } else {
-            let ty: Type = list.parse()?;
-            let rename = if list.peek(Token![as]) {
-                list.parse::<Token![as]>()?;
-                Some(list.call(<Ident as syn::ext::IdentExt>::parse_any)?)
-            } else {
+            let word: Ident = list.call(<Ident as syn::ext::IdentExt>::parse_any)?;
+            let text = word.to_string();
+            Cardinality::from_keyword(&text).unwrap_or_else(|| {
+                // Reported, then read as the closest cardinality, or `many`.
+                let guess = did_you_mean(&text, &CARDINALITIES).or_else(|| synonym(&text));
+                let hint = match guess {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => "expected `one`, `optional`, `many` or `at_least_one`".to_owned(),
+                };
+                cx.error_spanned_by(&word, format!("unknown cardinality `{text}`: {hint}"));
+                guess
+                    .and_then(Cardinality::from_keyword)
+                    .unwrap_or(Cardinality::Many)
+            })
+        };
+        let ty: Type = list.parse()?;
+        let rename = if list.peek(Token![as]) {
+            list.parse::<Token![as]>()?;
+            Some(list.call(<Ident as syn::ext::IdentExt>::parse_any)?)
+        } else {
+            None
+        };
+        let name = match &rename {
+            Some(r) => Some(r.clone()),
+            None => slot_name_from_type(&ty).or_else(|| {
+                let (word, ty) = (cardinality.keyword(), type_string(&ty));
+                cx.error_spanned_by(
+                    &ty,
+                    format!(
+                        "cannot name a setter after `{ty}`: name the slot, as in `{word} {ty} as name`"
+                    ),
+                );
                 None
-            };
-            let word = cardinality_token.to_string();
-            match Cardinality::from_keyword(&word) {
-                Some(cardinality) => {
-                    let name = match &rename {
-                        Some(r) => r.clone(),
-                        None => match slot_name_from_type(&ty) {
-                            Some(n) => n,
-                            None => {
-                                cx.error_spanned_by(
-                                    &ty,
-                                    format!(
-                                        "cannot name a setter after `{}`: name the slot, as in `{word} {} as name`",
-                                        type_string(&ty),
-                                        type_string(&ty)
-                                    ),
-                                );
-                                schema.broken = true;
-                                Ident::new("__unnamed", cardinality_token.span())
-                            }
-                        },
-                    };
-                    schema.slots.push(Slot {
-                        docs,
-                        kind,
-                        cardinality,
-                        ty,
-                        name,
-                        rename,
-                    });
-                }
-                None => {
-                    let hint = match did_you_mean(&word, &CARDINALITIES) {
-                        Some(s) => format!("did you mean `{s}`?"),
-                        None => "expected `one`, `optional`, `many` or `at_least_one`".to_owned(),
-                    };
-                    cx.error_spanned_by(
-                        &cardinality_token,
-                        format!("unknown cardinality `{word}`: {hint}"),
-                    );
-                    schema.broken = true;
-                }
-            }
+            }),
+        };
+        if let Some(name) = name {
+            schema.slots.push(Slot {
+                docs,
+                kind,
+                cardinality,
+                ty,
+                name,
+                rename,
+            });
         }
         if list.is_empty() {
             break;
@@ -339,16 +350,14 @@ fn slot_name_from_type(ty: &Type) -> Option<Ident> {
     }
 }
 
-/// Skips the rest of a malformed slot, up to the next top-level comma.
-fn skip_to_comma(list: ParseStream<'_>) -> syn::Result<()> {
-    list.step(|cursor| {
-        let mut rest = *cursor;
-        while let Some((tt, next)) = rest.token_tree() {
-            if matches!(&tt, proc_macro2::TokenTree::Punct(p) if p.as_char() == ',') {
-                break;
-            }
-            rest = next;
-        }
-        Ok(((), rest))
+
+/// Words people reach for instead of a cardinality keyword.
+fn synonym(word: &str) -> Option<&'static str> {
+    Some(match word {
+        "single" | "exactly_one" | "required" | "s_one" => "one",
+        "maybe" | "option" | "opt" | "zero_or_one" => "optional",
+        "vec" | "list" | "zero_or_more" | "any" => "many",
+        "some" | "one_or_more" | "non_empty" | "nonempty" => "at_least_one",
+        _ => return None,
     })
 }

@@ -1,45 +1,42 @@
 //! Rules across slots and schemas, one function per rule. Each records its errors in the context
-//! and marks the schema broken, so nothing is generated for it.
+//! and drops what it rejected, so the rest still expands and one mistake gives one error.
 
 use std::collections::BTreeMap;
 
 use crate::ctxt::Ctxt;
-use crate::schema::ast::{Cardinality, Input, SchemaDef, Slot, type_string};
+use crate::schema::ast::{Cardinality, Input, Kind, SchemaDef, type_string};
 
 pub(crate) fn check(input: &mut Input, cx: &Ctxt) {
     unique_schema_names(input, cx);
     for schema in &mut input.schemas {
-        let broken = [
-            one_slot_per_type(schema, cx),
-            unique_method_names(schema, cx),
-        ]
-        .contains(&true);
-        schema.broken |= broken;
+        one_slot_per_type(schema, cx);
+        unique_method_names(schema, cx);
     }
 }
 
 fn unique_schema_names(input: &mut Input, cx: &Ctxt) {
     let mut seen = BTreeMap::new();
-    for schema in &mut input.schemas {
+    input.schemas.retain(|schema| {
         let name = schema.name.to_string();
-        if seen.insert(name.clone(), ()).is_some() {
+        let first = seen.insert(name.clone(), ()).is_none();
+        if !first {
             cx.error_spanned_by(
                 &schema.name,
                 format!("schema `{name}` is declared twice: rename one of them"),
             );
-            schema.broken = true;
         }
-    }
+        first
+    });
 }
 
 /// Two slots of one type would make every effect of that type ambiguous.
-fn one_slot_per_type(schema: &SchemaDef, cx: &Ctxt) -> bool {
-    let mut broken = false;
-    let mut seen: BTreeMap<String, &Slot> = BTreeMap::new();
-    for slot in &schema.slots {
+fn one_slot_per_type(schema: &mut SchemaDef, cx: &Ctxt) {
+    let mut seen: BTreeMap<String, (Kind, Cardinality)> = BTreeMap::new();
+    let name = &schema.name;
+    schema.slots.retain(|slot| {
         let ty = type_string(&slot.ty);
-        if let Some(first) = seen.get(&ty) {
-            let fix = if first.kind == slot.kind {
+        if let Some(&(kind, cardinality)) = seen.get(&ty) {
+            let fix = if kind == slot.kind {
                 format!("for several, declare one slot `many {ty}`")
             } else {
                 format!(
@@ -50,26 +47,24 @@ fn one_slot_per_type(schema: &SchemaDef, cx: &Ctxt) -> bool {
             cx.error_spanned_by(
                 &slot.ty,
                 format!(
-                    "duplicate slot: `{ty}` already has a slot in `{}` (`{} {ty}` in `{}`); {fix}",
-                    schema.name,
-                    first.cardinality.keyword(),
-                    first.kind.key(),
+                    "duplicate slot: `{ty}` already has a slot in `{name}` (`{} {ty}` in `{}`); {fix}",
+                    cardinality.keyword(),
+                    kind.key(),
                 ),
             );
-            broken = true;
+            false
         } else {
-            seen.insert(ty, slot);
+            seen.insert(ty, (slot.kind, slot.cardinality));
+            true
         }
-    }
-    broken
+    });
 }
 
 /// The builder's methods are named after the slots; no two may collide, nor shadow `build`.
-fn unique_method_names(schema: &SchemaDef, cx: &Ctxt) -> bool {
-    let mut broken = false;
+fn unique_method_names(schema: &mut SchemaDef, cx: &Ctxt) {
     let mut taken: BTreeMap<String, String> = BTreeMap::new();
     taken.insert("build".to_owned(), "the builder's `build()`".to_owned());
-    for slot in &schema.slots {
+    schema.slots.retain(|slot| {
         let name = slot.name_str();
         let methods = builder_methods(slot.cardinality, &name);
         let clash = methods.iter().find_map(|m| taken.get(m).map(|owner| (m, owner)));
@@ -85,15 +80,15 @@ fn unique_method_names(schema: &SchemaDef, cx: &Ctxt) -> bool {
                     "the builder method `{method}` of `{card} {ty}` clashes with {owner}: name the slot with `as`, as in `{card} {ty} as other_name`"
                 ),
             );
-            broken = true;
+            false
         } else {
             let owner = format!("the slot `{} {}`", slot.cardinality.keyword(), type_string(&slot.ty));
             for m in methods {
                 taken.insert(m, owner.clone());
             }
+            true
         }
-    }
-    broken
+    });
 }
 
 /// The builder methods a slot generates.

@@ -23,7 +23,7 @@ pub(crate) fn effects(input: TokenStream) -> syn::Result<TokenStream> {
     };
     check::check(&mut parsed, &cx);
     let mut out = TokenStream::new();
-    for schema in parsed.schemas.iter().filter(|s| !s.broken) {
+    for schema in &parsed.schemas {
         out.extend(expand::schema(schema));
     }
     out.extend(cx.into_compile_errors());

@@ -1,0 +1,10 @@
+use effects_core::Datom;
+
+#[derive(Datom)]
+#[datom(entity = "card")]
+pub enum CardState {
+    Active,
+    Blocked,
+}
+
+fn main() {}

@@ -1,0 +1,11 @@
+use effects_core::Datom;
+
+#[derive(Datom)]
+#[datom(entitty = "card")]
+pub struct CardLimit {
+    #[datom(id)]
+    pub card_id: String,
+    pub limit: u64,
+}
+
+fn main() {}

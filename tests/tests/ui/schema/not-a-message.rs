@@ -1,0 +1,10 @@
+use cards::BlockedCard;
+use effects_core::effects;
+
+effects! {
+    pub Announce {
+        messages: [many BlockedCard],
+    }
+}
+
+fn main() {}
