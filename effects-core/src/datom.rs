@@ -43,7 +43,9 @@ pub trait Datom {
 }
 
 /// Whether a datom asserts or retracts its attributes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// The attributes now hold these values.

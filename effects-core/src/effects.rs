@@ -118,16 +118,16 @@ impl Effects {
                             return Err(ConflictError {
                                 entity: datom.entity.clone(),
                                 attribute: attribute.clone(),
-                                first: DatomAt {
+                                first: Box::new(DatomAt {
                                     index: first,
                                     op,
                                     value: first_value.clone(),
-                                },
-                                second: DatomAt {
+                                }),
+                                second: Box::new(DatomAt {
                                     index,
                                     op: datom.op,
                                     value: value.clone(),
-                                },
+                                }),
                             });
                         }
                     }
@@ -220,9 +220,9 @@ pub struct ConflictError {
     /// The attribute they disagree on.
     pub attribute: String,
     /// The earlier datom.
-    pub first: DatomAt,
+    pub first: Box<DatomAt>,
     /// The later datom.
-    pub second: DatomAt,
+    pub second: Box<DatomAt>,
 }
 
 /// JSON text with object keys sorted at every level and no whitespace.

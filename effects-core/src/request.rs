@@ -109,8 +109,12 @@ pub struct RequestEffect {
     /// Extra headers; the executor adds `Idempotency-Key`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// The JSON body.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The JSON body; `Some(Value::Null)` sends the body `null`, `None` sends no body.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub body: Option<Value>,
 }
 
@@ -132,6 +136,12 @@ impl RequestEffect {
         self.body = Some(body);
         self
     }
+}
+
+/// A field that is present is `Some`, even when it is `null`; an absent one is `None` (by
+/// `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// Whether `path` fits `template`, where a `{name}` segment of the template matches any one

@@ -145,7 +145,9 @@ impl Matcher {
                 identity,
                 attributes,
             } if d.entity.attribute == identity
-                && d.attributes.keys().all(|a| attributes.contains(&a.as_str())) =>
+                && d.attributes
+                    .keys()
+                    .all(|a| attributes.contains(&a.as_str())) =>
             {
                 // Some(true) when the datom carries every attribute: the best fit.
                 Some(d.attributes.len() == attributes.len())

@@ -7,6 +7,9 @@ mod derive;
 mod schema;
 mod util;
 
+#[cfg(test)]
+mod expand_tests;
+
 use proc_macro::TokenStream;
 
 /// Declares effect schemas. See `effects_core::effects!`.

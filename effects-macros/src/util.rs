@@ -13,7 +13,9 @@ pub(crate) fn snake_case(name: &str) -> String {
             let boundary = match prev {
                 None | Some('_') => false,
                 Some(p) => {
-                    p.is_lowercase() || p.is_ascii_digit() || (p.is_uppercase() && next.is_some_and(char::is_lowercase))
+                    p.is_lowercase()
+                        || p.is_ascii_digit()
+                        || (p.is_uppercase() && next.is_some_and(char::is_lowercase))
                 }
             };
             if boundary {

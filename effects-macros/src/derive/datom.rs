@@ -108,7 +108,10 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
 
     let ns = entity.value();
     let identity = format!("{ns}/{id_name}");
-    let mut names: Vec<String> = attributes.iter().map(|a| format!("{ns}/{}", a.name)).collect();
+    let mut names: Vec<String> = attributes
+        .iter()
+        .map(|a| format!("{ns}/{}", a.name))
+        .collect();
     names.sort();
     let type_name = unraw(ident);
     let inserts = attributes.iter().map(|a| {

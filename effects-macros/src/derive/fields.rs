@@ -19,7 +19,10 @@ pub(crate) fn named_fields<'a>(
             _ => {
                 cx.error_spanned_by(
                     &input.ident,
-                    format!("`{derive}` needs a struct with named fields: its fields become the {}", what(derive)),
+                    format!(
+                        "`{derive}` needs a struct with named fields: its fields become the {}",
+                        what(derive)
+                    ),
                 );
                 None
             }
@@ -68,11 +71,15 @@ pub(crate) fn unknown_key(meta: &ParseNestedMeta<'_>, attr: &str, known: &[&str]
 
 /// `key = "value"` with a non-empty string value.
 pub(crate) fn string_value(meta: &ParseNestedMeta<'_>, example: &str) -> syn::Result<LitStr> {
-    let lit: LitStr = meta.value()?.parse().map_err(|e| {
-        syn::Error::new(e.span(), format!("expected a string, as in `{example}`"))
-    })?;
+    let lit: LitStr = meta
+        .value()?
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), format!("expected a string, as in `{example}`")))?;
     if lit.value().is_empty() {
-        return Err(syn::Error::new(lit.span(), format!("must not be empty, as in `{example}`")));
+        return Err(syn::Error::new(
+            lit.span(),
+            format!("must not be empty, as in `{example}`"),
+        ));
     }
     Ok(lit)
 }
@@ -80,11 +87,9 @@ pub(crate) fn string_value(meta: &ParseNestedMeta<'_>, example: &str) -> syn::Re
 /// Whether the type is written `Option<..>` (or `core::option::Option<..>`).
 pub(crate) fn is_option(ty: &syn::Type) -> bool {
     match ty {
-        syn::Type::Path(p) if p.qself.is_none() => p
-            .path
-            .segments
-            .last()
-            .is_some_and(|s| s.ident == "Option" && matches!(s.arguments, syn::PathArguments::AngleBracketed(_))),
+        syn::Type::Path(p) if p.qself.is_none() => p.path.segments.last().is_some_and(|s| {
+            s.ident == "Option" && matches!(s.arguments, syn::PathArguments::AngleBracketed(_))
+        }),
         syn::Type::Group(g) => is_option(&g.elem),
         _ => false,
     }

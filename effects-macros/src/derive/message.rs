@@ -15,7 +15,10 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
         let parsed = attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("topic") {
-                topic = Some(string_value(&meta, "#[message(topic = \"card-status-changed\")]")?);
+                topic = Some(string_value(
+                    &meta,
+                    "#[message(topic = \"card-status-changed\")]",
+                )?);
                 Ok(())
             } else {
                 Err(unknown_key(&meta, "message", &["topic"]))

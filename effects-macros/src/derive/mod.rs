@@ -21,7 +21,11 @@ pub(crate) enum Derive {
 
 /// The errors, plus an impl of the trait whose bodies are never run, so that the type's uses
 /// elsewhere (in `effects!` slots, say) do not pile more errors on the one mistake.
-pub(crate) fn with_fallback(err: syn::Error, input: &syn::DeriveInput, derive: Derive) -> TokenStream {
+pub(crate) fn with_fallback(
+    err: syn::Error,
+    input: &syn::DeriveInput,
+    derive: Derive,
+) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let body = match derive {

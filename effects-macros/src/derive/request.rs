@@ -37,7 +37,10 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 }
                 method = Some(lit);
             } else if meta.path.is_ident("endpoint") {
-                endpoint = Some(string_value(&meta, "#[request(endpoint = \"notifications\")]")?);
+                endpoint = Some(string_value(
+                    &meta,
+                    "#[request(endpoint = \"notifications\")]",
+                )?);
             } else if meta.path.is_ident("path") {
                 let lit = string_value(&meta, "#[request(path = \"/v1/items/{id}\")]")?;
                 if !lit.value().starts_with('/') {
@@ -48,7 +51,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 }
                 path = Some(lit);
             } else {
-                return Err(unknown_key(&meta, "request", &["method", "endpoint", "path"]));
+                return Err(unknown_key(
+                    &meta,
+                    "request",
+                    &["method", "endpoint", "path"],
+                ));
             }
             Ok(())
         });
@@ -59,11 +66,15 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let ident = &input.ident;
     let fields = named_fields(input, "Request", &cx);
     if !cx.has_errors() {
-        let missing: Vec<&str> = [("method", &method), ("endpoint", &endpoint), ("path", &path)]
-            .into_iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k)
-            .collect();
+        let missing: Vec<&str> = [
+            ("method", &method),
+            ("endpoint", &endpoint),
+            ("path", &path),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k)
+        .collect();
         if !missing.is_empty() {
             cx.error_spanned_by(
                 ident,
@@ -83,7 +94,10 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         }
     }
     let field_names: Vec<syn::Ident> = fields.iter().flatten().map(|f| field_ident(f)).collect();
-    let pieces = path.as_ref().map(|lit| template(lit, &field_names, &cx)).unwrap_or_default();
+    let pieces = path
+        .as_ref()
+        .map(|lit| template(lit, &field_names, &cx))
+        .unwrap_or_default();
     cx.check()?;
     let (Some(method), Some(endpoint), Some(path)) = (method, endpoint, path) else {
         unreachable!("missing keys were reported above");
@@ -157,15 +171,26 @@ fn template(lit: &LitStr, fields: &[syn::Ident], cx: &Ctxt) -> Vec<Piece> {
                     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
                     let hint = match did_you_mean(name, &refs) {
                         Some(s) => format!("did you mean `{{{s}}}`?"),
-                        None => format!("the fields are {}", refs.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")),
+                        None => format!(
+                            "the fields are {}",
+                            refs.iter()
+                                .map(|r| format!("`{r}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     };
-                    cx.error_spanned_by(lit, format!("`{{{name}}}` in the path names no field: {hint}"));
+                    cx.error_spanned_by(
+                        lit,
+                        format!("`{{{name}}}` in the path names no field: {hint}"),
+                    );
                 }
             }
         } else if segment.contains('{') || segment.contains('}') {
             cx.error_spanned_by(
                 lit,
-                format!("`{segment}`: a placeholder is a whole path segment, as in `/items/{{id}}`"),
+                format!(
+                    "`{segment}`: a placeholder is a whole path segment, as in `/items/{{id}}`"
+                ),
             );
         } else {
             literal.push_str(segment);

@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use syn::Ident;
 use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
-use syn::{Attribute, Token, Type, Visibility, bracketed, braced};
+use syn::{Attribute, Token, Type, Visibility, braced, bracketed};
 
 use crate::ctxt::Ctxt;
 use crate::util::{did_you_mean, ident, snake_case, unraw};
@@ -126,8 +126,13 @@ pub(crate) fn type_string(ty: &Type) -> String {
         if c == ' ' {
             let prev = out.chars().last();
             let next = chars.peek().copied();
-            let tight = |ch: Option<char>| matches!(ch, Some(':' | '<' | '>' | '&' | '(' | ')' | '[' | ']'));
-            if tight(prev) && prev != Some('>') || tight(next) && next != Some('(') || next == Some(',') {
+            let tight = |ch: Option<char>| {
+                matches!(ch, Some(':' | '<' | '>' | '&' | '(' | ')' | '[' | ']'))
+            };
+            if tight(prev) && prev != Some('>')
+                || tight(next) && next != Some('(')
+                || next == Some(',')
+            {
                 continue;
             }
             if prev == Some('>') && matches!(next, Some('>' | ':' | ')' | ']')) {
@@ -199,7 +204,9 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
             };
             return Err(syn::Error::new(
                 content.span(),
-                format!("expected `[` after `{key}:`: the list goes in square brackets, as in `{example}`"),
+                format!(
+                    "expected `[` after `{key}:`: the list goes in square brackets, as in `{example}`"
+                ),
             ));
         }
         let list;
@@ -263,12 +270,14 @@ fn parse_slots(
             }
         }
         let ahead = list.fork();
-        let first: Ident = ahead.call(<Ident as syn::ext::IdentExt>::parse_any).map_err(|e| {
-            syn::Error::new(
-                e.span(),
-                "expected a slot: `one T`, `optional T`, `many T` or `at_least_one T`",
-            )
-        })?;
+        let first: Ident = ahead
+            .call(<Ident as syn::ext::IdentExt>::parse_any)
+            .map_err(|e| {
+                syn::Error::new(
+                    e.span(),
+                    "expected a slot: `one T`, `optional T`, `many T` or `at_least_one T`",
+                )
+            })?;
         let cardinality = if ahead.is_empty()
             || ahead.peek(Token![,])
             || ahead.peek(Token![<])
@@ -349,7 +358,6 @@ fn slot_name_from_type(ty: &Type) -> Option<Ident> {
         _ => None,
     }
 }
-
 
 /// Words people reach for instead of a cardinality keyword.
 fn synonym(word: &str) -> Option<&'static str> {

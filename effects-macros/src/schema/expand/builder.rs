@@ -57,9 +57,8 @@ pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
     let (vis, builder) = (&schema.vis, &names.builder);
     let params: Vec<Ident> = tracked(names).into_iter().map(|(_, p)| p).collect();
-    let generics = (!params.is_empty()).then(|| {
-        quote!(<#(#params = ::effects_core::__private::Unset),*>)
-    });
+    let generics =
+        (!params.is_empty()).then(|| quote!(<#(#params = ::effects_core::__private::Unset),*>));
     let fields = schema.slots.iter().map(|slot| {
         let (name, ty) = (&slot.name, &slot.ty);
         match slot.cardinality {
@@ -261,12 +260,13 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
     }
 
     let schema_str = schema.name.to_string();
-    let required = tracked.iter().filter_map(|(slot, p)| {
-        matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne).then(|| {
+    let required = tracked
+        .iter()
+        .filter(|(slot, _)| matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne))
+        .map(|(slot, p)| {
             let set = is_set_trait(slot);
             quote!(#p: #state_mod::#set,)
-        })
-    });
+        });
     let finish = schema.slots.iter().map(|slot| {
         let field = &slot.name;
         let fstr = slot.name_str();
@@ -290,11 +290,16 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             },
         }
     });
-    let build_doc = format!(" The finished [`{name}`]. Compiles only once every `one` and `at_least_one` slot is filled.");
-    let starts = all_fields.iter().zip(&schema.slots).map(|(f, s)| match s.cardinality {
-        Cardinality::One | Cardinality::Optional => quote!(#f: ::core::option::Option::None),
-        Cardinality::Many | Cardinality::AtLeastOne => quote!(#f: ::std::vec::Vec::new()),
-    });
+    let build_doc = format!(
+        " The finished [`{name}`]. Compiles only once every `one` and `at_least_one` slot is filled."
+    );
+    let starts = all_fields
+        .iter()
+        .zip(&schema.slots)
+        .map(|(f, s)| match s.cardinality {
+            Cardinality::One | Cardinality::Optional => quote!(#f: ::core::option::Option::None),
+            Cardinality::Many | Cardinality::AtLeastOne => quote!(#f: ::std::vec::Vec::new()),
+        });
     let builder_doc = format!(" Starts building a [`{name}`].");
     let merge_doc = format!(
         " Moves every effect of `other` into this `{name}`. Compiles only when `{name}` has a `many` or `at_least_one` slot for each of `other`'s effect types."

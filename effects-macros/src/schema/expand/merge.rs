@@ -20,19 +20,23 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
     let name = &schema.name;
 
-    let absorbs = schema.slots.iter().filter(|s| s.cardinality.absorbs()).map(|slot| {
-        let (field, ty) = (&slot.name, &slot.ty);
-        let marker = kind_marker(slot.kind);
-        quote! {
-            #[automatically_derived]
-            impl ::effects_core::Absorbs<#ty, #marker> for #name {
-                #[inline]
-                fn absorb(&mut self, value: #ty) {
-                    self.#field.push(value);
+    let absorbs = schema
+        .slots
+        .iter()
+        .filter(|s| s.cardinality.absorbs())
+        .map(|slot| {
+            let (field, ty) = (&slot.name, &slot.ty);
+            let marker = kind_marker(slot.kind);
+            quote! {
+                #[automatically_derived]
+                impl ::effects_core::Absorbs<#ty, #marker> for #name {
+                    #[inline]
+                    fn absorb(&mut self, value: #ty) {
+                        self.#field.push(value);
+                    }
                 }
             }
-        }
-    });
+        });
 
     let bounds = schema.slots.iter().map(|slot| {
         let ty = &slot.ty;
