@@ -40,6 +40,14 @@ pub trait Datom {
 
     /// The erased datom.
     fn to_datom(&self) -> DatomEffect;
+
+    /// The erased datom, moving what can be moved instead of copying it.
+    fn into_datom(self) -> DatomEffect
+    where
+        Self: Sized,
+    {
+        self.to_datom()
+    }
 }
 
 /// Whether a datom asserts or retracts its attributes.

@@ -37,6 +37,14 @@ pub trait Message {
 
     /// The erased message.
     fn to_message(&self) -> MessageEffect;
+
+    /// The erased message, moving what can be moved instead of copying it.
+    fn into_message(self) -> MessageEffect
+    where
+        Self: Sized,
+    {
+        self.to_message()
+    }
 }
 
 /// An erased outgoing message.

@@ -33,6 +33,75 @@ pub fn to_value<T: Serialize + ?Sized>(value: &T, type_name: &str, what: &str) -
     }
 }
 
+/// Moves a value into its JSON form when it is already one (`String`, `Value`), serializes it
+/// otherwise. Generated code calls `IntoValue(x).into_value(..)` with both traits in scope: method
+/// resolution picks [`MoveIntoValue`] for the by-value receivers it is implemented for and falls
+/// back to [`SerializeIntoValue`] on the auto-referenced receiver for everything else.
+pub struct IntoValue<T>(pub T);
+
+/// The moving half of [`IntoValue`].
+pub trait MoveIntoValue {
+    /// The JSON value, moved.
+    fn into_value(self, type_name: &str, what: &str) -> Value;
+}
+
+impl MoveIntoValue for IntoValue<String> {
+    #[inline]
+    fn into_value(self, _: &str, _: &str) -> Value {
+        Value::String(self.0)
+    }
+}
+
+impl MoveIntoValue for IntoValue<Value> {
+    #[inline]
+    fn into_value(self, _: &str, _: &str) -> Value {
+        self.0
+    }
+}
+
+/// The serializing half of [`IntoValue`].
+pub trait SerializeIntoValue {
+    /// The JSON value, serialized.
+    fn into_value(self, type_name: &str, what: &str) -> Value;
+}
+
+impl<T: Serialize> SerializeIntoValue for &IntoValue<T> {
+    #[inline]
+    #[track_caller]
+    fn into_value(self, type_name: &str, what: &str) -> Value {
+        to_value(&self.0, type_name, what)
+    }
+}
+
+/// Moves a partition key out of a `String` field, formats any other `Display` field.
+pub struct IntoKey<T>(pub T);
+
+/// The moving half of [`IntoKey`].
+pub trait MoveIntoKey {
+    /// The key, moved.
+    fn into_key(self) -> String;
+}
+
+impl MoveIntoKey for IntoKey<String> {
+    #[inline]
+    fn into_key(self) -> String {
+        self.0
+    }
+}
+
+/// The formatting half of [`IntoKey`].
+pub trait DisplayIntoKey {
+    /// The key, formatted.
+    fn into_key(self) -> String;
+}
+
+impl<T: Display> DisplayIntoKey for &IntoKey<T> {
+    #[inline]
+    fn into_key(self) -> String {
+        self.0.to_string()
+    }
+}
+
 /// Appends one path segment, percent-encoding everything but RFC 3986's unreserved characters.
 pub fn push_segment(path: &mut String, value: &dyn Display) {
     let raw = value.to_string();

@@ -114,27 +114,43 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         .collect();
     names.sort();
     let type_name = unraw(ident);
-    let inserts = attributes.iter().map(|a| {
-        let (field, qualified) = (&a.field, format!("{ns}/{}", a.name));
-        let what = format!("attribute `{qualified}`");
-        if a.optional {
-            quote! {
-                if let ::core::option::Option::Some(value) = &self.#field {
-                    attributes.insert(
-                        ::std::string::String::from(#qualified),
-                        ::effects_core::__private::to_value(value, #type_name, #what),
-                    );
+    // `by_ref` reads fields through `&self` and serializes them; otherwise fields are moved
+    // out of `self`, and strings (the common case) move into the datom without a copy.
+    let inserts = |by_ref: bool| {
+        attributes
+            .iter()
+            .map(|a| {
+                let (field, qualified) = (&a.field, format!("{ns}/{}", a.name));
+                let what = format!("attribute `{qualified}`");
+                let value = if by_ref {
+                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
+                } else {
+                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
+                };
+                let source = if by_ref {
+                    quote!(&self.#field)
+                } else {
+                    quote!(self.#field)
+                };
+                let insert = quote! {
+                    attributes.insert(::std::string::String::from(#qualified), #value);
+                };
+                if a.optional {
+                    quote! {
+                        if let ::core::option::Option::Some(value) = #source {
+                            #insert
+                        }
+                    }
+                } else {
+                    quote! {
+                        let value = #source;
+                        #insert
+                    }
                 }
-            }
-        } else {
-            quote! {
-                attributes.insert(
-                    ::std::string::String::from(#qualified),
-                    ::effects_core::__private::to_value(&self.#field, #type_name, #what),
-                );
-            }
-        }
-    });
+            })
+            .collect::<TokenStream>()
+    };
+    let (ref_inserts, move_inserts) = (inserts(true), inserts(false));
     let id_what = format!("identity `{identity}`");
     let mutability = (!attributes.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
@@ -147,11 +163,26 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
 
             fn to_datom(&self) -> ::effects_core::DatomEffect {
                 let #mutability attributes = ::std::collections::BTreeMap::new();
-                #(#inserts)*
+                #ref_inserts
                 ::effects_core::DatomEffect {
                     entity: ::effects_core::LookupRef {
                         attribute: ::std::string::String::from(#identity),
                         value: ::effects_core::__private::to_value(&self.#id_field, #type_name, #id_what),
+                    },
+                    op: ::effects_core::Op::Assert,
+                    attributes,
+                }
+            }
+
+            fn into_datom(self) -> ::effects_core::DatomEffect {
+                #[allow(unused_imports)]
+                use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};
+                let #mutability attributes = ::std::collections::BTreeMap::new();
+                #move_inserts
+                ::effects_core::DatomEffect {
+                    entity: ::effects_core::LookupRef {
+                        attribute: ::std::string::String::from(#identity),
+                        value: ::effects_core::__private::IntoValue(self.#id_field).into_value(#type_name, #id_what),
                     },
                     op: ::effects_core::Op::Assert,
                     attributes,

@@ -65,6 +65,15 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         unreachable!("a missing topic was reported above");
     };
     let type_name = unraw(ident);
+    let key_moved = match &key {
+        None => quote!(::core::option::Option::None),
+        Some((field, false)) => quote! {
+            ::core::option::Option::Some(::effects_core::__private::IntoKey(self.#field).into_key())
+        },
+        Some((field, true)) => quote! {
+            self.#field.map(|key| ::effects_core::__private::IntoKey(key).into_key())
+        },
+    };
     let key_expr = match key {
         None => quote!(::core::option::Option::None),
         Some((field, false)) => {
@@ -86,6 +95,19 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     key: #key_expr,
                     headers: ::std::collections::BTreeMap::new(),
                     payload: ::effects_core::__private::to_value(self, #type_name, "the payload"),
+                }
+            }
+
+            fn into_message(self) -> ::effects_core::MessageEffect {
+                #[allow(unused_imports)]
+                use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
+                // The payload is serialized first: serde reads through `&self`.
+                let payload = ::effects_core::__private::to_value(&self, #type_name, "the payload");
+                ::effects_core::MessageEffect {
+                    topic: ::std::string::String::from(#topic),
+                    key: #key_moved,
+                    headers: ::std::collections::BTreeMap::new(),
+                    payload,
                 }
             }
         }

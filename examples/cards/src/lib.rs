@@ -98,6 +98,16 @@ impl From<&Card> for StatusChanged {
     }
 }
 
+impl From<Card> for StatusChanged {
+    fn from(card: Card) -> Self {
+        StatusChanged {
+            card_id: card.id,
+            customer_id: card.customer_id,
+            status: card.status,
+        }
+    }
+}
+
 /// Asks the notification service to tell a customer their cards were blocked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[message(topic = "cards-blocked-notify")]

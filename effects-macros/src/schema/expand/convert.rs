@@ -82,44 +82,77 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         .iter()
         .map(|p| crate::schema::type_string(&syn::Type::Verbatim(quote!(#p))));
 
-    let erased = kinds.map(|kind| {
-        let slots: Vec<&Slot> = schema.slots.iter().filter(|s| s.kind == kind).collect();
-        if slots.is_empty() {
-            return quote!(::std::vec::Vec::new());
-        }
-        let capacity = slots.iter().map(|slot| {
-            let field = &slot.name;
-            match slot.cardinality {
-                Cardinality::One => quote!(1usize),
-                Cardinality::Optional => quote!(usize::from(self.#field.is_some())),
-                Cardinality::Many | Cardinality::AtLeastOne => quote!(self.#field.len()),
+    // `by_ref`: `to_effects(&self)`; otherwise `From<Schema> for Effects`, which moves datoms.
+    let erased = |by_ref: bool| {
+        kinds.map(|kind| {
+            let slots: Vec<&Slot> = schema.slots.iter().filter(|s| s.kind == kind).collect();
+            if slots.is_empty() {
+                return quote!(::std::vec::Vec::new());
             }
-        });
-        let pushes = slots.iter().map(|slot| {
-            let field = &slot.name;
-            let t = as_trait(slot);
-            let f = erase_fn(kind);
-            match slot.cardinality {
-                Cardinality::One => quote!(erased.push(#t::#f(&self.#field));),
-                Cardinality::Optional => quote! {
-                    if let ::core::option::Option::Some(value) = &self.#field {
-                        erased.push(#t::#f(value));
-                    }
-                },
-                Cardinality::Many | Cardinality::AtLeastOne => quote! {
-                    for value in self.#field.iter() {
-                        erased.push(#t::#f(value));
-                    }
-                },
-            }
-        });
-        quote! {{
-            let mut erased = ::std::vec::Vec::with_capacity(#(#capacity)+*);
-            #(#pushes)*
-            erased
-        }}
-    });
-    let [datoms, requests, messages] = erased;
+            let source = |field: &syn::Ident| {
+                if by_ref {
+                    quote!(self.#field)
+                } else {
+                    quote!(value.#field)
+                }
+            };
+            let capacity = slots.iter().map(|slot| {
+                let field = source(&slot.name);
+                match slot.cardinality {
+                    Cardinality::One => quote!(1usize),
+                    Cardinality::Optional => quote!(usize::from(#field.is_some())),
+                    Cardinality::Many | Cardinality::AtLeastOne => quote!(#field.len()),
+                }
+            });
+            let pushes = slots.iter().map(|slot| {
+                let field = source(&slot.name);
+                let t = as_trait(slot);
+                let moves = !by_ref && kind != Kind::Requests;
+                // `item` is a reference when `by_ref`, owned otherwise.
+                let (f, item) = if moves {
+                    let f = if kind == Kind::Datoms {
+                        quote!(into_datom)
+                    } else {
+                        quote!(into_message)
+                    };
+                    (f, quote!(item))
+                } else if by_ref {
+                    (erase_fn(kind), quote!(item))
+                } else {
+                    (erase_fn(kind), quote!(&item))
+                };
+                let (whole, iter) = if by_ref {
+                    (quote!(&#field), quote!(#field.iter()))
+                } else {
+                    (quote!(#field), quote!(#field))
+                };
+                let convert = quote!(#t::#f(#item));
+                match slot.cardinality {
+                    Cardinality::One => quote! {
+                        let item = #whole;
+                        erased.push(#convert);
+                    },
+                    Cardinality::Optional => quote! {
+                        if let ::core::option::Option::Some(item) = #whole {
+                            erased.push(#convert);
+                        }
+                    },
+                    Cardinality::Many | Cardinality::AtLeastOne => quote! {
+                        for item in #iter {
+                            erased.push(#convert);
+                        }
+                    },
+                }
+            });
+            quote! {{
+                let mut erased = ::std::vec::Vec::with_capacity(#(#capacity)+*);
+                #(#pushes)*
+                erased
+            }}
+        })
+    };
+    let [datoms, requests, messages] = erased(true);
+    let [datoms_moved, requests_moved, messages_moved] = erased(false);
 
     quote! {
         #[automatically_derived]
@@ -146,7 +179,11 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         impl ::core::convert::From<#name> for ::effects_core::Effects {
             #[inline]
             fn from(value: #name) -> Self {
-                ::effects_core::Schema::to_effects(&value)
+                ::effects_core::Effects {
+                    datoms: #datoms_moved,
+                    requests: #requests_moved,
+                    messages: #messages_moved,
+                }
             }
         }
 

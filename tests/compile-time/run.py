@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Compile time of 100 `effects!` schemas against the same crate written by hand.
+
+Generates two crates in a temporary directory, both depending on this workspace's effects-core:
+
+  generated/  100 schemas declared with `effects!`, payload types with `#[derive(Datom)]` and
+              `#[derive(Message)]`;
+  hand/       the same payload types with hand-written `Datom`/`Message` impls and, per schema, a
+              plain struct with a hand-written `From<_> for Effects` (no typestate builder, no
+              shape metadata, no typed merge, no compile-time checks).
+
+Dependencies are built once; then each crate is rebuilt alone (its `lib.rs` touched) several times
+and the median wall time is reported, with the ratio generated / hand.
+
+Usage: python3 tests/compile-time/run.py [--schemas 100] [--runs 5] [--profile dev|release]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def payloads(i, hand):
+    out = []
+    if hand:
+        out.append(f"""
+pub struct Row{i} {{ pub id: String, pub amount: i64, pub memo: String }}
+impl effects_core::Datom for Row{i} {{
+    const ENTITY: &'static str = "row{i}";
+    const IDENTITY: &'static str = "row{i}/id";
+    const ATTRIBUTES: &'static [&'static str] = &["row{i}/amount", "row{i}/memo"];
+    fn to_datom(&self) -> effects_core::DatomEffect {{
+        effects_core::DatomEffect::assert(
+            effects_core::LookupRef::new(Self::IDENTITY, self.id.clone()),
+            [
+                ("row{i}/amount", serde_json::json!(self.amount)),
+                ("row{i}/memo", serde_json::json!(self.memo)),
+            ],
+        )
+    }}
+}}
+#[derive(serde::Serialize)]
+pub struct Event{i} {{ pub id: String, pub kind: String }}
+impl effects_core::Message for Event{i} {{
+    const TOPIC: &'static str = "event{i}";
+    fn to_message(&self) -> effects_core::MessageEffect {{
+        effects_core::MessageEffect::new(Self::TOPIC, serde_json::to_value(self).unwrap())
+            .with_key(self.id.clone())
+    }}
+}}
+#[derive(serde::Serialize)]
+pub struct Audit{i} {{ pub line: String }}
+impl effects_core::Message for Audit{i} {{
+    const TOPIC: &'static str = "audit{i}";
+    fn to_message(&self) -> effects_core::MessageEffect {{
+        effects_core::MessageEffect::new(Self::TOPIC, serde_json::to_value(self).unwrap())
+    }}
+}}
+""")
+    else:
+        out.append(f"""
+#[derive(effects_core::Datom)]
+#[datom(entity = "row{i}")]
+pub struct Row{i} {{ #[datom(id)] pub id: String, pub amount: i64, pub memo: String }}
+#[derive(serde::Serialize, effects_core::Message)]
+#[message(topic = "event{i}")]
+pub struct Event{i} {{ #[message(key)] pub id: String, pub kind: String }}
+#[derive(serde::Serialize, effects_core::Message)]
+#[message(topic = "audit{i}")]
+pub struct Audit{i} {{ pub line: String }}
+""")
+    return "".join(out)
+
+
+def schema(i, hand):
+    if hand:
+        return f"""
+pub struct Schema{i} {{ pub row: Row{i}, pub event: Vec<Event{i}>, pub audit: Option<Audit{i}> }}
+impl From<Schema{i}> for effects_core::Effects {{
+    fn from(s: Schema{i}) -> Self {{
+        use effects_core::{{Datom, Message}};
+        effects_core::Effects {{
+            datoms: vec![s.row.to_datom()],
+            requests: Vec::new(),
+            messages: s.event.iter().map(Message::to_message)
+                .chain(s.audit.iter().map(Message::to_message)).collect(),
+        }}
+    }}
+}}
+"""
+    return f"""
+effects_core::effects! {{
+    pub Schema{i} {{
+        datoms: [one Row{i} as row],
+        messages: [many Event{i} as event, optional Audit{i} as audit],
+    }}
+}}
+"""
+
+
+def write_crate(base, name, n, hand):
+    path = os.path.join(base, name)
+    os.makedirs(os.path.join(path, "src"))
+    with open(os.path.join(path, "Cargo.toml"), "w") as f:
+        f.write(f"""[package]
+name = "{name}"
+version = "0.0.0"
+edition = "2024"
+publish = false
+
+[workspace]
+
+[dependencies]
+effects-core = {{ path = "{ROOT}/effects-core", default-features = false }}
+serde = {{ version = "1", features = ["derive"] }}
+serde_json = "1"
+""")
+    with open(os.path.join(path, "src", "lib.rs"), "w") as f:
+        f.write("#![allow(missing_docs)]\n")
+        for i in range(n):
+            f.write(payloads(i, hand))
+            f.write(schema(i, hand))
+    shutil.copy(os.path.join(ROOT, "Cargo.lock"), os.path.join(path, "Cargo.lock"))
+    return path
+
+
+def build(path, target, profile):
+    args = ["cargo", "build", "--quiet", "--offline", "--lib"]
+    if profile == "release":
+        args.append("--release")
+    env = dict(os.environ, CARGO_TARGET_DIR=target)
+    subprocess.run(args, cwd=path, env=env, check=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemas", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--profile", default="dev", choices=["dev", "release"])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as base:
+        target = os.path.join(base, "target")
+        crates = {
+            "generated": write_crate(base, "generated", args.schemas, hand=False),
+            "hand": write_crate(base, "hand", args.schemas, hand=True),
+        }
+        for path in crates.values():
+            build(path, target, args.profile)  # dependencies, once
+        times = {name: [] for name in crates}
+        for _ in range(args.runs):
+            for name, path in crates.items():  # interleaved, so load hits both alike
+                os.utime(os.path.join(path, "src", "lib.rs"))
+                start = time.perf_counter()
+                build(path, target, args.profile)
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        lines = sum(1 for _ in open(os.path.join(crates["hand"], "src", "lib.rs")))
+        print(f"compile time, {args.schemas} schemas, {args.profile} profile, median of {args.runs} runs")
+        print(f"  generated (effects!)  {med['generated']:.2f}s")
+        print(f"  hand-written          {med['hand']:.2f}s  ({lines} lines)")
+        print(f"  ratio generated/hand  {med['generated'] / med['hand']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
