@@ -8,6 +8,12 @@ use serde_json::Value;
 
 use crate::request::RequestEffect;
 
+#[cfg(feature = "http")]
+mod client;
+
+#[cfg(feature = "http")]
+pub use self::client::{HttpConfig, HttpConfigError, ReqwestClient, RetryPolicy};
+
 /// A response recorded before the request counts as done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpResponse {
@@ -43,6 +49,19 @@ pub enum HttpError {
         path: String,
         /// The response.
         response: HttpResponse,
+    },
+    /// The request cannot be put on the wire as it stands (a header, path or idempotency key that
+    /// is not valid HTTP): nothing was sent; it is dead-lettered and never retried.
+    #[error("{method} {endpoint}{path} cannot be sent: {reason}")]
+    InvalidRequest {
+        /// The method.
+        method: String,
+        /// The endpoint.
+        endpoint: String,
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// Every attempt failed with a transport error, a 5xx or a 429; the request may be retried
     /// later with the same idempotency key.

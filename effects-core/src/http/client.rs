@@ -1,0 +1,737 @@
+//! The reqwest implementation of [`HttpClient`]: named endpoints, per-attempt timeouts, retries
+//! with exponential backoff and jitter, `Retry-After`, and an `Idempotency-Key` on every attempt.
+
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::Url;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::{HttpClient, HttpError, HttpResponse};
+use crate::request::{Method, RequestEffect};
+
+/// The header that carries the idempotency key, sent on every attempt.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// How much of a failed response's body goes into [`HttpError::Exhausted`]'s `last`.
+const SUMMARY_CHARS: usize = 200;
+
+/// How the client retries transport errors, 5xx and 429.
+///
+/// Delays grow exponentially (factor 2) from `min_delay` to `max_delay`; with `jitter` each delay
+/// gets a random extra of up to itself, so a delay of `d` becomes one in `[d, 2d)`. A
+/// `Retry-After` on a 429 or 503 raises the delay to what the server asked for, up to
+/// [`HttpConfig::max_retry_after`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first one included; at least 1 (1 means no retries).
+    pub max_attempts: u32,
+    /// The delay before the first retry.
+    pub min_delay: Duration,
+    /// The longest delay the exponential growth reaches (before jitter).
+    pub max_delay: Duration,
+    /// Whether to add random jitter, so that clients failing together do not retry together.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    /// 5 attempts, delays from 100 ms to 10 s, jitter on.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn validate(&self) -> Result<(), HttpConfigError> {
+        if self.max_attempts == 0 {
+            return Err(HttpConfigError::InvalidRetryPolicy {
+                reason: "`max_attempts` is 0: it counts the first attempt, so use at least 1"
+                    .to_owned(),
+            });
+        }
+        if self.min_delay > self.max_delay {
+            return Err(HttpConfigError::InvalidRetryPolicy {
+                reason: format!(
+                    "`min_delay` ({:?}) is longer than `max_delay` ({:?})",
+                    self.min_delay, self.max_delay
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        let retries = usize::try_from(self.max_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
+        let builder = ExponentialBuilder::new()
+            .with_factor(2.0)
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_max_times(retries);
+        if self.jitter {
+            builder.with_jitter()
+        } else {
+            builder
+        }
+    }
+}
+
+/// Why an [`HttpConfig`] or a [`ReqwestClient`] could not be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HttpConfigError {
+    /// An endpoint's base URL is unusable.
+    #[error("endpoint `{endpoint}`: base URL `{url}` {reason}")]
+    InvalidBaseUrl {
+        /// The endpoint's name.
+        endpoint: String,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it, and what to write instead.
+        reason: String,
+    },
+    /// The same endpoint name was configured twice.
+    #[error("endpoint `{endpoint}` is configured twice: give each endpoint one base URL")]
+    DuplicateEndpoint {
+        /// The endpoint's name.
+        endpoint: String,
+    },
+    /// The retry policy cannot be followed.
+    #[error("invalid retry policy: {reason}")]
+    InvalidRetryPolicy {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// reqwest could not build its client (for example, TLS could not be initialised).
+    #[error("cannot build the HTTP client: {reason}")]
+    Client {
+        /// reqwest's explanation.
+        reason: String,
+    },
+}
+
+/// Configuration of a [`ReqwestClient`]: the base URL of every named endpoint, the per-attempt
+/// timeout, the retry policy and how long a `Retry-After` may hold a retry back.
+///
+/// Everything is validated as it is set, so a configuration that exists is usable.
+///
+/// ```
+/// use std::time::Duration;
+/// use effects_core::http::{HttpConfig, RetryPolicy};
+///
+/// let config = HttpConfig::new()
+///     .with_endpoint("notifications", "https://notify.example.com/api/v1")?
+///     .with_attempt_timeout(Duration::from_secs(5))
+///     .with_retry(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() })?
+///     .with_max_retry_after(Duration::from_secs(30));
+/// assert_eq!(
+///     config.base_url("notifications").map(|url| url.as_str()),
+///     Some("https://notify.example.com/api/v1"),
+/// );
+///
+/// // Mistakes are caught here, not on the first request.
+/// assert!(HttpConfig::new().with_endpoint("billing", "ftp://billing.example.com").is_err());
+/// # Ok::<(), effects_core::http::HttpConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpConfig {
+    endpoints: BTreeMap<String, Url>,
+    attempt_timeout: Duration,
+    retry: RetryPolicy,
+    max_retry_after: Duration,
+}
+
+impl Default for HttpConfig {
+    /// No endpoints, a 10 s per-attempt timeout, [`RetryPolicy::default`], and `Retry-After`
+    /// honoured up to 60 s.
+    fn default() -> Self {
+        HttpConfig {
+            endpoints: BTreeMap::new(),
+            attempt_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The default configuration, with no endpoints yet.
+    pub fn new() -> Self {
+        HttpConfig::default()
+    }
+
+    /// Adds the endpoint `name` with its base URL: an absolute `http` or `https` URL with a
+    /// host and no query or fragment. A request's path is appended to it with exactly one `/`
+    /// in between.
+    pub fn with_endpoint(
+        mut self,
+        name: impl Into<String>,
+        base_url: &str,
+    ) -> Result<Self, HttpConfigError> {
+        let name = name.into();
+        let invalid = |reason: String| HttpConfigError::InvalidBaseUrl {
+            endpoint: name.clone(),
+            url: base_url.to_owned(),
+            reason,
+        };
+        let url = Url::parse(base_url).map_err(|e| {
+            invalid(format!(
+                "is not an absolute URL ({e}): write it like `https://host/prefix`"
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!(
+                "uses the scheme `{}`: use `http` or `https`",
+                url.scheme()
+            )));
+        }
+        if url.host().is_none() {
+            return Err(invalid("has no host".to_owned()));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "has a query or fragment: a base URL ends with its path; put the rest in the request's path"
+                    .to_owned(),
+            ));
+        }
+        if self.endpoints.contains_key(&name) {
+            return Err(HttpConfigError::DuplicateEndpoint { endpoint: name });
+        }
+        self.endpoints.insert(name, url);
+        Ok(self)
+    }
+
+    /// Sets how long one attempt may take, from connecting until the response body is read.
+    #[must_use]
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Sets the retry policy; it needs at least one attempt and `min_delay <= max_delay`.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Result<Self, HttpConfigError> {
+        retry.validate()?;
+        self.retry = retry;
+        Ok(self)
+    }
+
+    /// Sets the longest wait a `Retry-After` may impose; a server asking for more is retried
+    /// after this long.
+    #[must_use]
+    pub fn with_max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// The base URL of endpoint `name`, if it is configured.
+    pub fn base_url(&self, name: &str) -> Option<&Url> {
+        self.endpoints.get(name)
+    }
+
+    /// The configured endpoints and their base URLs, by name.
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, &Url)> {
+        self.endpoints
+            .iter()
+            .map(|(name, url)| (name.as_str(), url))
+    }
+
+    /// How long one attempt may take.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// The retry policy.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The longest wait a `Retry-After` may impose.
+    pub fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+}
+
+/// An [`HttpClient`] on reqwest (rustls).
+///
+/// Each request goes to its endpoint's base URL plus its path, with its headers, its body as
+/// JSON (`Content-Type: application/json` unless the request sets one) and
+/// `Idempotency-Key: <key>` on every attempt (replacing any such header the request carries).
+/// Transport errors, 5xx and 429 are retried per the [`RetryPolicy`], waiting at least as long
+/// as a `Retry-After` on a 429 or 503 asks (delta-seconds or HTTP-date, capped by
+/// [`HttpConfig::max_retry_after`]). Other 4xx are [`HttpError::Rejected`] at once. 2xx and 3xx
+/// are responses: redirects are recorded, not followed, so a request is never silently re-sent
+/// elsewhere with another method.
+///
+/// Every attempt runs in an `http_attempt` tracing span with the idempotency key, method,
+/// endpoint, path, attempt number and status.
+///
+/// ```no_run
+/// use effects_core::http::{HttpClient, HttpConfig, ReqwestClient};
+/// use effects_core::{Method, RequestEffect};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = HttpConfig::new().with_endpoint("notifications", "https://notify.example.com")?;
+/// let client = ReqwestClient::new(config)?;
+///
+/// let request = RequestEffect::new(Method::Post, "notifications", "/customers/u1/notify")
+///     .with_body(serde_json::json!({ "text": "your card is blocked" }));
+/// let response = client.send("block-card:msg-42#0", &request).await?;
+/// println!("{} after {} attempt(s): {}", response.status, response.attempts, response.body);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ReqwestClient {
+    client: reqwest::Client,
+    config: Arc<HttpConfig>,
+}
+
+impl ReqwestClient {
+    /// A client for `config`.
+    pub fn new(config: HttpConfig) -> Result<Self, HttpConfigError> {
+        config.retry.validate()?;
+        let client = reqwest::Client::builder()
+            .timeout(config.attempt_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("effects-core/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| HttpConfigError::Client {
+                reason: error_chain(&e),
+            })?;
+        Ok(ReqwestClient {
+            client,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The configuration the client was built with.
+    pub fn config(&self) -> &HttpConfig {
+        &self.config
+    }
+
+    /// Everything about the request that does not change between attempts.
+    fn prepare<'a>(
+        &self,
+        key: &'a str,
+        request: &'a RequestEffect,
+        base: &Url,
+    ) -> Result<Prepared<'a>, String> {
+        let url = join_url(base, &request.path)
+            .map_err(|e| format!("the path `{}` does not make a URL: {e}", request.path))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &request.headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a valid header name"))?;
+            let value = HeaderValue::from_bytes(value.as_bytes())
+                .map_err(|_| format!("the value of header `{name}` is not a valid header value"))?;
+            headers.insert(header, value);
+        }
+        let key_value = HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+            format!("the idempotency key `{key}` is not a valid header value (control characters?)")
+        })?;
+        headers.insert(IDEMPOTENCY_KEY, key_value);
+        let body = match &request.body {
+            None => None,
+            Some(body) => {
+                if !headers.contains_key(CONTENT_TYPE) {
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
+                Some(
+                    serde_json::to_vec(body)
+                        .map_err(|e| format!("the body cannot be serialised: {e}"))?,
+                )
+            }
+        };
+        Ok(Prepared {
+            key,
+            request,
+            method: reqwest_method(request.method),
+            url,
+            headers,
+            body,
+        })
+    }
+
+    /// One attempt: send, read the whole response, classify it.
+    async fn attempt(
+        &self,
+        prepared: &Prepared<'_>,
+        attempt: u32,
+    ) -> Result<HttpResponse, Failure> {
+        let request = prepared.request;
+        let span = tracing::info_span!(
+            "http_attempt",
+            idempotency_key = prepared.key,
+            method = request.method.as_str(),
+            endpoint = request.endpoint.as_str(),
+            path = request.path.as_str(),
+            attempt,
+            status = tracing::field::Empty,
+        );
+        let span_handle = span.clone();
+        async move {
+            let mut builder = self
+                .client
+                .request(prepared.method.clone(), prepared.url.clone())
+                .headers(prepared.headers.clone());
+            if let Some(body) = &prepared.body {
+                builder = builder.body(body.clone());
+            }
+            let response = match builder.send().await {
+                Ok(response) => response,
+                Err(e) if e.is_builder() => return Err(Failure::Invalid(error_chain(&e))),
+                Err(e) => {
+                    let failure = Failure::Transport(error_chain(&e));
+                    tracing::warn!(error = %failure, "attempt failed");
+                    return Err(failure);
+                }
+            };
+            let status = response.status().as_u16();
+            span_handle.record("status", status);
+            let headers = lower_cased_headers(response.headers());
+            let retry_after = if status == 429 || status == 503 {
+                response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            } else {
+                None
+            };
+            let bytes = match response.bytes().await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let failure = Failure::Transport(format!(
+                        "status {status}, but reading the body failed: {}",
+                        error_chain(&e)
+                    ));
+                    tracing::warn!(error = %failure, "attempt failed");
+                    return Err(failure);
+                }
+            };
+            let recorded = HttpResponse {
+                status,
+                headers,
+                body: parse_body(&bytes),
+                attempts: attempt,
+            };
+            match status {
+                ..400 => {
+                    tracing::debug!(status, "response");
+                    Ok(recorded)
+                }
+                429 | 500..=599 => {
+                    let failure = Failure::Status {
+                        status,
+                        retry_after,
+                        summary: summarise(&bytes),
+                    };
+                    tracing::warn!(status, error = %failure, "attempt failed");
+                    Err(failure)
+                }
+                _ => {
+                    tracing::warn!(status, "rejected");
+                    Err(Failure::Rejected(recorded))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl HttpClient for ReqwestClient {
+    async fn send(
+        &self,
+        idempotency_key: &str,
+        request: &RequestEffect,
+    ) -> Result<HttpResponse, HttpError> {
+        let Some(base) = self.config.endpoints.get(&request.endpoint) else {
+            tracing::warn!(
+                idempotency_key,
+                endpoint = request.endpoint.as_str(),
+                "unknown endpoint"
+            );
+            return Err(HttpError::UnknownEndpoint {
+                endpoint: request.endpoint.clone(),
+            });
+        };
+        let prepared = self
+            .prepare(idempotency_key, request, base)
+            .map_err(|reason| invalid_request(request, reason))?;
+
+        let attempts = AtomicU32::new(0);
+        let cap = self.config.max_retry_after;
+        let outcome = (|| {
+            let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            self.attempt(&prepared, attempt)
+        })
+        .retry(self.config.retry.backoff())
+        .sleep(tokio::time::sleep)
+        .when(Failure::is_retryable)
+        .adjust(|failure, delay| {
+            // `None` means the policy has no attempts left; a Retry-After does not add any.
+            delay.map(|delay| match failure.retry_after() {
+                Some(asked) => delay.max(asked.min(cap)),
+                None => delay,
+            })
+        })
+        .notify(|failure, delay| {
+            tracing::info!(
+                idempotency_key,
+                method = request.method.as_str(),
+                endpoint = request.endpoint.as_str(),
+                path = request.path.as_str(),
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                error = %failure,
+                "retrying"
+            );
+        })
+        .await;
+
+        outcome.map_err(|failure| match failure {
+            Failure::Rejected(response) => HttpError::Rejected {
+                method: request.method.to_string(),
+                endpoint: request.endpoint.clone(),
+                path: request.path.clone(),
+                response,
+            },
+            Failure::Invalid(reason) => invalid_request(request, reason),
+            last @ (Failure::Transport(_) | Failure::Status { .. }) => HttpError::Exhausted {
+                method: request.method.to_string(),
+                endpoint: request.endpoint.clone(),
+                path: request.path.clone(),
+                attempts: attempts.load(Ordering::Relaxed),
+                last: last.to_string(),
+            },
+        })
+    }
+}
+
+/// A request ready to be sent, as many times as it takes.
+struct Prepared<'a> {
+    key: &'a str,
+    request: &'a RequestEffect,
+    method: reqwest::Method,
+    url: Url,
+    headers: HeaderMap,
+    body: Option<Vec<u8>>,
+}
+
+/// How one attempt failed.
+#[derive(Debug)]
+enum Failure {
+    /// No complete response: connecting, sending, timing out or reading failed. Retried.
+    Transport(String),
+    /// A 5xx or 429. Retried.
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        summary: String,
+    },
+    /// Any other 4xx (or a status outside 100–599). Permanent.
+    Rejected(HttpResponse),
+    /// reqwest refused to build the request. Permanent.
+    Invalid(String),
+}
+
+impl Failure {
+    fn is_retryable(&self) -> bool {
+        matches!(self, Failure::Transport(_) | Failure::Status { .. })
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Transport(reason) | Failure::Invalid(reason) => f.write_str(reason),
+            Failure::Status {
+                status, summary, ..
+            } if summary.is_empty() => write!(f, "status {status}"),
+            Failure::Status {
+                status, summary, ..
+            } => write!(f, "status {status}: {summary}"),
+            Failure::Rejected(response) => write!(f, "status {}", response.status),
+        }
+    }
+}
+
+fn invalid_request(request: &RequestEffect, reason: String) -> HttpError {
+    HttpError::InvalidRequest {
+        method: request.method.to_string(),
+        endpoint: request.endpoint.clone(),
+        path: request.path.clone(),
+        reason,
+    }
+}
+
+fn reqwest_method(method: Method) -> reqwest::Method {
+    match method {
+        Method::Get => reqwest::Method::GET,
+        Method::Head => reqwest::Method::HEAD,
+        Method::Post => reqwest::Method::POST,
+        Method::Put => reqwest::Method::PUT,
+        Method::Patch => reqwest::Method::PATCH,
+        Method::Delete => reqwest::Method::DELETE,
+    }
+}
+
+/// `base` and `path` joined with exactly one `/`: `https://h/api/` + `/x` is `https://h/api/x`.
+fn join_url(base: &Url, path: &str) -> Result<Url, String> {
+    let base = base.as_str().trim_end_matches('/');
+    let path = path.trim_start_matches('/');
+    Url::parse(&format!("{base}/{path}")).map_err(|e| e.to_string())
+}
+
+/// Header names are lower case already; repeated headers are joined with `, `.
+fn lower_cased_headers(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        out.entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    out
+}
+
+/// JSON when it parses as JSON, `null` when empty, otherwise a JSON string of the text.
+fn parse_body(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// The start of a body, for error messages.
+fn summarise(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    match text.char_indices().nth(SUMMARY_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A `Retry-After` value as a wait from `now`: delta-seconds or an HTTP-date (a date in the past
+/// means no wait). `None` when it is neither.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time"; the cap applies anyway.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// An error and its sources, `: `-separated, since reqwest's own message names only the URL.
+fn error_chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::{join_url, lower_cased_headers, parse_body, parse_retry_after, summarise};
+    use reqwest::Url;
+    use reqwest::header::{HeaderMap, HeaderValue};
+    use serde_json::{Value, json};
+
+    #[test]
+    fn urls_join_with_exactly_one_slash() {
+        let cases = [
+            ("http://h", "/x", "http://h/x"),
+            ("http://h/", "/x", "http://h/x"),
+            ("http://h/api", "x/y", "http://h/api/x/y"),
+            ("http://h/api/", "/x", "http://h/api/x"),
+            ("http://h/api//", "//x", "http://h/api/x"),
+            ("http://h:8080/api", "/x?a=1", "http://h:8080/api/x?a=1"),
+        ];
+        for (base, path, want) in cases {
+            let base = Url::parse(base).expect("test base URL");
+            let got = join_url(&base, path).expect("joins");
+            assert_eq!(got.as_str(), want, "{base} + {path}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(7)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn bodies_are_json_text_or_null() {
+        assert_eq!(parse_body(b""), Value::Null);
+        assert_eq!(parse_body(br#"{"a":1}"#), json!({"a": 1}));
+        assert_eq!(parse_body(b"42"), json!(42));
+        assert_eq!(parse_body(b"not json"), json!("not json"));
+    }
+
+    #[test]
+    fn repeated_headers_are_joined() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append("Content-Type", HeaderValue::from_static("text/plain"));
+        let map = lower_cased_headers(&headers);
+        assert_eq!(map.get("x-a").map(String::as_str), Some("1, 2"));
+        assert_eq!(
+            map.get("content-type").map(String::as_str),
+            Some("text/plain")
+        );
+    }
+
+    #[test]
+    fn summaries_are_short() {
+        assert_eq!(summarise(b"  oops \n"), "oops");
+        let long = "é".repeat(500);
+        let summary = summarise(long.as_bytes());
+        assert_eq!(summary.chars().count(), super::SUMMARY_CHARS + 1);
+    }
+}
