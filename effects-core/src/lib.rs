@@ -14,6 +14,8 @@ pub mod http;
 pub mod message;
 pub mod request;
 pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -29,4 +31,4 @@ pub use crate::schema::{
     SlotShape,
 };
 
-pub use effects_macros::{Datom, Message, Request, effects};
+pub use effects_macros::{Datom, Message, Request, effect_handler, effects};

@@ -9,6 +9,9 @@ use serde_json::Value;
 pub use ::serde;
 pub use ::serde_json;
 
+#[cfg(feature = "testing")]
+pub use ::insta;
+
 pub use crate::schema::NonEmpty;
 
 /// Typestate marker: a builder slot that has not been filled.
@@ -119,4 +122,15 @@ pub fn push_segment(path: &mut String, value: &dyn Display) {
 #[track_caller]
 pub fn unreachable_unset(schema: &str, slot: &str) -> ! {
     unreachable!("builder of `{schema}` reached build() with slot `{slot}` unset")
+}
+
+/// The type `effects![A | B]` expands to when `#[effect_handler]` is missing: erased effects,
+/// with the compile error carried in the const argument.
+pub trait Erased<const N: usize> {
+    /// Always [`Effects`](crate::Effects).
+    type Effects;
+}
+
+impl<const N: usize> Erased<N> for () {
+    type Effects = crate::Effects;
 }

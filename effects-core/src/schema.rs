@@ -12,12 +12,22 @@ use crate::request::{Method, RequestEffect, path_matches};
 
 /// A schema declared with [`effects!`](crate::effects!): a typed value that turns into
 /// [`Effects`] and knows its own [`Shape`].
-pub trait Schema: Into<Effects> + Serialize {
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an effects schema",
+    label = "not declared with `effects!`",
+    note = "declare it: `effects! {{ pub {Self} {{ datoms: [...], messages: [...] }} }}`, or use the built-in `Empty`"
+)]
+pub trait Schema {
     /// The declared shape.
     const SHAPE: &'static Shape;
 
     /// The erased effects, without consuming the value.
     fn to_effects(&self) -> Effects;
+
+    /// The erased effects, moving what can be moved; `From<Schema> for Effects` calls it.
+    fn into_effects(self) -> Effects
+    where
+        Self: Sized;
 
     /// Checks effects that arrived from outside (decoded from a message, say) against this
     /// schema's shape.
@@ -506,6 +516,10 @@ impl Serialize for Empty {
 }
 
 impl Schema for Empty {
+    fn into_effects(self) -> Effects {
+        Effects::new()
+    }
+
     const SHAPE: &'static Shape = &Shape {
         name: "Empty",
         doc: "No effects at all.",

@@ -109,3 +109,35 @@ fn derive_request() {
         crate::derive::request
     ));
 }
+
+fn expand_handler(args: TokenStream, item: TokenStream) -> String {
+    pretty(crate::handler::effect_handler(args, item))
+}
+
+#[test]
+fn handler_with_one_parameter() {
+    insta::assert_snapshot!(expand_handler(
+        quote!(topic = "card-block-requested"),
+        quote! {
+            /// Blocks one card.
+            pub fn block(card: &Card) -> effects![BlockCard | Empty] {
+                if !card.can_block() {
+                    return Empty.into();
+                }
+                BlockCard::builder().build().into()
+            }
+        }
+    ));
+}
+
+#[test]
+fn handler_with_several_parameters() {
+    insta::assert_snapshot!(expand_handler(
+        TokenStream::new(),
+        quote! {
+            pub(crate) fn block_all(customer: &Customer, cards: &[Card], reason: String) -> effects![BlockAll] {
+                todo!()
+            }
+        }
+    ));
+}

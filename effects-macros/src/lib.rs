@@ -4,6 +4,7 @@
 
 mod ctxt;
 mod derive;
+mod handler;
 mod schema;
 mod util;
 
@@ -18,6 +19,12 @@ pub fn effects(input: TokenStream) -> TokenStream {
     schema::effects(input.into())
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
+}
+
+/// Marks a pure handler. See `effects_core::effect_handler`.
+#[proc_macro_attribute]
+pub fn effect_handler(args: TokenStream, item: TokenStream) -> TokenStream {
+    handler::effect_handler(args.into(), item.into()).into()
 }
 
 /// Derives `effects_core::Datom`.

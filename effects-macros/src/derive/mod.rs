@@ -6,6 +6,7 @@ mod message;
 mod request;
 
 pub(crate) use datom::derive as datom;
+pub(crate) use fields::unknown_key;
 pub(crate) use message::derive as message;
 pub(crate) use request::derive as request;
 

@@ -4,7 +4,7 @@
 //! card blocked, the message that says its status changed, one notification for the customer —
 //! and the executor does the rest.
 
-use effects_core::{Datom, Message, effects};
+use effects_core::{Datom, Empty, Message, effect_handler, effects};
 use serde::{Deserialize, Serialize};
 
 /// A card's lifecycle.
@@ -143,4 +143,29 @@ effects! {
         messages: [many StatusChanged, one CardsBlockedNotify],
         merges:   [BlockCard],
     }
+}
+
+/// Blocks one card: the blocked status and a status-changed message, or nothing when the card
+/// cannot be blocked (already blocked, or cancelled).
+#[effect_handler(topic = "card-block-requested")]
+pub fn block(card: &Card) -> effects![BlockCard | Empty] {
+    if !card.can_block() {
+        return Empty.into();
+    }
+    let blocked = card.block();
+    BlockCard::builder()
+        .blocked_card(BlockedCard::from(&blocked))
+        .status_changed(StatusChanged::from(blocked))
+        .build()
+        .into()
+}
+
+/// Blocks every card of a customer: each card's effects merged together, plus one notification
+/// for the customer.
+#[effect_handler(topic = "customer-cards-block-requested")]
+pub fn block_all(customer: &Customer, cards: &[Card]) -> effects![BlockAll] {
+    let notify = BlockAll::builder()
+        .cards_blocked_notify(CardsBlockedNotify::from(customer))
+        .build();
+    cards.iter().map(block).fold(notify, BlockAll::merge).into()
 }

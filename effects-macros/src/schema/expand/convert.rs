@@ -173,17 +173,22 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
                     messages: #messages,
                 }
             }
+
+            fn into_effects(self) -> ::effects_core::Effects {
+                let value = self;
+                ::effects_core::Effects {
+                    datoms: #datoms_moved,
+                    requests: #requests_moved,
+                    messages: #messages_moved,
+                }
+            }
         }
 
         #[automatically_derived]
         impl ::core::convert::From<#name> for ::effects_core::Effects {
             #[inline]
             fn from(value: #name) -> Self {
-                ::effects_core::Effects {
-                    datoms: #datoms_moved,
-                    requests: #requests_moved,
-                    messages: #messages_moved,
-                }
+                ::effects_core::Schema::into_effects(value)
             }
         }
 

@@ -1,0 +1,10 @@
+use cards::Card;
+use effects_core::effect_handler;
+
+#[effect_handler]
+pub fn block(card: &Card) -> effects![] {
+    let _ = card;
+    todo!()
+}
+
+fn main() {}
