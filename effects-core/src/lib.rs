@@ -9,13 +9,18 @@ extern crate self as effects_core;
 
 pub mod datom;
 pub mod effects;
+pub mod executor;
 pub mod handler;
 pub mod http;
 pub mod message;
+pub mod relay;
 pub mod request;
 pub mod schema;
+pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transport;
+pub mod worker;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -23,12 +28,17 @@ pub mod __private;
 
 pub use crate::datom::{Datom, DatomEffect, LookupRef, Op};
 pub use crate::effects::{ConflictError, DatomAt, Effects, canonical_json};
+pub use crate::executor::{Executor, RunError, RunOutcome};
 pub use crate::handler::{DecodeError, Handler, HandlerDescriptor};
 pub use crate::message::{Message, MessageEffect};
+pub use crate::relay::Relay;
 pub use crate::request::{Method, Request, RequestEffect};
 pub use crate::schema::{
     Absorbs, Cardinality, Empty, Kind, Matcher, MergeInto, NonEmpty, Schema, Shape, ShapeError,
     SlotShape,
 };
+pub use crate::store::{Store, Tx};
+pub use crate::transport::Transport;
+pub use crate::worker::Worker;
 
 pub use effects_macros::{Datom, Message, Request, effect_handler, effects};

@@ -1,0 +1,1165 @@
+//! The executor: runs [`Effects`] idempotently, in a fixed order, surviving crashes and
+//! duplicate deliveries.
+//!
+//! [`Executor::run`] does, in this order:
+//!
+//! 1. **Validate** — key, size limits ([`Limits`]), datom conflicts. Invalid effects are an
+//!    error and nothing is written.
+//! 2. **Commit** — ONE store transaction claims the key, applies the datoms, writes every request
+//!    and message as an outbox row `key#n`, and commits: that is the run's `tx`. The key is bound
+//!    to the SHA-256 of [`Effects::canonical_json`]; the same key with other effects is
+//!    [`RunError::KeyReuse`] and nothing is applied. If the store fails, nothing was written,
+//!    nothing is dispatched and the error is returned.
+//! 3. **Requests**, in order, through the [`HttpClient`] with `Idempotency-Key: key#n`. A response
+//!    is recorded in the store before the request counts as done. A permanent refusal (4xx other
+//!    than 429) or failure is recorded and dead-lettered, never retried; a request that exhausted
+//!    the client's retries is retried later (backoff through `next attempt at`), and the run's
+//!    later requests and its messages wait for it.
+//! 4. **After-requests** — an optional registered pure function of the recorded responses that
+//!    returns more messages; they are persisted to the outbox before anything is sent.
+//! 5. **Messages**, in order, through the [`Transport`] with message id `key#n` and headers
+//!    [`HEADER_KEY`](crate::transport::HEADER_KEY) and [`HEADER_TX`](crate::transport::HEADER_TX);
+//!    a row is marked dispatched only after the broker acknowledged it. With the embedded log in
+//!    the store's database the messages are written inside the commit of step 2 (or of step 4),
+//!    atomically with the datoms.
+//!
+//! Running a key that was applied before is the **duplicate path**: nothing is applied again and
+//! only the original run's rows that are still pending (and not leased by someone working on
+//! them) are dispatched, from what was stored — never recomputed. Two tasks running one key at
+//! once: the store lets exactly one commit; the other sees the committed run and reports
+//! [`RunOutcome::Duplicate`].
+//!
+//! Work that is interrupted (a crash, a broker that is down, a request that keeps failing) stays
+//! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its lease expires.
+
+mod validate;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{Instrument, field, info_span};
+
+pub use self::validate::{Limits, ValidationError, effects_sha256};
+
+use crate::effects::Effects;
+use crate::http::{HttpClient, HttpError, HttpResponse};
+use crate::message::MessageEffect;
+use crate::request::RequestEffect;
+use crate::store::{
+    ClaimOptions, Commit, Finish, Lease, Millis, NewRun, OutboxKind, OutboxRow, RecordedRequest,
+    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+};
+use crate::transport::{OutgoingMessage, Transport, message_headers as publish_headers};
+
+/// A pure function of a run's recorded requests that returns more messages to send (step 4).
+/// It must be deterministic: after a crash it is called again with the same recorded requests
+/// and its result must be the same.
+pub type AfterRequestsFn = Arc<dyn Fn(&[RecordedRequest]) -> Vec<MessageEffect> + Send + Sync>;
+
+/// Where a fault-injection hook is called. Testing only.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// Inside the commit transaction, after every write, before `COMMIT`.
+    BeforeCommit,
+    /// Right after the commit returned.
+    AfterCommit,
+    /// After an HTTP response arrived, before it is recorded.
+    AfterHttpBeforeRecord,
+    /// After the broker acknowledged a message, before the row is marked dispatched.
+    AfterPublishBeforeMark,
+}
+
+/// A fault-injection hook: called with the point and the key or row id. Testing only.
+#[doc(hidden)]
+pub type FaultHook = Arc<dyn Fn(FaultPoint, &str) + Send + Sync>;
+
+/// An [`HttpClient`] for executors that send no requests: every request fails with
+/// [`HttpError::UnknownEndpoint`]. Runs with requests are refused at validation
+/// ([`ValidationError::NoHttpClient`]) when the executor has it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHttp;
+
+impl HttpClient for NoHttp {
+    fn send(
+        &self,
+        _idempotency_key: &str,
+        request: &RequestEffect,
+    ) -> impl Future<Output = Result<HttpResponse, HttpError>> + Send {
+        let endpoint = request.endpoint.clone();
+        async move { Err(HttpError::UnknownEndpoint { endpoint }) }
+    }
+}
+
+/// When an outbox row that failed is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay after the first failed attempt. Default 1 s.
+    pub initial: Duration,
+    /// The longest delay. Default 5 min.
+    pub max: Duration,
+    /// Attempts after which a row is dead-lettered; `None` (the default) retries forever, so
+    /// nothing is given up without an operator.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after `attempts` failed attempts: doubling from `initial`, capped at `max`,
+    /// plus up to a quarter of random jitter.
+    pub fn delay(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(30);
+        let base = self.initial.saturating_mul(1u32 << doublings).min(self.max);
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let quarter = base / 4;
+        let jitter = if quarter.is_zero() {
+            Duration::ZERO
+        } else {
+            let nanos = u64::try_from(quarter.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(random % nanos.max(1))
+        };
+        base + jitter
+    }
+}
+
+/// Executor settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecutorConfig {
+    /// Size limits.
+    pub limits: Limits,
+    /// How long a claimant owns the outbox rows it claimed. It must exceed the longest time one
+    /// request can take with the client's retries, or a relay may send it again meanwhile
+    /// (harmless thanks to the idempotency key, but wasteful). Default 60 s.
+    pub lease: Duration,
+    /// Retries of rows whose dispatch failed.
+    pub retry: Backoff,
+    /// The name leases are taken under. Give each process a stable name (a pod name) so that a
+    /// restarted process reclaims its leases at once ([`Executor::recover`]); the default is
+    /// unique per process.
+    pub owner: String,
+    /// Publish messages inside the store's transactions when the transport lives in the
+    /// store's database. Default `true`.
+    pub publish_inline: bool,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            limits: Limits::default(),
+            lease: Duration::from_secs(60),
+            retry: Backoff::default(),
+            owner: format!("pid{}-{:x}", std::process::id(), now_millis()),
+            publish_inline: true,
+        }
+    }
+}
+
+/// Extra inputs of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// The registered after-requests hook to call once the run's requests are resolved.
+    pub after_requests: Option<String>,
+}
+
+impl RunOptions {
+    /// Options calling the after-requests hook registered as `name`.
+    pub fn after_requests(name: impl Into<String>) -> RunOptions {
+        RunOptions {
+            after_requests: Some(name.into()),
+        }
+    }
+}
+
+/// What a run (or the dispatching part of it) got done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Requests whose successful response was recorded.
+    pub requests_sent: usize,
+    /// Messages acknowledged by the broker or published into the colocated log.
+    pub messages_dispatched: usize,
+    /// Rows dead-lettered (rejected requests, permanent failures).
+    pub dead_lettered: usize,
+    /// Rows still pending: retrying later, or being worked on by someone else.
+    pub pending: usize,
+}
+
+impl Progress {
+    fn add(&mut self, other: Progress) {
+        self.requests_sent += other.requests_sent;
+        self.messages_dispatched += other.messages_dispatched;
+        self.dead_lettered += other.dead_lettered;
+        self.pending += other.pending;
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The effects were applied in `tx`.
+    Applied {
+        /// The run's transaction.
+        tx: Tx,
+        /// What was dispatched.
+        progress: Progress,
+    },
+    /// The key had been applied before: nothing was applied again; the original run's pending
+    /// rows were dispatched.
+    Duplicate {
+        /// The original run's transaction.
+        original_tx: Tx,
+        /// What this call dispatched of the original run.
+        progress: Progress,
+    },
+}
+
+impl RunOutcome {
+    /// The transaction that applied the key (this run's or the original's).
+    pub fn tx(&self) -> Tx {
+        match self {
+            RunOutcome::Applied { tx, .. } => *tx,
+            RunOutcome::Duplicate { original_tx, .. } => *original_tx,
+        }
+    }
+
+    /// What was dispatched.
+    pub fn progress(&self) -> Progress {
+        match self {
+            RunOutcome::Applied { progress, .. } | RunOutcome::Duplicate { progress, .. } => {
+                *progress
+            }
+        }
+    }
+
+    /// Whether the key had been applied before.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, RunOutcome::Duplicate { .. })
+    }
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The effects are invalid: nothing was written.
+    #[error("run `{key}` refused: {source}")]
+    Invalid {
+        /// The idempotency key.
+        key: String,
+        /// What is wrong.
+        #[source]
+        source: ValidationError,
+    },
+    /// The key was applied before with different effects: nothing was applied.
+    #[error(
+        "idempotency key `{key}` was already used for different effects (applied in tx \
+         {original_tx}): nothing was applied; use a new key for new effects"
+    )]
+    KeyReuse {
+        /// The key.
+        key: String,
+        /// The original run's transaction.
+        original_tx: Tx,
+        /// The SHA-256 the key is bound to.
+        original_sha256: String,
+        /// The SHA-256 of the refused effects.
+        sha256: String,
+    },
+    /// The store failed before the run committed: nothing was written and nothing dispatched.
+    #[error("run `{key}` was not applied: {source}")]
+    Store {
+        /// The key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The run is applied, but the store failed while dispatching; the rest is pending and is
+    /// finished by running the key again or by the relay.
+    #[error("run `{key}` is applied (tx {tx}) but dispatching stopped: {source}")]
+    Incomplete {
+        /// The key.
+        key: String,
+        /// The run's transaction.
+        tx: Tx,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// What [`Executor::dispatch_due`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Rows claimed (including those published inline).
+    pub claimed: usize,
+    /// Runs whose after-requests step was finished.
+    pub finished_runs: usize,
+    /// What was dispatched.
+    pub progress: Progress,
+}
+
+/// Runs effects. Build one with [`Executor::builder`]; share it with `Arc`.
+///
+/// ```
+/// use effects_core::executor::{Executor, RunOutcome};
+/// use effects_core::store::{SqliteStore, Store};
+/// use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect};
+/// use serde_json::json;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = SqliteStore::in_memory()?;
+/// let executor = Executor::builder(store.clone(), store.log()).build();
+///
+/// let card = LookupRef::new("card/id", "c1");
+/// let effects = Effects::from(DatomEffect::assert(card.clone(), [("card/status", json!("blocked"))]))
+///     .merge(MessageEffect::new("card-status-changed", json!({"card_id": "c1"})).with_key("c1"));
+///
+/// let first = executor.run("block:m1", effects.clone()).await?;
+/// assert!(matches!(first, RunOutcome::Applied { .. }));
+/// let again = executor.run("block:m1", effects).await?;
+/// assert_eq!(again, RunOutcome::Duplicate { original_tx: first.tx(), progress: Default::default() });
+///
+/// let now = store.entity(&card, None).await?.expect("the card exists");
+/// assert_eq!(now.get("card/status"), Some(&json!("blocked")));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct Executor<S, T, C = NoHttp> {
+    store: S,
+    transport: T,
+    http: C,
+    has_http: bool,
+    config: ExecutorConfig,
+    hooks: BTreeMap<String, AfterRequestsFn>,
+    inline: bool,
+    fault: Option<FaultHook>,
+}
+
+impl<S, T, C> fmt::Debug for Executor<S, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Executor")
+            .field("config", &self.config)
+            .field("hooks", &self.hooks.keys().collect::<Vec<_>>())
+            .field("inline", &self.inline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Executor`].
+pub struct ExecutorBuilder<S, T, C = NoHttp> {
+    store: S,
+    transport: T,
+    http: C,
+    has_http: bool,
+    config: ExecutorConfig,
+    hooks: BTreeMap<String, AfterRequestsFn>,
+    fault: Option<FaultHook>,
+}
+
+impl<S, T, C> fmt::Debug for ExecutorBuilder<S, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecutorBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store, T: Transport> Executor<S, T, NoHttp> {
+    /// Starts building an executor over a store and a transport, with no HTTP client.
+    pub fn builder(store: S, transport: T) -> ExecutorBuilder<S, T, NoHttp> {
+        ExecutorBuilder {
+            store,
+            transport,
+            http: NoHttp,
+            has_http: false,
+            config: ExecutorConfig::default(),
+            hooks: BTreeMap::new(),
+            fault: None,
+        }
+    }
+}
+
+impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
+    /// The HTTP client for requests.
+    pub fn http<C2: HttpClient>(self, http: C2) -> ExecutorBuilder<S, T, C2> {
+        ExecutorBuilder {
+            store: self.store,
+            transport: self.transport,
+            http,
+            has_http: true,
+            config: self.config,
+            hooks: self.hooks,
+            fault: self.fault,
+        }
+    }
+
+    /// Replaces the whole configuration.
+    #[must_use]
+    pub fn config(mut self, config: ExecutorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Size limits.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// The lease on claimed rows.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// Retries of failed rows.
+    #[must_use]
+    pub fn retry(mut self, retry: Backoff) -> Self {
+        self.config.retry = retry;
+        self
+    }
+
+    /// The lease owner's name (see [`ExecutorConfig::owner`]).
+    #[must_use]
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.config.owner = owner.into();
+        self
+    }
+
+    /// Whether to publish inside the store's transactions when the transport is colocated.
+    #[must_use]
+    pub fn publish_inline(mut self, inline: bool) -> Self {
+        self.config.publish_inline = inline;
+        self
+    }
+
+    /// Registers an after-requests hook under `name`; runs refer to it with
+    /// [`RunOptions::after_requests`]. The relay finds it by name when it finishes an
+    /// interrupted run, so register the same hooks in every process.
+    #[must_use]
+    pub fn after_requests(
+        mut self,
+        name: impl Into<String>,
+        hook: impl Fn(&[RecordedRequest]) -> Vec<MessageEffect> + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.insert(name.into(), Arc::new(hook));
+        self
+    }
+
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
+    }
+
+    /// The executor.
+    pub fn build(self) -> Executor<S, T, C> {
+        let inline = self.config.publish_inline
+            && matches!(
+                (self.store.colocation(), self.transport.colocation()),
+                (Some(a), Some(b)) if a == b
+            );
+        Executor {
+            store: self.store,
+            transport: self.transport,
+            http: self.http,
+            has_http: self.has_http,
+            config: self.config,
+            hooks: self.hooks,
+            inline,
+            fault: self.fault,
+        }
+    }
+}
+
+/// One run of a batch: key and effects (and options).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchItem {
+    /// The idempotency key.
+    pub key: String,
+    /// The effects.
+    pub effects: Effects,
+    /// Options.
+    pub options: RunOptions,
+}
+
+impl BatchItem {
+    /// A batch item without options.
+    pub fn new(key: impl Into<String>, effects: Effects) -> BatchItem {
+        BatchItem {
+            key: key.into(),
+            effects,
+            options: RunOptions::default(),
+        }
+    }
+}
+
+impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.config
+    }
+
+    /// Whether messages are published inside the store's transactions.
+    pub fn publishes_inline(&self) -> bool {
+        self.inline
+    }
+
+    fn fault(&self, point: FaultPoint, at: &str) {
+        if let Some(hook) = &self.fault {
+            hook(point, at);
+        }
+    }
+
+    fn claim_options(&self) -> ClaimOptions {
+        let now = now_millis();
+        ClaimOptions {
+            now,
+            lease: Lease {
+                owner: self.config.owner.clone(),
+                until: now.saturating_add(millis(self.config.lease)),
+            },
+            publish_inline: self.inline,
+            before_commit: None,
+        }
+    }
+
+    /// Runs `effects` under the idempotency key `key` (see the [module docs](self)).
+    pub async fn run(
+        &self,
+        key: impl Into<String>,
+        effects: Effects,
+    ) -> Result<RunOutcome, RunError> {
+        self.run_with(key, effects, RunOptions::default()).await
+    }
+
+    /// [`Executor::run`] with options (an after-requests hook).
+    pub async fn run_with(
+        &self,
+        key: impl Into<String>,
+        effects: Effects,
+        options: RunOptions,
+    ) -> Result<RunOutcome, RunError> {
+        let key = key.into();
+        let span = info_span!("effects.run", key = %key, tx = field::Empty);
+        async {
+            let run = {
+                let _validate = info_span!("effects.validate", key = %key).entered();
+                self.prepare(&key, &effects, options.after_requests.as_deref())
+                    .map_err(|source| {
+                        tracing::warn!(error = %source, "effects refused");
+                        RunError::Invalid {
+                            key: key.clone(),
+                            source,
+                        }
+                    })?
+            };
+            let mut commits = self.commit(vec![run.clone()], &key).await?;
+            let commit = commits.pop().ok_or_else(|| RunError::Store {
+                key: key.clone(),
+                source: StoreError::Corrupt {
+                    what: "commit".to_owned(),
+                    reason: "the store returned no result for the run".to_owned(),
+                },
+            })?;
+            self.after_commit(&run, commit).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs many keys in ONE store transaction: one commit instead of one per run. Each item
+    /// gets its own `tx` and outcome; an invalid item or a reused key fails alone. A store
+    /// error fails the whole batch and nothing of it is written.
+    pub async fn run_batch(
+        &self,
+        items: Vec<BatchItem>,
+    ) -> Result<Vec<Result<RunOutcome, RunError>>, StoreError> {
+        let span = info_span!("effects.run_batch", runs = items.len());
+        async {
+            let mut results: Vec<Option<Result<RunOutcome, RunError>>> =
+                (0..items.len()).map(|_| None).collect();
+            let mut prepared: Vec<(usize, NewRun)> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match self.prepare(
+                    &item.key,
+                    &item.effects,
+                    item.options.after_requests.as_deref(),
+                ) {
+                    Ok(run) => prepared.push((i, run)),
+                    Err(source) => {
+                        results[i] = Some(Err(RunError::Invalid {
+                            key: item.key.clone(),
+                            source,
+                        }));
+                    }
+                }
+            }
+            if !prepared.is_empty() {
+                let runs: Vec<NewRun> = prepared.iter().map(|(_, r)| r.clone()).collect();
+                let first = runs.first().map(|r| r.key.clone()).unwrap_or_default();
+                let commits = match self.commit(runs, &first).await {
+                    Ok(c) => c,
+                    Err(RunError::Store { source, .. }) => return Err(source),
+                    Err(other) => {
+                        return Err(StoreError::Corrupt {
+                            what: "batch commit".to_owned(),
+                            reason: other.to_string(),
+                        });
+                    }
+                };
+                for ((i, run), commit) in prepared.iter().zip(commits) {
+                    let span = info_span!("effects.run", key = %run.key, tx = field::Empty);
+                    results[*i] = Some(self.after_commit(run, commit).instrument(span).await);
+                }
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(RunError::Store {
+                            key: String::new(),
+                            source: StoreError::Corrupt {
+                                what: "batch".to_owned(),
+                                reason: "a batch item got no result".to_owned(),
+                            },
+                        })
+                    })
+                })
+                .collect())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The duplicate path on its own: dispatches what is pending of the run with this key, if
+    /// there is one. The worker uses it when a redelivered message's run already exists, before
+    /// loading inputs that may have changed since.
+    pub async fn resume(&self, key: &str) -> Result<Option<RunOutcome>, RunError> {
+        let span = info_span!("effects.resume", key = %key, tx = field::Empty);
+        async {
+            let record = self
+                .store
+                .run(key)
+                .await
+                .map_err(|source| RunError::Store {
+                    key: key.to_owned(),
+                    source,
+                })?;
+            let Some(record) = record else {
+                return Ok(None);
+            };
+            tracing::Span::current().record("tx", record.tx.0);
+            let progress = self.resume_record(&record).await?;
+            Ok(Some(RunOutcome::Duplicate {
+                original_tx: record.tx,
+                progress,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Releases every lease held under this executor's owner name: what a previous process with
+    /// the same name was doing when it died becomes claimable at once instead of when the
+    /// leases expire. Call it at startup, before running anything (the relay does).
+    pub async fn recover(&self) -> Result<u64, StoreError> {
+        let released = self.store.release(Vec::new(), &self.config.owner).await?;
+        if released > 0 {
+            tracing::info!(owner = %self.config.owner, released, "reclaimed leases of a previous run");
+        }
+        Ok(released)
+    }
+
+    /// One round of the relay: claims up to `limit` due rows of any run and dispatches them,
+    /// then finishes runs stalled between their requests and their after-requests step.
+    pub async fn dispatch_due(&self, limit: usize) -> Result<RelayReport, StoreError> {
+        let mut report = RelayReport::default();
+        let claimed = self
+            .store
+            .claim_due(limit, self.claim_options())
+            .instrument(info_span!("effects.claim_due"))
+            .await?;
+        report.claimed = claimed.rows.len() + claimed.published_inline;
+        report.progress.messages_dispatched += claimed.published_inline;
+
+        let (requests, messages): (Vec<OutboxRow>, Vec<OutboxRow>) = claimed
+            .rows
+            .into_iter()
+            .partition(|r| r.kind == OutboxKind::Request);
+        // Requests run by run (their order within a run matters); messages keep the claimed
+        // order, which follows the per-partition order across runs.
+        let mut by_run: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
+        for row in requests {
+            by_run.entry(row.run_key.clone()).or_default().push(row);
+        }
+        let mut later_messages = Vec::new();
+        for (key, rows) in by_run {
+            let span = info_span!("effects.run", key = %key, tx = field::Empty);
+            let record = self.store.run(&key).await?;
+            let Some(record) = record else {
+                continue;
+            };
+            span.record("tx", record.tx.0);
+            let (progress, finished) = self
+                .send_requests_then_finish(&record, rows)
+                .instrument(span)
+                .await?;
+            report.progress.add(progress);
+            if let Some(rows) = finished {
+                report.finished_runs += 1;
+                later_messages.extend(rows);
+            }
+        }
+        report.progress.add(self.send_messages(messages).await?);
+        report
+            .progress
+            .add(self.send_messages(later_messages).await?);
+
+        let idle_since = now_millis().saturating_sub(millis(self.config.lease));
+        for record in self.store.stalled_runs(idle_since, limit).await? {
+            let span = info_span!("effects.run", key = %record.key, tx = record.tx.0);
+            let (progress, finished) = self
+                .send_requests_then_finish(&record, Vec::new())
+                .instrument(span.clone())
+                .await?;
+            report.progress.add(progress);
+            if let Some(rows) = finished {
+                report.finished_runs += 1;
+                report
+                    .progress
+                    .add(self.send_messages(rows).instrument(span).await?);
+            }
+        }
+        Ok(report)
+    }
+
+    // -----------------------------------------------------------------------------------------
+
+    fn prepare(
+        &self,
+        key: &str,
+        effects: &Effects,
+        after_requests: Option<&str>,
+    ) -> Result<NewRun, ValidationError> {
+        validate::prepare(
+            key,
+            effects,
+            after_requests,
+            |name| self.hooks.contains_key(name),
+            self.has_http,
+            &self.config.limits,
+        )
+    }
+
+    async fn commit(&self, runs: Vec<NewRun>, first_key: &str) -> Result<Vec<Commit>, RunError> {
+        let mut options = self.claim_options();
+        if let Some(hook) = &self.fault {
+            let hook = Arc::clone(hook);
+            let key = first_key.to_owned();
+            options.before_commit = Some(Arc::new(move || hook(FaultPoint::BeforeCommit, &key)));
+        }
+        self.store
+            .commit_runs(runs, options)
+            .instrument(info_span!("effects.commit", key = %first_key))
+            .await
+            .map_err(|source| {
+                tracing::error!(error = %source, "commit failed: nothing applied");
+                RunError::Store {
+                    key: first_key.to_owned(),
+                    source,
+                }
+            })
+    }
+
+    async fn after_commit(&self, run: &NewRun, commit: Commit) -> Result<RunOutcome, RunError> {
+        let key = &run.key;
+        match commit {
+            Commit::Applied {
+                tx,
+                status,
+                claimed,
+                published_inline,
+            } => {
+                tracing::Span::current().record("tx", tx.0);
+                self.fault(FaultPoint::AfterCommit, key);
+                let total = run.outbox.len();
+                let record = RunRecord {
+                    key: key.clone(),
+                    effects_sha256: run.effects_sha256.clone(),
+                    tx,
+                    status,
+                    after_requests: run.after_requests.clone(),
+                    outbox_count: u32::try_from(total).unwrap_or(u32::MAX),
+                    created_at: 0,
+                    updated_at: 0,
+                    completed_at: None,
+                };
+                let mut progress = Progress {
+                    messages_dispatched: published_inline,
+                    ..Progress::default()
+                };
+                let (more, total) =
+                    self.drive(&record, claimed, total)
+                        .await
+                        .map_err(|source| RunError::Incomplete {
+                            key: key.clone(),
+                            tx,
+                            source,
+                        })?;
+                progress.add(more);
+                progress.pending = total
+                    .saturating_sub(progress.requests_sent)
+                    .saturating_sub(progress.messages_dispatched)
+                    .saturating_sub(progress.dead_lettered);
+                tracing::debug!(?progress, "run applied");
+                Ok(RunOutcome::Applied { tx, progress })
+            }
+            Commit::Existing(record) => {
+                tracing::Span::current().record("tx", record.tx.0);
+                if record.effects_sha256 != run.effects_sha256 {
+                    tracing::warn!(original_tx = record.tx.0, "idempotency key reused");
+                    return Err(RunError::KeyReuse {
+                        key: key.clone(),
+                        original_tx: record.tx,
+                        original_sha256: record.effects_sha256,
+                        sha256: run.effects_sha256.clone(),
+                    });
+                }
+                let progress = self.resume_record(&record).await?;
+                tracing::debug!(?progress, "duplicate absorbed");
+                Ok(RunOutcome::Duplicate {
+                    original_tx: record.tx,
+                    progress,
+                })
+            }
+        }
+    }
+
+    async fn resume_record(&self, record: &RunRecord) -> Result<Progress, RunError> {
+        let incomplete = |source| RunError::Incomplete {
+            key: record.key.clone(),
+            tx: record.tx,
+            source,
+        };
+        if record.status == RunStatus::Done {
+            return Ok(Progress::default());
+        }
+        let claimed = self
+            .store
+            .claim_run(&record.key, self.claim_options())
+            .instrument(info_span!("effects.claim"))
+            .await
+            .map_err(incomplete)?;
+        let mut progress = Progress {
+            messages_dispatched: claimed.published_inline,
+            ..Progress::default()
+        };
+        let (more, _) = self
+            .drive(record, claimed.rows, record.outbox_count as usize)
+            .await
+            .map_err(incomplete)?;
+        progress.add(more);
+        let rows = self.store.outbox(&record.key).await.map_err(incomplete)?;
+        progress.pending = rows.iter().filter(|r| r.is_pending()).count();
+        Ok(progress)
+    }
+
+    /// Dispatches claimed rows of one run: requests in order, then the after-requests step,
+    /// then messages. Returns the progress and the run's row count (after-requests included).
+    async fn drive(
+        &self,
+        record: &RunRecord,
+        claimed: Vec<OutboxRow>,
+        total: usize,
+    ) -> Result<(Progress, usize), StoreError> {
+        let mut progress = Progress::default();
+        let mut total = total;
+        if claimed.is_empty() && record.status != RunStatus::RequestsPending {
+            return Ok((progress, total));
+        }
+        let (requests, mut messages): (Vec<OutboxRow>, Vec<OutboxRow>) = claimed
+            .into_iter()
+            .partition(|r| r.kind == OutboxKind::Request);
+        if record.status == RunStatus::RequestsPending {
+            let (sent, finished) = self.send_requests_then_finish(record, requests).await?;
+            progress.add(sent);
+            if let Some(rows) = finished {
+                let count = self.store.run(&record.key).await?.map(|r| r.outbox_count);
+                if let Some(count) = count {
+                    total = total.max(count as usize);
+                }
+                messages.extend(rows);
+            }
+        }
+        progress.add(self.send_messages(messages).await?);
+        Ok((progress, total))
+    }
+
+    /// Sends a run's claimed requests in order, and when they are all resolved, runs the
+    /// after-requests step. Returns the finish step's claimed message rows, if it finished.
+    async fn send_requests_then_finish(
+        &self,
+        record: &RunRecord,
+        requests: Vec<OutboxRow>,
+    ) -> Result<(Progress, Option<Vec<OutboxRow>>), StoreError> {
+        let mut progress = Progress::default();
+        let span = info_span!("effects.requests", key = %record.key, tx = record.tx.0);
+        let mut rows = requests.into_iter();
+        while let Some(row) = rows.next() {
+            let stop = self
+                .send_request(&row, &mut progress)
+                .instrument(span.clone())
+                .await?;
+            if stop {
+                let rest: Vec<String> = rows.map(|r| r.id).collect();
+                if !rest.is_empty() {
+                    self.store.release(rest, &self.config.owner).await?;
+                }
+                return Ok((progress, None));
+            }
+        }
+        let finished = self
+            .finish(record)
+            .instrument(info_span!("effects.after_requests", key = %record.key, tx = record.tx.0))
+            .await?;
+        let rows = finished.map(|(rows, published_inline)| {
+            progress.messages_dispatched += published_inline;
+            rows
+        });
+        Ok((progress, rows))
+    }
+
+    /// Sends one request and records its outcome. Returns whether the run must stop here
+    /// (the request is to be retried later).
+    async fn send_request(
+        &self,
+        row: &OutboxRow,
+        progress: &mut Progress,
+    ) -> Result<bool, StoreError> {
+        let request = match row.request() {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!("unreadable request: {e}");
+                self.store
+                    .record_request(&row.id, RequestOutcome::Failed { reason }, now_millis())
+                    .await?;
+                progress.dead_lettered += 1;
+                return Ok(false);
+            }
+        };
+        let result = self
+            .http
+            .send(&row.id, &request)
+            .instrument(info_span!("effects.http", id = %row.id, endpoint = %row.destination))
+            .await;
+        self.fault(FaultPoint::AfterHttpBeforeRecord, &row.id);
+        let outcome = match result {
+            Ok(response) => {
+                progress.requests_sent += 1;
+                RequestOutcome::Response { response }
+            }
+            Err(HttpError::Rejected { response, .. }) => {
+                tracing::warn!(id = %row.id, status = response.status, "request rejected: dead-lettered");
+                progress.dead_lettered += 1;
+                RequestOutcome::Rejected { response }
+            }
+            Err(e @ HttpError::Exhausted { .. }) => {
+                let error = e.to_string();
+                if self
+                    .config
+                    .retry
+                    .max_attempts
+                    .is_some_and(|max| row.attempts >= max)
+                {
+                    tracing::error!(id = %row.id, %error, "request failed too often: dead-lettered");
+                    progress.dead_lettered += 1;
+                    RequestOutcome::Failed {
+                        reason: format!("gave up after {} attempts: {error}", row.attempts),
+                    }
+                } else {
+                    let next =
+                        now_millis().saturating_add(millis(self.config.retry.delay(row.attempts)));
+                    tracing::warn!(id = %row.id, %error, next_attempt_at = next, "request failed: retrying later");
+                    self.store
+                        .retry_later(&row.id, &self.config.owner, &error, next)
+                        .await?;
+                    progress.pending += 1;
+                    return Ok(true);
+                }
+            }
+            Err(other) => {
+                tracing::warn!(id = %row.id, error = %other, "request cannot succeed: dead-lettered");
+                progress.dead_lettered += 1;
+                RequestOutcome::Failed {
+                    reason: other.to_string(),
+                }
+            }
+        };
+        self.store
+            .record_request(&row.id, outcome, now_millis())
+            .await?;
+        Ok(false)
+    }
+
+    /// The after-requests step: when every request of the run is resolved, computes the extra
+    /// messages from the recorded responses and persists them with the run's messages made
+    /// ready, in one transaction. `None` if the run is not ready or was finished by someone else.
+    async fn finish(
+        &self,
+        record: &RunRecord,
+    ) -> Result<Option<(Vec<OutboxRow>, usize)>, StoreError> {
+        let mut after = Vec::new();
+        if let Some(name) = &record.after_requests {
+            let Some(hook) = self.hooks.get(name) else {
+                tracing::error!(hook = %name, "after-requests hook not registered here: the run waits for a process that has it");
+                return Ok(None);
+            };
+            let recorded = self.store.recorded_requests(&record.key).await?;
+            let messages = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                hook(recorded.as_slice())
+            })) {
+                Ok(m) => m,
+                Err(_) => {
+                    tracing::error!(hook = %name, "after-requests hook panicked: the run waits");
+                    return Ok(None);
+                }
+            };
+            // The run's own rows end at `outbox_count`; a run record from a fresh commit may
+            // predate requests, so read the stored count.
+            let count = match self.store.run(&record.key).await? {
+                Some(r) => r.outbox_count,
+                None => return Ok(None),
+            };
+            for (i, m) in messages.iter().enumerate() {
+                let seq = count.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
+                match validate::message_row(seq, i, m, &self.config.limits) {
+                    Ok(row) => after.push(row),
+                    Err(e) => {
+                        tracing::error!(hook = %name, error = %e, "after-requests hook returned an invalid message: the run waits");
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        match self
+            .store
+            .finish_requests(&record.key, after, self.claim_options())
+            .await?
+        {
+            Finish::Finished {
+                claimed,
+                published_inline,
+                ..
+            } => Ok(Some((claimed, published_inline))),
+            Finish::NotReady | Finish::AlreadyFinished => Ok(None),
+        }
+    }
+
+    /// Publishes claimed message rows in order, marking each dispatched after the broker's
+    /// acknowledgement. A row that fails is retried later, and the rows after it with the same
+    /// topic and partition key are released (they must not overtake it); other partitions go on.
+    async fn send_messages(&self, rows: Vec<OutboxRow>) -> Result<Progress, StoreError> {
+        let mut progress = Progress::default();
+        if rows.is_empty() {
+            return Ok(progress);
+        }
+        let span = info_span!("effects.messages", count = rows.len());
+        async {
+            let mut blocked: HashSet<(String, String)> = HashSet::new();
+            let mut held_back: Vec<String> = Vec::new();
+            for row in rows {
+                let partition = row
+                    .partition_key
+                    .as_ref()
+                    .map(|pk| (row.destination.clone(), pk.clone()));
+                if partition.as_ref().is_some_and(|p| blocked.contains(p)) {
+                    held_back.push(row.id);
+                    continue;
+                }
+                let message = OutgoingMessage {
+                    id: row.id.clone(),
+                    topic: row.destination.clone(),
+                    partition_key: row.partition_key.clone(),
+                    headers: publish_headers(&row.headers, &row.run_key, row.tx),
+                    payload: row.payload.clone().into_bytes(),
+                };
+                let published = self
+                    .transport
+                    .publish(message)
+                    .instrument(info_span!("effects.publish", id = %row.id, key = %row.run_key, tx = row.tx.0))
+                    .await;
+                match published {
+                    Ok(()) => {
+                        self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
+                        self.store.mark_dispatched(&row.id, now_millis()).await?;
+                        progress.messages_dispatched += 1;
+                    }
+                    Err(e) => {
+                        let error = e.to_string();
+                        if self
+                            .config
+                            .retry
+                            .max_attempts
+                            .is_some_and(|max| row.attempts >= max)
+                        {
+                            tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
+                            let reason = format!("gave up after {} attempts: {error}", row.attempts);
+                            self.store.dead_letter(&row.id, &reason, now_millis()).await?;
+                            progress.dead_lettered += 1;
+                            continue;
+                        }
+                        let next = now_millis()
+                            .saturating_add(millis(self.config.retry.delay(row.attempts)));
+                        tracing::warn!(id = %row.id, %error, next_attempt_at = next, "publish failed: retrying later");
+                        self.store
+                            .retry_later(&row.id, &self.config.owner, &error, next)
+                            .await?;
+                        progress.pending += 1;
+                        if let Some(p) = partition {
+                            blocked.insert(p);
+                        }
+                    }
+                }
+            }
+            if !held_back.is_empty() {
+                progress.pending += held_back.len();
+                self.store.release(held_back, &self.config.owner).await?;
+            }
+            Ok(progress)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,288 @@
+//! Step 1 of a run: validation, and turning [`Effects`] into the rows a store writes. Nothing here
+//! touches the store, so invalid effects are rejected before any write.
+
+use sha2::{Digest, Sha256};
+
+use crate::effects::{ConflictError, Effects, canonical_json};
+use crate::message::MessageEffect;
+use crate::schema::Kind;
+use crate::store::{NewDatom, NewOutboxRow, NewRun, OutboxKind};
+
+/// Size limits checked before anything is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Datoms per run. Default 1 000.
+    pub max_datoms: usize,
+    /// Requests per run. Default 100.
+    pub max_requests: usize,
+    /// Messages per run (after-requests messages not counted). Default 1 000.
+    pub max_messages: usize,
+    /// Bytes of canonical JSON in one datom value, one message payload or one request (method,
+    /// path, headers and body together). Default 256 KiB.
+    pub max_payload_bytes: usize,
+    /// Bytes in an idempotency key. Default 512.
+    pub max_key_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_datoms: 1_000,
+            max_requests: 100,
+            max_messages: 1_000,
+            max_payload_bytes: 256 * 1024,
+            max_key_bytes: 512,
+        }
+    }
+}
+
+/// Why effects were refused before anything was written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// The idempotency key is empty.
+    #[error("the idempotency key is empty: use `handler-name:message-id`")]
+    EmptyKey,
+    /// The idempotency key is too long.
+    #[error("the idempotency key is {len} bytes long; the limit is {max} (Limits::max_key_bytes)")]
+    KeyTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The idempotency key contains a control character (it travels in HTTP headers).
+    #[error(
+        "the idempotency key has a control character at byte {index}: it must fit in an HTTP header"
+    )]
+    KeyControlCharacter {
+        /// Where.
+        index: usize,
+    },
+    /// More effects of one kind than the limit.
+    #[error("{count} {} exceed the limit of {max} per run", kind.key())]
+    TooMany {
+        /// Which kind.
+        kind: Kind,
+        /// How many there are.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One value, payload or request is too large.
+    #[error("{}[{index}] is {bytes} bytes of JSON; the limit is {max} (Limits::max_payload_bytes)", kind.key())]
+    TooLarge {
+        /// Which kind.
+        kind: Kind,
+        /// Its index in the effects.
+        index: usize,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A datom is malformed.
+    #[error("datoms[{index}] is malformed: {reason}")]
+    InvalidDatom {
+        /// Its index.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A message is malformed.
+    #[error("messages[{index}] is malformed: {reason}")]
+    InvalidMessage {
+        /// Its index.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two datoms disagree.
+    #[error(transparent)]
+    Conflict(Box<ConflictError>),
+    /// The run names an after-requests hook the executor does not have.
+    #[error(
+        "after-requests hook `{name}` is not registered: register it with ExecutorBuilder::after_requests"
+    )]
+    UnknownAfterRequests {
+        /// The name.
+        name: String,
+    },
+    /// The effects have requests but the executor has no HTTP client.
+    #[error(
+        "the effects have {count} requests but the executor has no HTTP client: configure one with ExecutorBuilder::http"
+    )]
+    NoHttpClient {
+        /// How many requests.
+        count: usize,
+    },
+}
+
+pub(crate) fn check_key(key: &str, limits: &Limits) -> Result<(), ValidationError> {
+    if key.is_empty() {
+        return Err(ValidationError::EmptyKey);
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(ValidationError::KeyTooLong {
+            len: key.len(),
+            max: limits.max_key_bytes,
+        });
+    }
+    if let Some(index) = key.bytes().position(|b| b.is_ascii_control()) {
+        return Err(ValidationError::KeyControlCharacter { index });
+    }
+    Ok(())
+}
+
+fn check_count(kind: Kind, count: usize, max: usize) -> Result<(), ValidationError> {
+    if count > max {
+        return Err(ValidationError::TooMany { kind, count, max });
+    }
+    Ok(())
+}
+
+fn check_size(kind: Kind, index: usize, text: &str, max: usize) -> Result<(), ValidationError> {
+    if text.len() > max {
+        return Err(ValidationError::TooLarge {
+            kind,
+            index,
+            bytes: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Lowercase hex SHA-256 of the effects' canonical JSON: what a key is bound to.
+pub fn effects_sha256(effects: &Effects) -> String {
+    hex(&Sha256::digest(effects.canonical_json().as_bytes()))
+}
+
+pub(crate) fn message_row(
+    seq: u32,
+    index: usize,
+    message: &MessageEffect,
+    limits: &Limits,
+) -> Result<NewOutboxRow, ValidationError> {
+    if message.topic.is_empty() {
+        return Err(ValidationError::InvalidMessage {
+            index,
+            reason: "the topic is empty".to_owned(),
+        });
+    }
+    let payload = canonical_json(&message.payload);
+    check_size(Kind::Messages, index, &payload, limits.max_payload_bytes)?;
+    Ok(NewOutboxRow {
+        seq,
+        kind: OutboxKind::Message,
+        destination: message.topic.clone(),
+        partition_key: message.key.clone(),
+        headers: message.headers.clone(),
+        payload,
+    })
+}
+
+/// Validates and prepares a run. `has_hook` tells whether a named after-requests hook exists.
+pub(crate) fn prepare(
+    key: &str,
+    effects: &Effects,
+    after_requests: Option<&str>,
+    has_hook: impl Fn(&str) -> bool,
+    has_http: bool,
+    limits: &Limits,
+) -> Result<NewRun, ValidationError> {
+    check_key(key, limits)?;
+    check_count(Kind::Datoms, effects.datoms.len(), limits.max_datoms)?;
+    check_count(Kind::Requests, effects.requests.len(), limits.max_requests)?;
+    check_count(Kind::Messages, effects.messages.len(), limits.max_messages)?;
+    if !has_http && !effects.requests.is_empty() {
+        return Err(ValidationError::NoHttpClient {
+            count: effects.requests.len(),
+        });
+    }
+    if let Some(name) = after_requests {
+        if !has_hook(name) {
+            return Err(ValidationError::UnknownAfterRequests {
+                name: name.to_owned(),
+            });
+        }
+    }
+    effects
+        .check_conflicts()
+        .map_err(|e| ValidationError::Conflict(Box::new(e)))?;
+
+    let mut datoms = Vec::with_capacity(effects.datoms.len());
+    for (index, d) in effects.datoms.iter().enumerate() {
+        if d.entity.attribute.is_empty() {
+            return Err(ValidationError::InvalidDatom {
+                index,
+                reason: "the lookup ref's attribute is empty".to_owned(),
+            });
+        }
+        let identity_value = canonical_json(&d.entity.value);
+        check_size(
+            Kind::Datoms,
+            index,
+            &identity_value,
+            limits.max_payload_bytes,
+        )?;
+        let mut attributes = Vec::with_capacity(d.attributes.len());
+        for (name, value) in &d.attributes {
+            if name.is_empty() {
+                return Err(ValidationError::InvalidDatom {
+                    index,
+                    reason: "an attribute name is empty".to_owned(),
+                });
+            }
+            let value = canonical_json(value);
+            check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
+            attributes.push((name.clone(), value));
+        }
+        datoms.push(NewDatom {
+            identity: d.entity.attribute.clone(),
+            identity_value,
+            op: d.op,
+            attributes,
+        });
+    }
+
+    let mut outbox = Vec::with_capacity(effects.requests.len() + effects.messages.len());
+    let mut seq: u32 = 0;
+    for (index, r) in effects.requests.iter().enumerate() {
+        let value = serde_json::to_value(r).unwrap_or_else(|e| {
+            // Every field is a String, an enum, a map of Strings or a serde_json::Value.
+            unreachable!("a request always serializes: {e}")
+        });
+        let payload = canonical_json(&value);
+        check_size(Kind::Requests, index, &payload, limits.max_payload_bytes)?;
+        outbox.push(NewOutboxRow {
+            seq,
+            kind: OutboxKind::Request,
+            destination: r.endpoint.clone(),
+            partition_key: None,
+            headers: r.headers.clone(),
+            payload,
+        });
+        seq += 1;
+    }
+    for (index, m) in effects.messages.iter().enumerate() {
+        outbox.push(message_row(seq, index, m, limits)?);
+        seq += 1;
+    }
+    Ok(NewRun {
+        key: key.to_owned(),
+        effects_sha256: effects_sha256(effects),
+        after_requests: after_requests.map(str::to_owned),
+        datoms,
+        outbox,
+    })
+}

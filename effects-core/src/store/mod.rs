@@ -1,0 +1,646 @@
+//! Stores: where the executor keeps datoms, effect runs and the outbox.
+//!
+//! The [`Store`] trait is the seam between the [`Executor`](crate::executor::Executor) and a
+//! database. It is written for the executor's needs, not as a general database API: every method
+//! is one short transaction that the executor's algorithm relies on (claim a key and apply a
+//! run, claim outbox rows under a lease, record a response, mark a row dispatched, ...).
+//!
+//! # Async, and why
+//!
+//! Every method returns `impl Future<Output = ...> + Send`, so a store for a networked database
+//! (PostgreSQL) can be natively asynchronous, and the executor can be driven from any tokio task.
+//! A store over a blocking driver runs each call on tokio's blocking pool
+//! ([`tokio::task::spawn_blocking`]) so that it never stalls the async workers: that is what the
+//! SQLite store does. Because the methods return `impl Future`, the trait is not object safe;
+//! the executor is generic over its store.
+//!
+//! # What a store must guarantee
+//!
+//! - [`Store::commit_runs`] is atomic: the key claim, the datoms, the history rows and the
+//!   outbox rows of a run commit together or not at all, and two concurrent commits of one key
+//!   never both succeed (the second sees [`Commit::Existing`]).
+//! - `tx` values increase with every committed run and are never reused.
+//! - A lease on an outbox row excludes every other claimant until it expires; claims respect the
+//!   ordering rules documented on [`Store::claim_due`].
+//! - Pruning never removes undispatched outbox rows or runs that are not [`RunStatus::Done`].
+//!
+//! The embedded implementation is [`SqliteStore`] (feature `sqlite`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::datom::{LookupRef, Op};
+use crate::http::HttpResponse;
+use crate::request::RequestEffect;
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+/// A transaction id: the number of the store transaction that applied a run. It increases with
+/// every applied run and is never reused, so "as of `tx`" reads are well defined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Tx(pub i64);
+
+impl fmt::Display for Tx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Milliseconds since the UNIX epoch: the unit of every timestamp a store keeps.
+pub type Millis = i64;
+
+/// The current time in [`Millis`] (0 if the clock is before 1970).
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Identifies one opened database, so the executor can tell when a transport lives in the same
+/// database as its store (see [`Store::colocation`]). Two values are equal only if they come
+/// from the same [`Colocation::new`] call (or a clone of it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Colocation(Arc<u64>);
+
+impl Colocation {
+    /// A new identity, equal to no other.
+    pub fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Colocation(Arc::new(NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Default for Colocation {
+    fn default() -> Self {
+        Colocation::new()
+    }
+}
+
+/// Whether an outbox row is an HTTP request or a broker message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxKind {
+    /// An HTTP request: destination is the endpoint's name, payload the whole
+    /// [`RequestEffect`] as JSON.
+    Request,
+    /// A broker message: destination is the topic, payload the message payload as JSON.
+    Message,
+}
+
+impl OutboxKind {
+    /// `request` or `message`, as stored.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Request => "request",
+            OutboxKind::Message => "message",
+        }
+    }
+}
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Datoms applied; some requests are not resolved yet (sent and recorded, or dead-lettered).
+    /// The run's messages wait for them.
+    RequestsPending,
+    /// Requests resolved and after-requests persisted; some messages are not dispatched yet.
+    MessagesPending,
+    /// Everything dispatched or dead-lettered.
+    Done,
+}
+
+impl RunStatus {
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::RequestsPending => "requests_pending",
+            RunStatus::MessagesPending => "messages_pending",
+            RunStatus::Done => "done",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        match s {
+            "requests_pending" => Some(RunStatus::RequestsPending),
+            "messages_pending" => Some(RunStatus::MessagesPending),
+            "done" => Some(RunStatus::Done),
+            _ => None,
+        }
+    }
+}
+
+/// The id of the `n`th outbox row of the run with idempotency key `key`: `key#n`. It is the
+/// `Idempotency-Key` of a request and the broker message id of a message.
+pub fn outbox_id(key: &str, n: u32) -> String {
+    format!("{key}#{n}")
+}
+
+/// A datom ready to be written: values already in canonical JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDatom {
+    /// The identity attribute of the lookup ref (`card/id`).
+    pub identity: String,
+    /// The identity value, canonical JSON (`"c1"` with the quotes).
+    pub identity_value: String,
+    /// Assert or retract.
+    pub op: Op,
+    /// Attribute names and canonical JSON values, sorted by name.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// An outbox row to be written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewOutboxRow {
+    /// Its number within the run: requests first, then messages, then after-requests messages.
+    pub seq: u32,
+    /// Request or message.
+    pub kind: OutboxKind,
+    /// The topic of a message or the endpoint of a request.
+    pub destination: String,
+    /// The partition key of a message.
+    pub partition_key: Option<String>,
+    /// The effect's own headers.
+    pub headers: BTreeMap<String, String>,
+    /// The message payload, or the whole request, as canonical JSON.
+    pub payload: String,
+}
+
+/// One run to commit: everything the store writes for `Executor::run`, prepared and validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRun {
+    /// The idempotency key.
+    pub key: String,
+    /// Lowercase hex SHA-256 of [`Effects::canonical_json`](crate::Effects::canonical_json).
+    pub effects_sha256: String,
+    /// The name of the registered after-requests hook, if any.
+    pub after_requests: Option<String>,
+    /// The datoms, in order.
+    pub datoms: Vec<NewDatom>,
+    /// The outbox rows, in `seq` order.
+    pub outbox: Vec<NewOutboxRow>,
+}
+
+/// A lease on outbox rows: nobody else claims them before `until`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Who holds it (an executor's owner name).
+    pub owner: String,
+    /// When it expires.
+    pub until: Millis,
+}
+
+/// A hook a store calls inside its transaction, just before committing. Fault injection only.
+#[doc(hidden)]
+pub type BeforeCommit = Arc<dyn Fn() + Send + Sync>;
+
+/// How a commit or a claim is done.
+#[derive(Clone)]
+pub struct ClaimOptions {
+    /// The time of the operation.
+    pub now: Millis,
+    /// The lease taken on the rows handed back.
+    pub lease: Lease,
+    /// Publish ready messages into the store's own log (a colocated transport) in the same
+    /// transaction and mark them dispatched, instead of handing them back.
+    pub publish_inline: bool,
+    #[doc(hidden)]
+    pub before_commit: Option<BeforeCommit>,
+}
+
+impl fmt::Debug for ClaimOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimOptions")
+            .field("now", &self.now)
+            .field("lease", &self.lease)
+            .field("publish_inline", &self.publish_inline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored outbox row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// `key#n`.
+    pub id: String,
+    /// The run's idempotency key.
+    pub run_key: String,
+    /// `n`.
+    pub seq: u32,
+    /// Request or message.
+    pub kind: OutboxKind,
+    /// Topic or endpoint.
+    pub destination: String,
+    /// The partition key of a message.
+    pub partition_key: Option<String>,
+    /// The effect's own headers.
+    pub headers: BTreeMap<String, String>,
+    /// Canonical JSON: the message payload, or the whole request.
+    pub payload: String,
+    /// The run's `tx`.
+    pub tx: Tx,
+    /// Dispatch attempts started so far (counted when a row is claimed).
+    pub attempts: u32,
+    /// Not claimed again before this time.
+    pub next_attempt_at: Millis,
+    /// The last failure, if an attempt failed.
+    pub last_error: Option<String>,
+    /// When the broker acknowledged it or its response was recorded.
+    pub dispatched_at: Option<Millis>,
+    /// Why it will never be dispatched.
+    pub dead_lettered: Option<String>,
+}
+
+impl OutboxRow {
+    /// The request this row carries, for a [`OutboxKind::Request`] row.
+    pub fn request(&self) -> Result<RequestEffect, StoreError> {
+        serde_json::from_str(&self.payload).map_err(|e| StoreError::Corrupt {
+            what: format!("outbox row `{}`", self.id),
+            reason: format!("payload is not a request: {e}"),
+        })
+    }
+
+    /// Whether it still has to be dispatched.
+    pub fn is_pending(&self) -> bool {
+        self.dispatched_at.is_none() && self.dead_lettered.is_none()
+    }
+}
+
+/// A stored effect run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRecord {
+    /// The idempotency key.
+    pub key: String,
+    /// Lowercase hex SHA-256 of the effects' canonical JSON.
+    pub effects_sha256: String,
+    /// The transaction that applied it.
+    pub tx: Tx,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// The after-requests hook it was run with.
+    pub after_requests: Option<String>,
+    /// How many outbox rows it has (the next `n`).
+    pub outbox_count: u32,
+    /// When it was applied.
+    pub created_at: Millis,
+    /// When it last made progress.
+    pub updated_at: Millis,
+    /// When it became [`RunStatus::Done`].
+    pub completed_at: Option<Millis>,
+}
+
+/// Rows handed to a claimant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Rows now leased to the claimant, in the order to dispatch them.
+    pub rows: Vec<OutboxRow>,
+    /// Messages published into the colocated log inside the claim instead.
+    pub published_inline: usize,
+}
+
+/// The result of committing one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// The key was free: the run is applied.
+    Applied {
+        /// Its transaction.
+        tx: Tx,
+        /// Its status after the commit.
+        status: RunStatus,
+        /// Outbox rows now leased to the committer, to dispatch in order.
+        claimed: Vec<OutboxRow>,
+        /// Messages published into the colocated log inside the commit.
+        published_inline: usize,
+    },
+    /// The key was taken: nothing was written.
+    Existing(RunRecord),
+}
+
+/// How a request ended, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// A successful response (2xx or 3xx).
+    Response {
+        /// The response.
+        response: HttpResponse,
+    },
+    /// A permanent refusal (4xx other than 429): dead-lettered.
+    Rejected {
+        /// The response.
+        response: HttpResponse,
+    },
+    /// A permanent failure without a response (unknown endpoint, invalid request, too many
+    /// attempts): dead-lettered.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RequestOutcome {
+    /// The response, if the server gave one.
+    pub fn response(&self) -> Option<&HttpResponse> {
+        match self {
+            RequestOutcome::Response { response } | RequestOutcome::Rejected { response } => {
+                Some(response)
+            }
+            RequestOutcome::Failed { .. } => None,
+        }
+    }
+
+    /// Whether the request succeeded.
+    pub fn is_success(&self) -> bool {
+        matches!(self, RequestOutcome::Response { .. })
+    }
+}
+
+/// A request of a run and how it ended: the input of an after-requests hook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    /// `key#n`, its idempotency key.
+    pub id: String,
+    /// `n`.
+    pub seq: u32,
+    /// The request.
+    pub request: RequestEffect,
+    /// How it ended.
+    pub outcome: RequestOutcome,
+}
+
+/// The result of [`Store::finish_requests`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The after-requests messages are persisted and the run's messages are ready.
+    Finished {
+        /// Its status now.
+        status: RunStatus,
+        /// Message rows leased to the caller, to dispatch in order.
+        claimed: Vec<OutboxRow>,
+        /// Messages published into the colocated log inside the same transaction.
+        published_inline: usize,
+    },
+    /// Some request of the run is not resolved yet.
+    NotReady,
+    /// Someone else finished it already (or the run does not exist).
+    AlreadyFinished,
+}
+
+/// An entity as of some transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entity {
+    /// Its identity.
+    pub lookup: LookupRef,
+    /// The attributes it holds, by namespaced name (`card/status`), without the identity.
+    pub attributes: BTreeMap<String, Value>,
+    /// The last transaction that changed it (at or before the read's `as of`).
+    pub tx: Tx,
+}
+
+impl Entity {
+    /// The value of `attribute` (namespaced), if it holds one.
+    pub fn get(&self, attribute: &str) -> Option<&Value> {
+        self.attributes.get(attribute)
+    }
+
+    /// The entity as a JSON object keyed by attribute names without their namespace, the
+    /// identity included: `card/id = "c1", card/status = "active"` becomes
+    /// `{"id": "c1", "status": "active"}`.
+    pub fn to_unqualified(&self) -> Value {
+        let unqualify = |name: &str| -> String {
+            name.split_once('/')
+                .map_or(name, |(_, local)| local)
+                .to_owned()
+        };
+        let mut map = serde_json::Map::new();
+        map.insert(unqualify(&self.lookup.attribute), self.lookup.value.clone());
+        for (name, value) in &self.attributes {
+            map.insert(unqualify(name), value.clone());
+        }
+        Value::Object(map)
+    }
+
+    /// Deserializes [`Entity::to_unqualified`] into a domain type, such as a `Card`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_value(self.to_unqualified())
+    }
+}
+
+/// What pruning may remove: everything strictly older than these times. `None` keeps that kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneBefore {
+    /// Outbox rows dispatched before this time, of runs that are done.
+    pub outbox_dispatched: Option<Millis>,
+    /// Runs completed before this time with no outbox rows left (their recorded responses go
+    /// with them). After that the key can be applied again: keep runs longer than any
+    /// redelivery can take.
+    pub runs_completed: Option<Millis>,
+    /// Log messages published before this time that every consumer of their topic has
+    /// acknowledged (only stores with a colocated log).
+    pub log_published: Option<Millis>,
+}
+
+/// What pruning removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Outbox rows.
+    pub outbox_rows: u64,
+    /// Runs.
+    pub runs: u64,
+    /// Log messages.
+    pub log_messages: u64,
+}
+
+/// A store error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or configured.
+    #[error("cannot open the database {location}: {source}")]
+    Open {
+        /// The path, or `:memory:`.
+        location: String,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A migration failed or the schema is not one this library knows.
+    #[error("migration {version} (`{name}`) {reason}")]
+    Migration {
+        /// The migration's version.
+        version: i64,
+        /// Its file name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A statement or a commit failed. Nothing of the operation was written.
+    #[error("database error while {operation}: {source}")]
+    Database {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Stored data is not what this library writes.
+    #[error("corrupt data in {what}: {reason}")]
+    Corrupt {
+        /// Which row.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The blocking task running the operation panicked or was cancelled.
+    #[error("the store task failed: {reason}")]
+    Task {
+        /// The join error.
+        reason: String,
+    },
+}
+
+/// What the executor, the relay and the worker need from a database. See the
+/// [module documentation](self) for the guarantees an implementation must give.
+pub trait Store: Send + Sync + 'static {
+    /// The database's identity, for transports that live in it. A transport with an equal
+    /// [`Transport::colocation`](crate::transport::Transport::colocation) is published to inside
+    /// the store's transactions when [`ClaimOptions::publish_inline`] is set.
+    fn colocation(&self) -> Option<Colocation> {
+        None
+    }
+
+    /// Commits runs in ONE transaction. For each run in order: claim the key (if it is taken,
+    /// [`Commit::Existing`] and nothing of that run is written), allocate a `tx`, apply the
+    /// datoms (entity upserts, current values, effective history rows), write the outbox rows,
+    /// and claim the ready ones under `options.lease` (or publish them inline). Requests are
+    /// ready at once; messages only when the run has no requests. If any statement fails the
+    /// whole transaction rolls back and the error is returned.
+    fn commit_runs(
+        &self,
+        runs: Vec<NewRun>,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Vec<Commit>, StoreError>> + Send;
+
+    /// The run with this key.
+    fn run(&self, key: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
+
+    /// Claims the pending, due, unleased rows of one run (the duplicate path), with the rules
+    /// of [`Store::claim_due`].
+    fn claim_run(
+        &self,
+        key: &str,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send;
+
+    /// Claims up to `limit` pending, ready, due and unleased rows of any run, in ready order,
+    /// incrementing their attempts. Rules: a request is claimed only when every earlier
+    /// request of its run is resolved or claimed in the same call; a message with a partition
+    /// key only when no earlier ready message with the same topic and key is pending outside
+    /// this call. With `publish_inline`, ready messages are published into the colocated log
+    /// instead of being handed back.
+    fn claim_due(
+        &self,
+        limit: usize,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send;
+
+    /// Runs stuck in [`RunStatus::RequestsPending`] with every request resolved and no
+    /// progress since `idle_since`: a crash came between the last response and the
+    /// after-requests step.
+    fn stalled_runs(
+        &self,
+        idle_since: Millis,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
+
+    /// Records how a request ended and resolves its row: dispatched for a response,
+    /// dead-lettered for a rejection or failure. The first record wins; later ones change
+    /// nothing.
+    fn record_request(
+        &self,
+        id: &str,
+        outcome: RequestOutcome,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every request of a run that has been recorded, in order.
+    fn recorded_requests(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Vec<RecordedRequest>, StoreError>> + Send;
+
+    /// Persists the after-requests messages of a run whose requests are all resolved, makes
+    /// its messages ready and claims them (or publishes them inline) in one transaction.
+    fn finish_requests(
+        &self,
+        key: &str,
+        after_requests: Vec<NewOutboxRow>,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Finish, StoreError>> + Send;
+
+    /// Marks a row dispatched (the broker acknowledged it) and the run done if it was the
+    /// last pending row. Idempotent.
+    fn mark_dispatched(
+        &self,
+        id: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives up on a row for good, with the reason.
+    fn dead_letter(
+        &self,
+        id: &str,
+        reason: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Releases the lease `owner` holds on a row after a failed attempt: it is claimed again
+    /// at `next_attempt_at`.
+    fn retry_later(
+        &self,
+        id: &str,
+        owner: &str,
+        error: &str,
+        next_attempt_at: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Releases leases `owner` holds on rows it did not attempt (their attempt is not
+    /// counted). With no ids, every lease `owner` holds: a restarted process reclaims what its
+    /// previous incarnation left.
+    fn release(
+        &self,
+        ids: Vec<String>,
+        owner: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Every outbox row of a run, in `seq` order.
+    fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+
+    /// The entity a lookup ref names, now (`as_of = None`) or as of a transaction.
+    fn entity(
+        &self,
+        lookup: &LookupRef,
+        as_of: Option<Tx>,
+    ) -> impl Future<Output = Result<Option<Entity>, StoreError>> + Send;
+
+    /// The latest committed transaction.
+    fn latest_tx(&self) -> impl Future<Output = Result<Option<Tx>, StoreError>> + Send;
+
+    /// Removes what is old enough; never an undispatched outbox row nor a run that is not done.
+    fn prune(
+        &self,
+        before: PruneBefore,
+    ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
+}

@@ -1,0 +1,1669 @@
+//! The embedded store on SQLite (feature `sqlite`): one database file in WAL mode, or an
+//! in-memory database, holding the datoms, effect runs, the outbox and the embedded log
+//! ([`SqliteLog`](crate::transport::sqlite::SqliteLog)).
+//!
+//! # Concurrency
+//!
+//! One writer connection behind a mutex serialises this process's writes; every write is one
+//! `BEGIN IMMEDIATE` transaction, so other processes sharing the file wait (up to
+//! [`SqliteOptions::busy_timeout`]) instead of failing half-way. Reads use a small pool of reader
+//! connections and see the last committed state (WAL snapshots). An in-memory database has a
+//! single connection for everything. Every call runs on tokio's blocking pool.
+//!
+//! # Migrations
+//!
+//! The files under `effects-core/migrations/sqlite/` are compiled in and applied in order when
+//! the store opens, each in its own transaction, and recorded in `schema_version` with their
+//! SHA-256. Opening a database migrated by a newer version of this library, or one whose
+//! recorded migration differs from the file, fails instead of guessing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use super::{
+    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Millis, NewDatom, NewOutboxRow,
+    NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport, RecordedRequest, RequestOutcome,
+    RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+};
+use crate::datom::{LookupRef, Op};
+use crate::transport::message_headers as publish_headers;
+use crate::transport::sqlite::{SqliteLog, append_message};
+
+/// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Commits survive a crash of the process but the last ones may be lost on power failure
+    /// (WAL is synced at checkpoints only). Consistent either way.
+    Normal,
+    /// Every commit is synced to disk before it returns: the default, for money.
+    #[default]
+    Full,
+    /// Like `Full`, and the directory is synced too.
+    Extra,
+}
+
+impl Synchronous {
+    const fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// Options of a [`SqliteStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Durability of commits. Default [`Synchronous::Full`].
+    pub synchronous: Synchronous,
+    /// How long a write waits for another process's write lock before failing. Default 5 s.
+    pub busy_timeout: Duration,
+    /// Reader connections for a file database. Default 2.
+    pub readers: usize,
+    /// Prepared statements cached per connection. Default 64.
+    pub statement_cache: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            readers: 2,
+            statement_cache: 64,
+        }
+    }
+}
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_store.sql",
+        sql: include_str!("../../migrations/sqlite/0001_store.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_log.sql",
+        sql: include_str!("../../migrations/sqlite/0002_log.sql"),
+    },
+];
+
+/// The SQLite store. Cheap to clone: clones share the connections.
+///
+/// ```
+/// use effects_core::store::{SqliteStore, Store};
+/// use effects_core::LookupRef;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = SqliteStore::in_memory()?;
+/// assert_eq!(store.entity(&LookupRef::new("card/id", "c1"), None).await?, None);
+/// # Ok::<(), effects_core::store::StoreError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    pub(crate) db: Arc<Db>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &self.db.location)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Db {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    pub(crate) location: String,
+    pub(crate) colocation: Colocation,
+    /// Woken when messages are appended to the log, so consumers in this process need not poll.
+    pub(crate) appended: Notify,
+}
+
+pub(crate) trait Ctx<T> {
+    fn ctx(self, operation: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Ctx<T> for rusqlite::Result<T> {
+    fn ctx(self, operation: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Database {
+            operation,
+            source: Box::new(e),
+        })
+    }
+}
+
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic while the lock was held rolled its transaction back when the `Transaction` was
+    // dropped during unwinding, so the connection is usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn task_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Task {
+        reason: e.to_string(),
+    }
+}
+
+impl Db {
+    fn open(path: Option<&Path>, options: &SqliteOptions) -> Result<Db, StoreError> {
+        let location = path.map_or_else(|| ":memory:".to_owned(), |p| p.display().to_string());
+        let open_error = |e: rusqlite::Error| StoreError::Open {
+            location: location.clone(),
+            source: Box::new(e),
+        };
+        let configure = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.busy_timeout(options.busy_timeout)?;
+            conn.set_prepared_statement_cache_capacity(options.statement_cache);
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.pragma_update(None, "synchronous", options.synchronous.pragma())?;
+            Ok(())
+        };
+        let mut writer = match path {
+            Some(p) => Connection::open_with_flags(
+                p,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            ),
+            None => Connection::open_in_memory(),
+        }
+        .map_err(open_error)?;
+        configure(&writer).map_err(open_error)?;
+        if path.is_some() {
+            let mode: String = writer
+                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+                .map_err(open_error)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(StoreError::Open {
+                    location,
+                    source: format!("the database refused WAL mode (journal_mode is `{mode}`)")
+                        .into(),
+                });
+            }
+        }
+        migrate(&mut writer)?;
+        let mut readers = Vec::new();
+        if let Some(p) = path {
+            for _ in 0..options.readers.max(1) {
+                let reader = Connection::open_with_flags(
+                    p,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(open_error)?;
+                configure(&reader).map_err(open_error)?;
+                readers.push(Mutex::new(reader));
+            }
+        }
+        Ok(Db {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            location,
+            colocation: Colocation::new(),
+            appended: Notify::new(),
+        })
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer, on the blocking pool.
+    pub(crate) fn write<T, F>(
+        self: &Arc<Self>,
+        operation: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(self);
+        async move {
+            tokio::task::spawn_blocking(move || db.write_blocking(operation, f))
+                .await
+                .map_err(task_error)?
+        }
+    }
+
+    pub(crate) fn write_blocking<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx(operation)?;
+        let out = f(&tx)?;
+        tx.commit().ctx(operation)?;
+        Ok(out)
+    }
+
+    /// Runs `f` in a read transaction (one snapshot) on a reader, on the blocking pool.
+    pub(crate) fn read<T, F>(
+        self: &Arc<Self>,
+        operation: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(self);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = if db.readers.is_empty() {
+                    lock(&db.writer)
+                } else {
+                    let i = db.next_reader.fetch_add(1, Ordering::Relaxed) % db.readers.len();
+                    lock(&db.readers[i])
+                };
+                let tx = conn.unchecked_transaction().ctx(operation)?;
+                let out = f(&tx)?;
+                tx.finish().ctx(operation)?;
+                Ok(out)
+            })
+            .await
+            .map_err(task_error)?
+        }
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    const OP: &str = "applying migrations";
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version       INTEGER PRIMARY KEY,
+             name          TEXT    NOT NULL,
+             sha256        TEXT    NOT NULL,
+             applied_at_ms INTEGER NOT NULL
+         )",
+    )
+    .ctx(OP)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .ctx(OP)?;
+    let applied: Vec<(i64, String, String)> = {
+        let mut stmt = tx
+            .prepare("SELECT version, name, sha256 FROM schema_version ORDER BY version")
+            .ctx(OP)?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .ctx(OP)?
+            .collect::<rusqlite::Result<_>>()
+            .ctx(OP)?
+    };
+    for (version, name, sha) in &applied {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            None => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: format!(
+                        "is recorded in the database but unknown to this library (it knows up to \
+                         version {}): the database was migrated by a newer version",
+                        MIGRATIONS.len()
+                    ),
+                });
+            }
+            Some(m) if sha256_hex(m.sql) != *sha => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: "was changed after it was applied: its SHA-256 differs from the \
+                             recorded one; add a new migration instead of editing this one"
+                        .to_owned(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for m in MIGRATIONS {
+        if applied.iter().any(|(v, _, _)| *v == m.version) {
+            continue;
+        }
+        tx.execute_batch(m.sql).map_err(|e| StoreError::Migration {
+            version: m.version,
+            name: m.name.to_owned(),
+            reason: format!("failed: {e}"),
+        })?;
+        tx.execute(
+            "INSERT INTO schema_version (version, name, sha256, applied_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![m.version, m.name, sha256_hex(m.sql), now_millis()],
+        )
+        .ctx(OP)?;
+        tracing::info!(version = m.version, name = m.name, "applied migration");
+    }
+    tx.commit().ctx(OP)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` in WAL mode with default options,
+    /// and applies pending migrations. Blocks while doing so: call it at startup.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, &SqliteOptions::default())
+    }
+
+    /// [`SqliteStore::open`] with options.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        options: &SqliteOptions,
+    ) -> Result<SqliteStore, StoreError> {
+        Ok(SqliteStore {
+            db: Arc::new(Db::open(Some(path.as_ref()), options)?),
+        })
+    }
+
+    /// A private in-memory database, gone when the last clone is dropped.
+    pub fn in_memory() -> Result<SqliteStore, StoreError> {
+        Ok(SqliteStore {
+            db: Arc::new(Db::open(None, &SqliteOptions::default())?),
+        })
+    }
+
+    /// The embedded log transport in this store's database. Runs whose executor uses it
+    /// publish their messages in the same transaction as their datoms.
+    pub fn log(&self) -> SqliteLog {
+        SqliteLog::new(Arc::clone(&self.db))
+    }
+
+    /// The file path, or `:memory:`.
+    pub fn location(&self) -> &str {
+        &self.db.location
+    }
+
+    /// The migrations recorded in the database: `(version, file name)`.
+    pub fn schema_versions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(i64, String)>, StoreError>> + Send + 'static {
+        self.db.read("reading schema versions", |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT version, name FROM schema_version ORDER BY version")
+                .ctx("reading schema versions")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .ctx("reading schema versions")?
+                .collect::<rusqlite::Result<_>>()
+                .ctx("reading schema versions")
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row decoding.
+
+const OUTBOX_COLUMNS: &str = "id, run_key, seq, kind, destination, partition_key, headers, payload, \
+     tx, attempts, next_attempt_at_ms, last_error, dispatched_at_ms, dead_lettered_reason, ready_seq";
+
+struct RawOutbox {
+    row: OutboxRow,
+    ready_seq: Option<i64>,
+}
+
+fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+fn to_u32(v: i64, what: &str, column: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| corrupt(what, format!("`{column}` is {v}")))
+}
+
+fn parse_headers(text: &str, what: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(what, format!("headers: {e}")))
+}
+
+fn headers_json(headers: &BTreeMap<String, String>) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(headers).unwrap_or_else(|_| "{}".to_owned())
+}
+
+type OutboxTuple = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+);
+
+fn outbox_tuple(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxTuple> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
+    ))
+}
+
+fn decode_outbox(t: OutboxTuple) -> Result<RawOutbox, StoreError> {
+    let (
+        id,
+        run_key,
+        seq,
+        kind,
+        destination,
+        partition_key,
+        headers,
+        payload,
+        tx,
+        attempts,
+        next_attempt_at,
+        last_error,
+        dispatched_at,
+        dead_lettered,
+        ready_seq,
+    ) = t;
+    let what = format!("outbox row `{id}`");
+    let kind = match kind.as_str() {
+        "request" => OutboxKind::Request,
+        "message" => OutboxKind::Message,
+        other => return Err(corrupt(what, format!("kind `{other}`"))),
+    };
+    Ok(RawOutbox {
+        row: OutboxRow {
+            seq: to_u32(seq, &what, "seq")?,
+            attempts: to_u32(attempts, &what, "attempts")?,
+            headers: parse_headers(&headers, &what)?,
+            id,
+            run_key,
+            kind,
+            destination,
+            partition_key,
+            payload,
+            tx: Tx(tx),
+            next_attempt_at,
+            last_error,
+            dispatched_at,
+            dead_lettered,
+        },
+        ready_seq,
+    })
+}
+
+const RUN_COLUMNS: &str = "key, effects_sha256, tx, status, after_requests, outbox_count, \
+     created_at_ms, updated_at_ms, completed_at_ms";
+
+type RunTuple = (
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+);
+
+fn run_tuple(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunTuple> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn decode_run(t: RunTuple) -> Result<RunRecord, StoreError> {
+    let (key, sha, tx, status, after, count, created, updated, completed) = t;
+    let what = format!("effect run `{key}`");
+    Ok(RunRecord {
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| corrupt(what.clone(), format!("status `{status}`")))?,
+        outbox_count: to_u32(count, &what, "outbox_count")?,
+        key,
+        effects_sha256: sha,
+        tx: Tx(tx),
+        after_requests: after,
+        created_at: created,
+        updated_at: updated,
+        completed_at: completed,
+    })
+}
+
+fn load_run(conn: &Connection, key: &str) -> Result<Option<RunRecord>, StoreError> {
+    const OP: &str = "reading an effect run";
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM effect_runs WHERE key = ?1"
+        ))
+        .ctx(OP)?;
+    stmt.query_row([key], run_tuple)
+        .optional()
+        .ctx(OP)?
+        .map(decode_run)
+        .transpose()
+}
+
+fn load_outbox_where(
+    conn: &Connection,
+    operation: &'static str,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RawOutbox>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {condition}"
+        ))
+        .ctx(operation)?;
+    let tuples = stmt
+        .query_map(params, outbox_tuple)
+        .ctx(operation)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .ctx(operation)?;
+    tuples.into_iter().map(decode_outbox).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing runs.
+
+fn next_ready(tx: &Transaction<'_>, count: usize) -> Result<i64, StoreError> {
+    const OP: &str = "allocating outbox order";
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    let last: i64 = tx
+        .prepare_cached(
+            "UPDATE sequences SET value = value + ?1 WHERE name = 'outbox_ready' RETURNING value",
+        )
+        .ctx(OP)?
+        .query_row([count], |r| r.get(0))
+        .ctx(OP)?;
+    Ok(last - count + 1)
+}
+
+/// Whether a ready, pending message of `topic` with `partition_key` is waiting.
+fn partition_busy(
+    tx: &Transaction<'_>,
+    topic: &str,
+    partition_key: &str,
+) -> Result<bool, StoreError> {
+    const OP: &str = "checking partition order";
+    tx.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'message' AND destination = ?1 \
+         AND partition_key = ?2 AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
+         AND ready_seq IS NOT NULL)",
+    )
+    .ctx(OP)?
+    .query_row(params![topic, partition_key], |r| r.get(0))
+    .ctx(OP)
+}
+
+fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Result<(), StoreError> {
+    const OP: &str = "applying datoms";
+    let existing: Option<i64> = tx
+        .prepare_cached("SELECT id FROM entities WHERE identity = ?1 AND identity_value = ?2")
+        .ctx(OP)?
+        .query_row(params![datom.identity, datom.identity_value], |r| r.get(0))
+        .optional()
+        .ctx(OP)?;
+    let entity = match existing {
+        Some(id) => id,
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO entities (identity, identity_value, created_tx, updated_tx) \
+                 VALUES (?1, ?2, ?3, ?3)",
+            )
+            .ctx(OP)?
+            .execute(params![datom.identity, datom.identity_value, txid])
+            .ctx(OP)?;
+            tx.last_insert_rowid()
+        }
+    };
+    let mut changed = false;
+    for (attribute, value) in &datom.attributes {
+        let current: Option<String> = tx
+            .prepare_cached(
+                "SELECT value FROM entity_attributes WHERE entity_id = ?1 AND attribute = ?2",
+            )
+            .ctx(OP)?
+            .query_row(params![entity, attribute], |r| r.get(0))
+            .optional()
+            .ctx(OP)?;
+        let mut history = |value: &str, added: bool| -> Result<(), StoreError> {
+            tx.prepare_cached(
+                "INSERT INTO datoms (tx, entity_id, attribute, value, added) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .ctx(OP)?
+            .execute(params![txid, entity, attribute, value, added])
+            .ctx(OP)?;
+            changed = true;
+            Ok(())
+        };
+        match datom.op {
+            Op::Assert if current.as_deref() == Some(value.as_str()) => {}
+            Op::Assert => {
+                if let Some(old) = &current {
+                    history(old, false)?;
+                }
+                history(value, true)?;
+                tx.prepare_cached(
+                    "INSERT INTO entity_attributes (entity_id, attribute, value, tx) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (entity_id, attribute) \
+                     DO UPDATE SET value = excluded.value, tx = excluded.tx",
+                )
+                .ctx(OP)?
+                .execute(params![entity, attribute, value, txid])
+                .ctx(OP)?;
+            }
+            Op::Retract if current.as_deref() == Some(value.as_str()) => {
+                history(value, false)?;
+                tx.prepare_cached(
+                    "DELETE FROM entity_attributes WHERE entity_id = ?1 AND attribute = ?2",
+                )
+                .ctx(OP)?
+                .execute(params![entity, attribute])
+                .ctx(OP)?;
+            }
+            Op::Retract => {}
+        }
+    }
+    if changed {
+        tx.prepare_cached("UPDATE entities SET updated_tx = ?1 WHERE id = ?2")
+            .ctx(OP)?
+            .execute(params![txid, entity])
+            .ctx(OP)?;
+    }
+    Ok(())
+}
+
+fn insert_outbox(
+    tx: &Transaction<'_>,
+    key: &str,
+    txid: i64,
+    row: &NewOutboxRow,
+    ready_seq: Option<i64>,
+    dispatched_at: Option<Millis>,
+    now: Millis,
+) -> Result<(), StoreError> {
+    const OP: &str = "writing the outbox";
+    tx.prepare_cached(
+        "INSERT INTO outbox (id, run_key, seq, kind, destination, partition_key, headers, \
+         payload, tx, ready_seq, next_attempt_at_ms, created_at_ms, dispatched_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+    )
+    .ctx(OP)?
+    .execute(params![
+        super::outbox_id(key, row.seq),
+        key,
+        row.seq,
+        row.kind.as_str(),
+        row.destination,
+        row.partition_key,
+        headers_json(&row.headers),
+        row.payload,
+        txid,
+        ready_seq,
+        now,
+        dispatched_at,
+    ])
+    .ctx(OP)?;
+    Ok(())
+}
+
+fn complete_if_done(tx: &Transaction<'_>, key: &str, now: Millis) -> Result<(), StoreError> {
+    const OP: &str = "completing a run";
+    tx.prepare_cached(
+        "UPDATE effect_runs SET status = 'done', completed_at_ms = ?2, updated_at_ms = ?2 \
+         WHERE key = ?1 AND status = 'messages_pending' AND NOT EXISTS (SELECT 1 FROM outbox \
+         WHERE run_key = ?1 AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL)",
+    )
+    .ctx(OP)?
+    .execute(params![key, now])
+    .ctx(OP)?;
+    Ok(())
+}
+
+fn apply_run(
+    tx: &Transaction<'_>,
+    run: &NewRun,
+    options: &ClaimOptions,
+) -> Result<Commit, StoreError> {
+    const OP: &str = "committing a run";
+    if let Some(existing) = load_run(tx, &run.key)? {
+        return Ok(Commit::Existing(existing));
+    }
+    let now = options.now;
+    tx.prepare_cached("INSERT INTO transactions (run_key, committed_at_ms) VALUES (?1, ?2)")
+        .ctx(OP)?
+        .execute(params![run.key, now])
+        .ctx(OP)?;
+    let txid = tx.last_insert_rowid();
+    for datom in &run.datoms {
+        apply_datom(tx, txid, datom)?;
+    }
+
+    let has_requests = run.outbox.iter().any(|r| r.kind == OutboxKind::Request);
+    // Which rows are published right now, inside this transaction.
+    let mut inline = vec![false; run.outbox.len()];
+    if options.publish_inline && !has_requests {
+        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+        for (i, row) in run.outbox.iter().enumerate() {
+            inline[i] = match &row.partition_key {
+                None => true,
+                Some(pk) => {
+                    let slot = (row.destination.as_str(), pk.as_str());
+                    if blocked.contains(&slot) || partition_busy(tx, slot.0, slot.1)? {
+                        blocked.insert(slot);
+                        false
+                    } else {
+                        true
+                    }
+                }
+            };
+        }
+    }
+    let published_inline = inline.iter().filter(|b| **b).count();
+    let pending = run.outbox.len() - published_inline;
+    let status = if has_requests {
+        RunStatus::RequestsPending
+    } else if pending > 0 {
+        RunStatus::MessagesPending
+    } else {
+        RunStatus::Done
+    };
+    let outbox_count = u32::try_from(run.outbox.len()).unwrap_or(u32::MAX);
+    tx.prepare_cached(
+        "INSERT INTO effect_runs (key, effects_sha256, tx, status, after_requests, outbox_count, \
+         created_at_ms, updated_at_ms, completed_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+    )
+    .ctx(OP)?
+    .execute(params![
+        run.key,
+        run.effects_sha256,
+        txid,
+        status.as_str(),
+        run.after_requests,
+        outbox_count,
+        now,
+        (status == RunStatus::Done).then_some(now),
+    ])
+    .ctx(OP)?;
+
+    // Rows that are ready but not published get an order: requests always, messages only when
+    // the run has no requests (otherwise they wait for `finish_requests`).
+    let ready_count = run
+        .outbox
+        .iter()
+        .zip(&inline)
+        .filter(|(r, inl)| !**inl && (!has_requests || r.kind == OutboxKind::Request))
+        .count();
+    let mut ready = if ready_count > 0 {
+        next_ready(tx, ready_count)?
+    } else {
+        0
+    };
+    for (row, inl) in run.outbox.iter().zip(&inline) {
+        if *inl {
+            insert_outbox(tx, &run.key, txid, row, None, Some(now), now)?;
+            let headers = publish_headers(&row.headers, &run.key, Tx(txid));
+            append_message(
+                tx,
+                &row.destination,
+                &super::outbox_id(&run.key, row.seq),
+                row.partition_key.as_deref(),
+                &headers,
+                row.payload.as_bytes(),
+                now,
+            )?;
+        } else if !has_requests || row.kind == OutboxKind::Request {
+            insert_outbox(tx, &run.key, txid, row, Some(ready), None, now)?;
+            ready += 1;
+        } else {
+            insert_outbox(tx, &run.key, txid, row, None, None, now)?;
+        }
+    }
+    if pending == 0 {
+        return Ok(Commit::Applied {
+            tx: Tx(txid),
+            status,
+            claimed: Vec::new(),
+            published_inline,
+        });
+    }
+    let claimed = claim(tx, Some(&run.key), usize::MAX, options)?;
+    let status = if claimed.published_inline > 0 {
+        load_run(tx, &run.key)?.map_or(status, |r| r.status)
+    } else {
+        status
+    };
+    Ok(Commit::Applied {
+        tx: Tx(txid),
+        status,
+        claimed: claimed.rows,
+        published_inline: published_inline + claimed.published_inline,
+    })
+}
+
+/// Claims pending, ready, due, unleased rows (of one run, or of all), in ready order, following
+/// the ordering rules of [`Store::claim_due`]. With `publish_inline`, message rows are published
+/// into the log here instead of being leased.
+fn claim(
+    tx: &Transaction<'_>,
+    run_key: Option<&str>,
+    limit: usize,
+    options: &ClaimOptions,
+) -> Result<Claimed, StoreError> {
+    const OP: &str = "claiming outbox rows";
+    let now = options.now;
+    let scan = i64::try_from(limit.saturating_mul(4).saturating_add(64)).unwrap_or(i64::MAX);
+    let due = "dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
+               AND next_attempt_at_ms <= ?1 AND (lease_until_ms IS NULL OR lease_until_ms <= ?1)";
+    let candidates = match run_key {
+        Some(key) => load_outbox_where(
+            tx,
+            OP,
+            &format!("{due} AND run_key = ?2 ORDER BY ready_seq LIMIT ?3"),
+            params![now, key, scan],
+        )?,
+        None => load_outbox_where(
+            tx,
+            OP,
+            &format!("{due} ORDER BY ready_seq LIMIT ?2"),
+            params![now, scan],
+        )?,
+    };
+
+    let mut claimed: Vec<OutboxRow> = Vec::new();
+    let mut requests_taken: HashMap<String, i64> = HashMap::new();
+    let mut blocked_runs: HashSet<String> = HashSet::new();
+    let mut partition_taken: HashMap<(String, String), i64> = HashMap::new();
+    let mut blocked_partitions: HashSet<(String, String)> = HashSet::new();
+    for RawOutbox { row, ready_seq } in candidates {
+        if claimed.len() >= limit {
+            break;
+        }
+        match row.kind {
+            OutboxKind::Request => {
+                if blocked_runs.contains(&row.run_key) {
+                    continue;
+                }
+                let earlier: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM outbox WHERE run_key = ?1 AND kind = 'request' \
+                         AND seq < ?2 AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL",
+                    )
+                    .ctx(OP)?
+                    .query_row(params![row.run_key, row.seq], |r| r.get(0))
+                    .ctx(OP)?;
+                let taken = requests_taken.entry(row.run_key.clone()).or_insert(0);
+                if earlier != *taken {
+                    blocked_runs.insert(row.run_key.clone());
+                    continue;
+                }
+                *taken += 1;
+            }
+            OutboxKind::Message => {
+                if let Some(pk) = &row.partition_key {
+                    let slot = (row.destination.clone(), pk.clone());
+                    if blocked_partitions.contains(&slot) {
+                        continue;
+                    }
+                    let earlier: i64 = tx
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM outbox WHERE kind = 'message' \
+                             AND destination = ?1 AND partition_key = ?2 \
+                             AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
+                             AND ready_seq < ?3",
+                        )
+                        .ctx(OP)?
+                        .query_row(params![row.destination, pk, ready_seq], |r| r.get(0))
+                        .ctx(OP)?;
+                    let taken = partition_taken.entry(slot.clone()).or_insert(0);
+                    if earlier != *taken {
+                        blocked_partitions.insert(slot);
+                        continue;
+                    }
+                    *taken += 1;
+                }
+            }
+        }
+        claimed.push(row);
+    }
+
+    let mut published_inline = 0;
+    let mut rows = Vec::with_capacity(claimed.len());
+    let mut touched_runs: HashSet<String> = HashSet::new();
+    for mut row in claimed {
+        if options.publish_inline && row.kind == OutboxKind::Message {
+            publish_row_inline(tx, &row, now)?;
+            touched_runs.insert(row.run_key.clone());
+            published_inline += 1;
+            continue;
+        }
+        tx.prepare_cached(
+            "UPDATE outbox SET lease_owner = ?2, lease_until_ms = ?3, attempts = attempts + 1 \
+             WHERE id = ?1",
+        )
+        .ctx(OP)?
+        .execute(params![row.id, options.lease.owner, options.lease.until])
+        .ctx(OP)?;
+        row.attempts += 1;
+        rows.push(row);
+    }
+    for key in touched_runs {
+        complete_if_done(tx, &key, now)?;
+    }
+    Ok(Claimed {
+        rows,
+        published_inline,
+    })
+}
+
+fn publish_row_inline(
+    tx: &Transaction<'_>,
+    row: &OutboxRow,
+    now: Millis,
+) -> Result<(), StoreError> {
+    const OP: &str = "publishing into the log";
+    let headers = publish_headers(&row.headers, &row.run_key, row.tx);
+    append_message(
+        tx,
+        &row.destination,
+        &row.id,
+        row.partition_key.as_deref(),
+        &headers,
+        row.payload.as_bytes(),
+        now,
+    )?;
+    tx.prepare_cached(
+        "UPDATE outbox SET dispatched_at_ms = ?2, attempts = attempts + 1, lease_owner = NULL, \
+         lease_until_ms = NULL WHERE id = ?1 AND dispatched_at_ms IS NULL",
+    )
+    .ctx(OP)?
+    .execute(params![row.id, now])
+    .ctx(OP)?;
+    Ok(())
+}
+
+fn finish_requests_tx(
+    tx: &Transaction<'_>,
+    key: &str,
+    after: &[NewOutboxRow],
+    options: &ClaimOptions,
+) -> Result<Finish, StoreError> {
+    const OP: &str = "finishing requests";
+    let Some(run) = load_run(tx, key)? else {
+        return Ok(Finish::AlreadyFinished);
+    };
+    if run.status != RunStatus::RequestsPending {
+        return Ok(Finish::AlreadyFinished);
+    }
+    let unresolved: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM outbox WHERE run_key = ?1 AND kind = 'request' \
+             AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL",
+        )
+        .ctx(OP)?
+        .query_row([key], |r| r.get(0))
+        .ctx(OP)?;
+    if unresolved > 0 {
+        return Ok(Finish::NotReady);
+    }
+    let now = options.now;
+    for (i, row) in after.iter().enumerate() {
+        let expected = run
+            .outbox_count
+            .saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
+        if row.seq != expected || row.kind != OutboxKind::Message {
+            return Err(corrupt(
+                format!("after-requests of run `{key}`"),
+                format!(
+                    "row {i} has seq {} and kind {:?}; expected message {expected}",
+                    row.seq, row.kind
+                ),
+            ));
+        }
+        insert_outbox(tx, key, run.tx.0, row, None, None, now)?;
+    }
+    let waiting: Vec<String> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT id FROM outbox WHERE run_key = ?1 AND kind = 'message' \
+                 AND ready_seq IS NULL AND dispatched_at_ms IS NULL \
+                 AND dead_lettered_reason IS NULL ORDER BY seq",
+            )
+            .ctx(OP)?;
+        stmt.query_map([key], |r| r.get(0))
+            .ctx(OP)?
+            .collect::<rusqlite::Result<_>>()
+            .ctx(OP)?
+    };
+    if !waiting.is_empty() {
+        let first = next_ready(tx, waiting.len())?;
+        for (ready, id) in (first..).zip(&waiting) {
+            tx.prepare_cached("UPDATE outbox SET ready_seq = ?2 WHERE id = ?1")
+                .ctx(OP)?
+                .execute(params![id, ready])
+                .ctx(OP)?;
+        }
+    }
+    let count = run
+        .outbox_count
+        .saturating_add(u32::try_from(after.len()).unwrap_or(u32::MAX));
+    tx.prepare_cached(
+        "UPDATE effect_runs SET status = 'messages_pending', outbox_count = ?2, updated_at_ms = ?3 \
+         WHERE key = ?1",
+    )
+    .ctx(OP)?
+    .execute(params![key, count, now])
+    .ctx(OP)?;
+    complete_if_done(tx, key, now)?;
+    let claimed = claim(tx, Some(key), usize::MAX, options)?;
+    let status = load_run(tx, key)?.map_or(RunStatus::MessagesPending, |r| r.status);
+    Ok(Finish::Finished {
+        status,
+        claimed: claimed.rows,
+        published_inline: claimed.published_inline,
+    })
+}
+
+fn entity_tx(
+    conn: &Connection,
+    lookup: &LookupRef,
+    as_of: Option<Tx>,
+) -> Result<Option<Entity>, StoreError> {
+    const OP: &str = "reading an entity";
+    let identity_value = crate::effects::canonical_json(&lookup.value);
+    let Some((id, created, updated)) = conn
+        .prepare_cached(
+            "SELECT id, created_tx, updated_tx FROM entities \
+             WHERE identity = ?1 AND identity_value = ?2",
+        )
+        .ctx(OP)?
+        .query_row(params![lookup.attribute, identity_value], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .optional()
+        .ctx(OP)?
+    else {
+        return Ok(None);
+    };
+    let what = || format!("entity {lookup}");
+    let parse = |text: &str| -> Result<Value, StoreError> {
+        serde_json::from_str(text).map_err(|e| corrupt(what(), format!("value: {e}")))
+    };
+    let mut attributes = BTreeMap::new();
+    let tx = match as_of {
+        None => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT attribute, value FROM entity_attributes WHERE entity_id = ?1",
+                )
+                .ctx(OP)?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx(OP)?;
+            for (name, value) in rows {
+                attributes.insert(name, parse(&value)?);
+            }
+            updated
+        }
+        Some(Tx(at)) => {
+            if created > at {
+                return Ok(None);
+            }
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT attribute, value, added, tx FROM datoms \
+                     WHERE entity_id = ?1 AND tx <= ?2 ORDER BY attribute, tx, added",
+                )
+                .ctx(OP)?;
+            let rows = stmt
+                .query_map(params![id, at], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx(OP)?;
+            let mut last = created;
+            let mut current: BTreeMap<String, Option<String>> = BTreeMap::new();
+            for (name, value, added, tx) in rows {
+                last = last.max(tx);
+                current.insert(name, added.then_some(value));
+            }
+            for (name, value) in current {
+                if let Some(value) = value {
+                    attributes.insert(name, parse(&value)?);
+                }
+            }
+            last
+        }
+    };
+    Ok(Some(Entity {
+        lookup: lookup.clone(),
+        attributes,
+        tx: Tx(tx),
+    }))
+}
+
+fn prune_chunk(tx: &Transaction<'_>, before: &PruneBefore) -> Result<PruneReport, StoreError> {
+    const OP: &str = "pruning";
+    const CHUNK: i64 = 5_000;
+    let mut report = PruneReport::default();
+    if let Some(cutoff) = before.outbox_dispatched {
+        report.outbox_rows = tx
+            .prepare_cached(
+                "DELETE FROM outbox WHERE rowid IN (SELECT o.rowid FROM outbox o \
+                 JOIN effect_runs r ON r.key = o.run_key WHERE o.dispatched_at_ms IS NOT NULL \
+                 AND o.dispatched_at_ms < ?1 AND r.status = 'done' LIMIT ?2)",
+            )
+            .ctx(OP)?
+            .execute(params![cutoff, CHUNK])
+            .ctx(OP)? as u64;
+    }
+    if let Some(cutoff) = before.runs_completed {
+        let keys: Vec<String> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT key FROM effect_runs r WHERE status = 'done' AND completed_at_ms < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_key = r.key) LIMIT ?2",
+                )
+                .ctx(OP)?;
+            stmt.query_map(params![cutoff, CHUNK], |r| r.get(0))
+                .ctx(OP)?
+                .collect::<rusqlite::Result<_>>()
+                .ctx(OP)?
+        };
+        for key in &keys {
+            tx.prepare_cached("DELETE FROM effect_run_responses WHERE run_key = ?1")
+                .ctx(OP)?
+                .execute([key])
+                .ctx(OP)?;
+            tx.prepare_cached("DELETE FROM effect_runs WHERE key = ?1 AND status = 'done'")
+                .ctx(OP)?
+                .execute([key])
+                .ctx(OP)?;
+        }
+        report.runs = keys.len() as u64;
+    }
+    if let Some(cutoff) = before.log_published {
+        report.log_messages = tx
+            .prepare_cached(
+                "DELETE FROM log_messages WHERE seq IN (SELECT m.seq FROM log_messages m \
+                 WHERE m.published_at_ms < ?1 \
+                 AND EXISTS (SELECT 1 FROM log_consumers c WHERE c.topic = m.topic) \
+                 AND m.seq <= (SELECT MIN(c.acked_through) FROM log_consumers c \
+                               WHERE c.topic = m.topic) LIMIT ?2)",
+            )
+            .ctx(OP)?
+            .execute(params![cutoff, CHUNK])
+            .ctx(OP)? as u64;
+    }
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait.
+
+impl Store for SqliteStore {
+    fn colocation(&self) -> Option<Colocation> {
+        Some(self.db.colocation.clone())
+    }
+
+    fn commit_runs(
+        &self,
+        runs: Vec<NewRun>,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Vec<Commit>, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        let fut = self.db.write("committing runs", move |tx| {
+            let mut out = Vec::with_capacity(runs.len());
+            for run in &runs {
+                out.push(apply_run(tx, run, &options)?);
+            }
+            if let Some(hook) = &options.before_commit {
+                hook();
+            }
+            Ok(out)
+        });
+        async move {
+            let out = fut.await?;
+            if out.iter().any(
+                |c| matches!(c, Commit::Applied { published_inline, .. } if *published_inline > 0),
+            ) {
+                db.appended.notify_waiters();
+            }
+            Ok(out)
+        }
+    }
+
+    fn run(&self, key: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send {
+        let key = key.to_owned();
+        self.db
+            .read("reading an effect run", move |conn| load_run(conn, &key))
+    }
+
+    fn claim_run(
+        &self,
+        key: &str,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send {
+        let key = key.to_owned();
+        let db = Arc::clone(&self.db);
+        let fut = self.db.write("claiming a run's outbox rows", move |tx| {
+            claim(tx, Some(&key), usize::MAX, &options)
+        });
+        async move {
+            let claimed = fut.await?;
+            if claimed.published_inline > 0 {
+                db.appended.notify_waiters();
+            }
+            Ok(claimed)
+        }
+    }
+
+    fn claim_due(
+        &self,
+        limit: usize,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        let fut = self.db.write("claiming due outbox rows", move |tx| {
+            claim(tx, None, limit, &options)
+        });
+        async move {
+            let claimed = fut.await?;
+            if claimed.published_inline > 0 {
+                db.appended.notify_waiters();
+            }
+            Ok(claimed)
+        }
+    }
+
+    fn stalled_runs(
+        &self,
+        idle_since: Millis,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.db.read("finding stalled runs", move |conn| {
+            const OP: &str = "finding stalled runs";
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLUMNS} FROM effect_runs r WHERE status = 'requests_pending' \
+                     AND updated_at_ms <= ?1 AND NOT EXISTS (SELECT 1 FROM outbox o \
+                     WHERE o.run_key = r.key AND o.kind = 'request' \
+                     AND o.dispatched_at_ms IS NULL AND o.dead_lettered_reason IS NULL) \
+                     ORDER BY updated_at_ms LIMIT ?2"
+                ))
+                .ctx(OP)?;
+            let tuples = stmt
+                .query_map(params![idle_since, limit], run_tuple)
+                .ctx(OP)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx(OP)?;
+            tuples.into_iter().map(decode_run).collect()
+        })
+    }
+
+    fn record_request(
+        &self,
+        id: &str,
+        outcome: RequestOutcome,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let id = id.to_owned();
+        self.db.write("recording a response", move |tx| {
+            const OP: &str = "recording a response";
+            let Some(row) = load_outbox_where(tx, OP, "id = ?1", [&id])?.pop() else {
+                return Err(corrupt(
+                    format!("outbox row `{id}`"),
+                    "a response was recorded for a row that does not exist",
+                ));
+            };
+            let row = row.row;
+            if row.kind != OutboxKind::Request {
+                return Err(corrupt(
+                    format!("outbox row `{id}`"),
+                    "a response was recorded for a message",
+                ));
+            }
+            let outcome_json = serde_json::to_string(&outcome)
+                .map_err(|e| corrupt(format!("outbox row `{id}`"), e.to_string()))?;
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO effect_run_responses (run_key, seq, outcome, recorded_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (run_key, seq) DO NOTHING",
+                )
+                .ctx(OP)?
+                .execute(params![row.run_key, row.seq, outcome_json, now])
+                .ctx(OP)?;
+            if inserted == 0 || !row.is_pending() {
+                return Ok(());
+            }
+            match &outcome {
+                RequestOutcome::Response { .. } => tx
+                    .prepare_cached(
+                        "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
+                         lease_until_ms = NULL, last_error = NULL WHERE id = ?1",
+                    )
+                    .ctx(OP)?
+                    .execute(params![id, now])
+                    .ctx(OP)?,
+                RequestOutcome::Rejected { response } => tx
+                    .prepare_cached(
+                        "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
+                         lease_until_ms = NULL WHERE id = ?1",
+                    )
+                    .ctx(OP)?
+                    .execute(params![
+                        id,
+                        format!("rejected with status {}", response.status)
+                    ])
+                    .ctx(OP)?,
+                RequestOutcome::Failed { reason } => tx
+                    .prepare_cached(
+                        "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
+                         lease_until_ms = NULL WHERE id = ?1",
+                    )
+                    .ctx(OP)?
+                    .execute(params![id, reason])
+                    .ctx(OP)?,
+            };
+            tx.prepare_cached("UPDATE effect_runs SET updated_at_ms = ?2 WHERE key = ?1")
+                .ctx(OP)?
+                .execute(params![row.run_key, now])
+                .ctx(OP)?;
+            Ok(())
+        })
+    }
+
+    fn recorded_requests(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Vec<RecordedRequest>, StoreError>> + Send {
+        let key = key.to_owned();
+        self.db.read("reading recorded responses", move |conn| {
+            const OP: &str = "reading recorded responses";
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT o.id, o.seq, o.payload, r.outcome FROM outbox o \
+                     JOIN effect_run_responses r ON r.run_key = o.run_key AND r.seq = o.seq \
+                     WHERE o.run_key = ?1 AND o.kind = 'request' ORDER BY o.seq",
+                )
+                .ctx(OP)?;
+            let rows = stmt
+                .query_map([&key], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx(OP)?;
+            rows.into_iter()
+                .map(|(id, seq, payload, outcome)| {
+                    let what = format!("recorded response of `{id}`");
+                    Ok(RecordedRequest {
+                        seq: to_u32(seq, &what, "seq")?,
+                        request: serde_json::from_str(&payload)
+                            .map_err(|e| corrupt(what.clone(), format!("request: {e}")))?,
+                        outcome: serde_json::from_str(&outcome)
+                            .map_err(|e| corrupt(what.clone(), format!("outcome: {e}")))?,
+                        id,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn finish_requests(
+        &self,
+        key: &str,
+        after_requests: Vec<NewOutboxRow>,
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Finish, StoreError>> + Send {
+        let key = key.to_owned();
+        let db = Arc::clone(&self.db);
+        let fut = self.db.write("finishing requests", move |tx| {
+            finish_requests_tx(tx, &key, &after_requests, &options)
+        });
+        async move {
+            let finish = fut.await?;
+            if matches!(finish, Finish::Finished { published_inline, .. } if published_inline > 0) {
+                db.appended.notify_waiters();
+            }
+            Ok(finish)
+        }
+    }
+
+    fn mark_dispatched(
+        &self,
+        id: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let id = id.to_owned();
+        self.db.write("marking a row dispatched", move |tx| {
+            const OP: &str = "marking a row dispatched";
+            let key: Option<String> = tx
+                .prepare_cached(
+                    "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
+                     lease_until_ms = NULL, last_error = NULL \
+                     WHERE id = ?1 AND dispatched_at_ms IS NULL RETURNING run_key",
+                )
+                .ctx(OP)?
+                .query_row(params![id, now], |r| r.get(0))
+                .optional()
+                .ctx(OP)?;
+            if let Some(key) = key {
+                complete_if_done(tx, &key, now)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn dead_letter(
+        &self,
+        id: &str,
+        reason: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let id = id.to_owned();
+        let reason = reason.to_owned();
+        self.db.write("dead-lettering a row", move |tx| {
+            const OP: &str = "dead-lettering a row";
+            let key: Option<String> = tx
+                .prepare_cached(
+                    "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
+                     lease_until_ms = NULL WHERE id = ?1 AND dispatched_at_ms IS NULL \
+                     AND dead_lettered_reason IS NULL RETURNING run_key",
+                )
+                .ctx(OP)?
+                .query_row(params![id, reason], |r| r.get(0))
+                .optional()
+                .ctx(OP)?;
+            if let Some(key) = key {
+                tx.prepare_cached("UPDATE effect_runs SET updated_at_ms = ?2 WHERE key = ?1")
+                    .ctx(OP)?
+                    .execute(params![key, now])
+                    .ctx(OP)?;
+                complete_if_done(tx, &key, now)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn retry_later(
+        &self,
+        id: &str,
+        owner: &str,
+        error: &str,
+        next_attempt_at: Millis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let (id, owner, error) = (id.to_owned(), owner.to_owned(), error.to_owned());
+        self.db.write("scheduling a retry", move |tx| {
+            tx.prepare_cached(
+                "UPDATE outbox SET last_error = ?3, next_attempt_at_ms = ?4, lease_owner = NULL, \
+                 lease_until_ms = NULL WHERE id = ?1 AND lease_owner = ?2",
+            )
+            .ctx("scheduling a retry")?
+            .execute(params![id, owner, error, next_attempt_at])
+            .ctx("scheduling a retry")?;
+            Ok(())
+        })
+    }
+
+    fn release(
+        &self,
+        ids: Vec<String>,
+        owner: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let owner = owner.to_owned();
+        self.db.write("releasing leases", move |tx| {
+            const OP: &str = "releasing leases";
+            if ids.is_empty() {
+                return Ok(tx
+                    .prepare_cached(
+                        "UPDATE outbox SET lease_owner = NULL, lease_until_ms = NULL \
+                         WHERE lease_owner = ?1",
+                    )
+                    .ctx(OP)?
+                    .execute([&owner])
+                    .ctx(OP)? as u64);
+            }
+            let mut released = 0;
+            for id in &ids {
+                released += tx
+                    .prepare_cached(
+                        "UPDATE outbox SET lease_owner = NULL, lease_until_ms = NULL, \
+                         attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND lease_owner = ?2",
+                    )
+                    .ctx(OP)?
+                    .execute(params![id, owner])
+                    .ctx(OP)? as u64;
+            }
+            Ok(released)
+        })
+    }
+
+    fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {
+        let key = key.to_owned();
+        self.db.read("reading the outbox", move |conn| {
+            Ok(load_outbox_where(
+                conn,
+                "reading the outbox",
+                "run_key = ?1 ORDER BY seq",
+                [&key],
+            )?
+            .into_iter()
+            .map(|r| r.row)
+            .collect())
+        })
+    }
+
+    fn entity(
+        &self,
+        lookup: &LookupRef,
+        as_of: Option<Tx>,
+    ) -> impl Future<Output = Result<Option<Entity>, StoreError>> + Send {
+        let lookup = lookup.clone();
+        self.db.read("reading an entity", move |conn| {
+            entity_tx(conn, &lookup, as_of)
+        })
+    }
+
+    fn latest_tx(&self) -> impl Future<Output = Result<Option<Tx>, StoreError>> + Send {
+        self.db.read("reading the latest tx", |conn| {
+            let tx: Option<i64> = conn
+                .prepare_cached("SELECT MAX(tx) FROM transactions")
+                .ctx("reading the latest tx")?
+                .query_row([], |r| r.get(0))
+                .ctx("reading the latest tx")?;
+            Ok(tx.map(Tx))
+        })
+    }
+
+    fn prune(
+        &self,
+        before: PruneBefore,
+    ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move {
+            let mut total = PruneReport::default();
+            // Chunks keep each write transaction short; a chunk that removes nothing ends it.
+            for _ in 0..10_000 {
+                let chunk = db
+                    .write("pruning", move |tx| prune_chunk(tx, &before))
+                    .await?;
+                total.outbox_rows += chunk.outbox_rows;
+                total.runs += chunk.runs;
+                total.log_messages += chunk.log_messages;
+                if chunk == PruneReport::default() {
+                    break;
+                }
+            }
+            Ok(total)
+        }
+    }
+}

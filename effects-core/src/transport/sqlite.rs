@@ -1,0 +1,551 @@
+//! The embedded log transport: topics as SQLite tables in the store's database (feature
+//! `sqlite`).
+//!
+//! Messages are appended to `log_messages`, deduplicated by `(topic, message id)`. Each consumer
+//! (group) has a watermark (`log_consumers.acked_through`: everything at or below it is
+//! acknowledged) and, above it, one `log_deliveries` row per message it has been handed: how many
+//! times, until when it is invisible, and whether it was acknowledged. Acknowledgements move the
+//! watermark up over the acknowledged prefix and drop the rows below it, so the table stays as
+//! small as the work in flight.
+//!
+//! Obtain it from the store ([`SqliteStore::log`](crate::store::SqliteStore::log)) so that runs
+//! publish inside their own transaction, or open it on a separate file
+//! ([`SqliteLog::open`]) to use it like an external broker.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
+use crate::store::sqlite::{Ctx, Db};
+use crate::store::{Colocation, Millis, SqliteOptions, SqliteStore, StoreError, now_millis};
+
+/// The embedded log. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteLog {
+    db: Arc<Db>,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for SqliteLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLog")
+            .field("location", &self.db.location)
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message as stored in the log, for inspection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedMessage {
+    /// Its position.
+    pub sequence: u64,
+    /// Its topic.
+    pub topic: String,
+    /// Its id.
+    pub message_id: String,
+    /// Its partition key.
+    pub partition_key: Option<String>,
+    /// Its headers.
+    pub headers: BTreeMap<String, String>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// When it was appended.
+    pub published_at: Millis,
+}
+
+/// A message a consumer gave up on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The consumer.
+    pub consumer: String,
+    /// The topic.
+    pub topic: String,
+    /// The message's position.
+    pub sequence: u64,
+    /// The message's id.
+    pub message_id: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Why.
+    pub reason: String,
+    /// How many times it had been delivered.
+    pub deliveries: u32,
+    /// When.
+    pub dead_lettered_at: Millis,
+}
+
+/// Appends a message inside the caller's transaction; `false` if its id was already in the
+/// topic (deduplicated).
+pub(crate) fn append_message(
+    tx: &Transaction<'_>,
+    topic: &str,
+    message_id: &str,
+    partition_key: Option<&str>,
+    headers: &BTreeMap<String, String>,
+    payload: &[u8],
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let headers = serde_json::to_string(headers).unwrap_or_else(|_| "{}".to_owned());
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO log_messages (topic, message_id, partition_key, headers, payload, \
+             published_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (topic, message_id) DO NOTHING",
+        )
+        .ctx("appending to the log")?
+        .execute(params![
+            topic,
+            message_id,
+            partition_key,
+            headers,
+            payload,
+            now
+        ])
+        .ctx("appending to the log")?;
+    Ok(inserted > 0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn seq_i64(sequence: u64) -> i64 {
+    i64::try_from(sequence).unwrap_or(i64::MAX)
+}
+
+fn bad(what: String, reason: String) -> StoreError {
+    StoreError::Corrupt { what, reason }
+}
+
+fn fetch_tx(
+    tx: &Transaction<'_>,
+    request: &FetchRequest,
+    now: Millis,
+) -> Result<Vec<Delivery>, StoreError> {
+    const OP: &str = "fetching from the log";
+    tx.prepare_cached(
+        "INSERT INTO log_consumers (consumer, topic, acked_through) VALUES (?1, ?2, 0) \
+         ON CONFLICT (consumer, topic) DO NOTHING",
+    )
+    .ctx(OP)?
+    .execute(params![request.consumer, request.topic])
+    .ctx(OP)?;
+    let watermark: i64 = tx
+        .prepare_cached(
+            "SELECT acked_through FROM log_consumers WHERE consumer = ?1 AND topic = ?2",
+        )
+        .ctx(OP)?
+        .query_row(params![request.consumer, request.topic], |r| r.get(0))
+        .ctx(OP)?;
+    let scan = i64::try_from(request.max.saturating_mul(16).max(512)).unwrap_or(i64::MAX);
+    type Candidate = (i64, Option<String>, Option<i64>, Option<i64>, Option<i64>);
+    let candidates: Vec<Candidate> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT m.seq, m.partition_key, d.deliveries, d.visible_at_ms, d.acked_at_ms \
+                 FROM log_messages m LEFT JOIN log_deliveries d \
+                 ON d.consumer = ?1 AND d.topic = m.topic AND d.seq = m.seq \
+                 WHERE m.topic = ?2 AND m.seq > ?3 ORDER BY m.seq LIMIT ?4",
+            )
+            .ctx(OP)?;
+        stmt.query_map(
+            params![request.consumer, request.topic, watermark, scan],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .ctx(OP)?
+        .collect::<rusqlite::Result<_>>()
+        .ctx(OP)?
+    };
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut taken: Vec<(i64, u32)> = Vec::new();
+    for (seq, partition_key, deliveries, visible_at, acked_at) in candidates {
+        if taken.len() >= request.max {
+            break;
+        }
+        if acked_at.is_some() {
+            continue;
+        }
+        let in_flight = visible_at.is_some_and(|v| v > now);
+        if let Some(pk) = &partition_key {
+            // One message per partition key at a time, in order.
+            if !busy.insert(pk.clone()) {
+                continue;
+            }
+        }
+        if in_flight {
+            continue;
+        }
+        let count = deliveries.unwrap_or(0).saturating_add(1);
+        tx.prepare_cached(
+            "INSERT INTO log_deliveries (consumer, topic, seq, deliveries, visible_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (consumer, topic, seq) \
+             DO UPDATE SET deliveries = excluded.deliveries, visible_at_ms = excluded.visible_at_ms",
+        )
+        .ctx(OP)?
+        .execute(params![
+            request.consumer,
+            request.topic,
+            seq,
+            count,
+            now.saturating_add(millis(request.visibility))
+        ])
+        .ctx(OP)?;
+        taken.push((seq, u32::try_from(count).unwrap_or(u32::MAX)));
+    }
+    let mut out = Vec::with_capacity(taken.len());
+    for (seq, deliveries) in taken {
+        let (message_id, partition_key, headers, payload): (String, Option<String>, String, Vec<u8>) =
+            tx.prepare_cached(
+                "SELECT message_id, partition_key, headers, payload FROM log_messages WHERE seq = ?1",
+            )
+            .ctx(OP)?
+            .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .ctx(OP)?;
+        let headers = serde_json::from_str(&headers)
+            .map_err(|e| bad(format!("log message {seq}"), format!("headers: {e}")))?;
+        out.push(Delivery {
+            consumer: request.consumer.clone(),
+            topic: request.topic.clone(),
+            sequence: u64::try_from(seq).unwrap_or(0),
+            message_id,
+            partition_key,
+            headers,
+            payload,
+            deliveries,
+        });
+    }
+    Ok(out)
+}
+
+fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreError> {
+    const OP: &str = "acknowledging";
+    let seq = seq_i64(d.sequence);
+    let updated = tx
+        .prepare_cached(
+            "UPDATE log_deliveries SET acked_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
+             AND seq = ?3 AND acked_at_ms IS NULL",
+        )
+        .ctx(OP)?
+        .execute(params![d.consumer, d.topic, seq, now])
+        .ctx(OP)?;
+    if updated == 0 {
+        return Ok(());
+    }
+    let watermark: i64 = tx
+        .prepare_cached(
+            "SELECT acked_through FROM log_consumers WHERE consumer = ?1 AND topic = ?2",
+        )
+        .ctx(OP)?
+        .query_row(params![d.consumer, d.topic], |r| r.get(0))
+        .ctx(OP)?;
+    let first_unacked: Option<i64> = tx
+        .prepare_cached(
+            "SELECT m.seq FROM log_messages m LEFT JOIN log_deliveries d \
+             ON d.consumer = ?1 AND d.topic = m.topic AND d.seq = m.seq \
+             WHERE m.topic = ?2 AND m.seq > ?3 AND d.acked_at_ms IS NULL ORDER BY m.seq LIMIT 1",
+        )
+        .ctx(OP)?
+        .query_row(params![d.consumer, d.topic, watermark], |r| r.get(0))
+        .optional()
+        .ctx(OP)?;
+    let new_watermark = match first_unacked {
+        Some(first) => first - 1,
+        None => tx
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM log_messages WHERE topic = ?1")
+            .ctx(OP)?
+            .query_row([&d.topic], |r| r.get(0))
+            .ctx(OP)?,
+    };
+    if new_watermark > watermark {
+        tx.prepare_cached(
+            "UPDATE log_consumers SET acked_through = ?3 WHERE consumer = ?1 AND topic = ?2",
+        )
+        .ctx(OP)?
+        .execute(params![d.consumer, d.topic, new_watermark])
+        .ctx(OP)?;
+        tx.prepare_cached(
+            "DELETE FROM log_deliveries WHERE consumer = ?1 AND topic = ?2 AND seq <= ?3",
+        )
+        .ctx(OP)?
+        .execute(params![d.consumer, d.topic, new_watermark])
+        .ctx(OP)?;
+    }
+    Ok(())
+}
+
+impl SqliteLog {
+    pub(crate) fn new(db: Arc<Db>) -> SqliteLog {
+        SqliteLog {
+            db,
+            poll: Duration::from_millis(50),
+        }
+    }
+
+    /// A log in its own database file, not colocated with any store: publishing to it is a
+    /// separate step after the run's commit, as with an external broker.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteLog, StoreError> {
+        Ok(SqliteStore::open_with(path, &SqliteOptions::default())?.log())
+    }
+
+    /// How often [`Transport::fetch`] looks for messages appended by other processes while it
+    /// waits (appends from this process wake it at once). Default 50 ms.
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll: Duration) -> SqliteLog {
+        self.poll = poll.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Every message of a topic, in order (for inspection and tests).
+    pub fn messages(
+        &self,
+        topic: &str,
+    ) -> impl Future<Output = Result<Vec<LoggedMessage>, StoreError>> + Send + 'static {
+        let topic = topic.to_owned();
+        self.db.read("reading the log", move |conn| {
+            const OP: &str = "reading the log";
+            type Raw = (i64, String, Option<String>, String, Vec<u8>, i64);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, message_id, partition_key, headers, payload, published_at_ms \
+                     FROM log_messages WHERE topic = ?1 ORDER BY seq",
+                )
+                .ctx(OP)?;
+            let rows: Vec<Raw> = stmt
+                .query_map([&topic], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<_>>()
+                .ctx(OP)?;
+            rows.into_iter()
+                .map(|(seq, message_id, partition_key, headers, payload, at)| {
+                    Ok(LoggedMessage {
+                        sequence: u64::try_from(seq).unwrap_or(0),
+                        topic: topic.clone(),
+                        headers: serde_json::from_str(&headers).map_err(|e| {
+                            bad(format!("log message {seq}"), format!("headers: {e}"))
+                        })?,
+                        message_id,
+                        partition_key,
+                        payload,
+                        published_at: at,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// The messages `consumer` dead-lettered, oldest first.
+    pub fn dead_letters(
+        &self,
+        consumer: &str,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send + 'static {
+        let consumer = consumer.to_owned();
+        self.db.read("reading dead letters", move |conn| {
+            const OP: &str = "reading dead letters";
+            type Raw = (String, i64, String, Vec<u8>, String, i64, i64);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT topic, seq, message_id, payload, reason, deliveries, \
+                     dead_lettered_at_ms FROM log_dead_letters WHERE consumer = ?1 \
+                     ORDER BY dead_lettered_at_ms, seq",
+                )
+                .ctx(OP)?;
+            let rows: Vec<Raw> = stmt
+                .query_map([&consumer], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<_>>()
+                .ctx(OP)?;
+            Ok(rows
+                .into_iter()
+                .map(
+                    |(topic, seq, message_id, payload, reason, deliveries, at)| DeadLetter {
+                        consumer: consumer.clone(),
+                        topic,
+                        sequence: u64::try_from(seq).unwrap_or(0),
+                        message_id,
+                        payload,
+                        reason,
+                        deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
+                        dead_lettered_at: at,
+                    },
+                )
+                .collect())
+        })
+    }
+
+    /// How many messages of `topic` the consumer has not acknowledged.
+    pub fn unacknowledged(
+        &self,
+        consumer: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {
+        let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
+        self.db.read("counting unacknowledged messages", move |conn| {
+            const OP: &str = "counting unacknowledged messages";
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM log_messages m LEFT JOIN log_deliveries d \
+                     ON d.consumer = ?1 AND d.topic = m.topic AND d.seq = m.seq \
+                     WHERE m.topic = ?2 AND d.acked_at_ms IS NULL AND m.seq > COALESCE(\
+                     (SELECT acked_through FROM log_consumers WHERE consumer = ?1 AND topic = ?2), 0)",
+                )
+                .ctx(OP)?
+                .query_row(params![consumer, topic], |r| r.get(0))
+                .ctx(OP)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+}
+
+impl Transport for SqliteLog {
+    fn colocation(&self) -> Option<Colocation> {
+        Some(self.db.colocation.clone())
+    }
+
+    fn publish(
+        &self,
+        message: OutgoingMessage,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let db = Arc::clone(&self.db);
+        let fut = self.db.write("publishing to the log", move |tx| {
+            append_message(
+                tx,
+                &message.topic,
+                &message.id,
+                message.partition_key.as_deref(),
+                &message.headers,
+                &message.payload,
+                now_millis(),
+            )
+        });
+        async move {
+            if fut.await? {
+                db.appended.notify_waiters();
+            }
+            Ok(())
+        }
+    }
+
+    fn fetch(
+        &self,
+        request: FetchRequest,
+    ) -> impl Future<Output = Result<Vec<Delivery>, TransportError>> + Send {
+        let db = Arc::clone(&self.db);
+        let poll = self.poll;
+        async move {
+            let deadline = tokio::time::Instant::now() + request.wait;
+            // Bounded: every round either returns or sleeps at least `poll` (>= 1 ms) toward the
+            // deadline.
+            loop {
+                let notified = db.appended.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let req = request.clone();
+                let got = db
+                    .write("fetching from the log", move |tx| {
+                        fetch_tx(tx, &req, now_millis())
+                    })
+                    .await?;
+                let now = tokio::time::Instant::now();
+                if !got.is_empty() || now >= deadline {
+                    return Ok(got);
+                }
+                let nap = poll.min(deadline - now);
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep(nap) => {}
+                }
+            }
+        }
+    }
+
+    fn ack(&self, delivery: &Delivery) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let d = delivery.clone();
+        let fut = self
+            .db
+            .write("acknowledging", move |tx| ack_tx(tx, &d, now_millis()));
+        async move { Ok(fut.await?) }
+    }
+
+    fn nack(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let d = delivery.clone();
+        let fut = self.db.write("giving a delivery back", move |tx| {
+            tx.prepare_cached(
+                "UPDATE log_deliveries SET visible_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
+                 AND seq = ?3 AND acked_at_ms IS NULL",
+            )
+            .ctx("giving a delivery back")?
+            .execute(params![
+                d.consumer,
+                d.topic,
+                seq_i64(d.sequence),
+                now_millis().saturating_add(millis(delay))
+            ])
+            .ctx("giving a delivery back")?;
+            Ok(())
+        });
+        async move { Ok(fut.await?) }
+    }
+
+    fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let d = delivery.clone();
+        let reason = reason.to_owned();
+        let fut = self.db.write("dead-lettering a delivery", move |tx| {
+            const OP: &str = "dead-lettering a delivery";
+            let now = now_millis();
+            let headers = serde_json::to_string(&d.headers).unwrap_or_else(|_| "{}".to_owned());
+            tx.prepare_cached(
+                "INSERT INTO log_dead_letters (consumer, topic, seq, message_id, headers, payload, \
+                 reason, deliveries, dead_lettered_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (consumer, topic, seq) DO NOTHING",
+            )
+            .ctx(OP)?
+            .execute(params![
+                d.consumer,
+                d.topic,
+                seq_i64(d.sequence),
+                d.message_id,
+                headers,
+                d.payload,
+                reason,
+                d.deliveries,
+                now
+            ])
+            .ctx(OP)?;
+            ack_tx(tx, &d, now)
+        });
+        async move { Ok(fut.await?) }
+    }
+}

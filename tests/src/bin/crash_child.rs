@@ -1,0 +1,3 @@
+//! The child process of the crash tests (written next).
+
+fn main() {}
