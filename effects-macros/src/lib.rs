@@ -13,7 +13,26 @@ mod expand_tests;
 
 use proc_macro::TokenStream;
 
-/// Declares effect schemas. See `effects_core::effects!`.
+/// Declares effect schemas.
+///
+/// ```text
+/// effects! {
+///     /// Docs are carried over.
+///     #[derive(Debug)]                        // other attributes too
+///     pub BlockAll {
+///         datoms:   [many BlockedCard],
+///         requests: [optional Notify as notify_customer],   // `as` renames the setter
+///         messages: [at_least_one StatusChanged, one CardsBlockedNotify],
+///         merges:   [BlockCard],              // schemas it can absorb, checked
+///     }
+/// }
+/// ```
+///
+/// Per schema it generates the struct (one public field per slot: `T`, `Option<T>`, `Vec<T>`,
+/// `NonEmpty<T>`), `Schema::builder()` returning a typestate builder with one setter per slot
+/// (named after the type in snake case; `maybe_x` for `optional`, `extend_x` for `many` and
+/// `at_least_one`), `From<Schema> for Effects`, canonical `Serialize`, `Schema` (shape metadata
+/// and run-time validation) and typed `merge`.
 #[proc_macro]
 pub fn effects(input: TokenStream) -> TokenStream {
     schema::effects(input.into())
@@ -21,7 +40,13 @@ pub fn effects(input: TokenStream) -> TokenStream {
         .into()
 }
 
-/// Marks a pure handler. See `effects_core::effect_handler`.
+/// Marks a pure handler whose return type is a union of schemas, `effects![A | B]`.
+///
+/// Generates, next to the function `name`: the union enum `NameEffects` (with `From` for each
+/// schema, `Into<Effects>`, `MergeInto`, and `Serialize` as `{Variant: effects}`), the unit
+/// struct `NameHandler` implementing `Handler` for the worker, and for a function with several
+/// parameters the input struct `NameInput`. Arguments: `topic = "..."` (the topic it consumes)
+/// and `name = "..."` (the idempotency-key prefix; the function's name by default).
 #[proc_macro_attribute]
 pub fn effect_handler(args: TokenStream, item: TokenStream) -> TokenStream {
     handler::effect_handler(args.into(), item.into()).into()
