@@ -4,7 +4,7 @@
 //! datoms to write, HTTP requests to send, broker messages to publish — as a typed value. A
 //! schema declares which effects a handler may return and how many of each, and the compiler
 //! checks every handler against it. Effects merge, serialize to a canonical form for snapshot
-//! tests, and are run by one [`Executor`](executor::Executor): idempotently, in a fixed order,
+//! tests, and are run by one [`Executor`]: idempotently, in a fixed order,
 //! without losing or doubling work when a process crashes or a message arrives twice.
 //!
 //! # From a schema to a handler to a test
@@ -151,9 +151,9 @@
 //!   requests: []
 //! ```
 //!
-//! **5. Running.** The [`Executor`](executor::Executor) validates effects before any write,
+//! **5. Running.** The [`Executor`] validates effects before any write,
 //! claims the idempotency key and applies the datoms and the outbox in one transaction, then
-//! sends requests and publishes messages; the [`Worker`](worker::Worker) consumes a topic,
+//! sends requests and publishes messages; the [`Worker`] consumes a topic,
 //! decodes (or loads) each handler's input, calls it and runs the effects. On one machine the
 //! embedded [`SqliteStore`](store::SqliteStore) keeps the store and the message log in one file.
 //!
