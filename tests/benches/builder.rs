@@ -137,6 +137,7 @@ fn main() {
         let variant = args.get(i + 1).map_or("", String::as_str);
         // `baseline`: everything but the loop, to subtract from the others.
         let rounds = if variant == "baseline" { 0 } else { 10_000 };
+        let start = Instant::now();
         for _ in 0..rounds {
             match variant {
                 "typed-one" => drop(black_box(typed_one(black_box(&one)))),
@@ -146,6 +147,7 @@ fn main() {
                 other => panic!("unknown variant {other:?}"),
             }
         }
+        println!("{}", start.elapsed().as_nanos());
         return;
     }
     assert_eq!(
@@ -163,7 +165,7 @@ fn main() {
     );
 
     println!(
-        "builder vs hand-written Effects ({rounds} rounds x {iters} calls, median ratio; target <= 1.05)"
+        "in one process, interleaved: builder vs hand-written Effects ({rounds} rounds x {iters} calls, median ratio; target <= 1.05)"
     );
     let (r, ta, tb) = compare(
         rounds,
@@ -187,4 +189,54 @@ fn main() {
         },
     );
     println!("  block all (10 cards) typed {ta:>10.2?}  hand {tb:>10.2?}  ratio {r:.3}");
+
+    if !quick {
+        println!(
+            "each variant in a fresh process, 10,000 calls per run (median of {PROCESS_ROUNDS} alternating runs):"
+        );
+        for (name, typed, hand) in [
+            ("block one card      ", "typed-one", "hand-one"),
+            ("block all (10 cards)", "typed-all", "hand-all"),
+        ] {
+            let (r, ta, tb) = compare_processes(typed, hand);
+            println!("  {name} typed {ta:>10.2?}  hand {tb:>10.2?}  ratio {r:.3}");
+        }
+    }
+}
+
+const PROCESS_ROUNDS: usize = 15;
+
+/// Runs this binary with `--only <variant>` alternately for both variants and returns the
+/// median ratio of the loop times with the per-call medians.
+fn compare_processes(a: &str, b: &str) -> (f64, Duration, Duration) {
+    let exe = std::env::current_exe().expect("the bench binary knows its path");
+    let run = |variant: &str| -> Duration {
+        let out = std::process::Command::new(&exe)
+            .args(["--only", variant])
+            .output()
+            .expect("the bench binary runs");
+        let nanos: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a variant run prints its loop time in nanoseconds");
+        Duration::from_nanos(nanos) / 10_000
+    };
+    let (mut ratios, mut ta, mut tb) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..PROCESS_ROUNDS {
+        let (x, y) = if round % 2 == 0 {
+            let x = run(a);
+            (x, run(b))
+        } else {
+            let y = run(b);
+            (run(a), y)
+        };
+        ratios.push(x.as_secs_f64() / y.as_secs_f64());
+        ta.push(x);
+        tb.push(y);
+    }
+    ratios.sort_by(f64::total_cmp);
+    ta.sort();
+    tb.sort();
+    let mid = PROCESS_ROUNDS / 2;
+    (ratios[mid], ta[mid], tb[mid])
 }
