@@ -20,7 +20,9 @@
 //! back with a backoff delay and redelivered.
 //!
 //! [`Worker::run`] stops fetching when its shutdown future resolves, gives back what it fetched
-//! but did not start, and returns once the work in flight has finished.
+//! but did not start, and returns once the work in flight has finished. [`Worker::on_processed`]
+//! registers a function told what happened to each delivery (for logs, metrics, or a program
+//! that reports what it did).
 //!
 //! # Example: the cards service
 //!
@@ -143,11 +145,23 @@ impl<H: Handler, S: Store> Inputs<H, S> for Decode {
     }
 }
 
+/// The name of `R` for errors: without its module path (`BlockRequest`, not
+/// `cards::BlockRequest`), like the input names of handler descriptors; a generic type keeps its
+/// full name.
+fn reference_name<R>() -> &'static str {
+    let full = type_name::<R>();
+    if full.contains('<') {
+        full
+    } else {
+        full.rsplit("::").next().unwrap_or(full)
+    }
+}
+
 fn decode_reference<H: Handler, R: DeserializeOwned>(payload: &[u8]) -> Result<R, LoadError> {
     serde_json::from_slice(payload).map_err(|e| {
         LoadError::Decode(DecodeError {
             handler: H::DESCRIPTOR.name,
-            input: type_name::<R>(),
+            input: reference_name::<R>(),
             reason: e.to_string(),
         })
     })
@@ -375,12 +389,16 @@ impl Counters {
     }
 }
 
+/// A function told what happened to each delivery: see [`Worker::on_processed`].
+pub type OnProcessed = Arc<dyn Fn(&Delivery, &Processed) + Send + Sync>;
+
 struct Inner<S, T, C, H, I> {
     executor: Arc<Executor<S, T, C>>,
     handler: H,
     inputs: I,
     config: WorkerConfig,
     counters: Counters,
+    on_processed: Option<OnProcessed>,
 }
 
 /// Consumes a topic and runs a handler on each message. See the [module docs](self).
@@ -416,6 +434,7 @@ where
                 inputs: Decode,
                 config: WorkerConfig::default(),
                 counters: Counters::default(),
+                on_processed: None,
             }),
         }
     }
@@ -441,6 +460,7 @@ where
                 inputs,
                 config: config.unwrap_or(inner.config),
                 counters: Counters::default(),
+                on_processed: inner.on_processed,
             }),
         }
     }
@@ -460,6 +480,41 @@ where
     /// Uses `inputs` to produce the handler's input (see [`LoadEntity`], [`LoadWith`]).
     pub fn load_with<I2: Inputs<H, S>>(self, inputs: I2) -> Worker<S, T, C, H, I2> {
         self.rebuild(inputs, None)
+    }
+
+    /// Calls `f` with every delivery and what happened to it, once the outcome is settled with
+    /// the transport (acknowledged, dead-lettered or given back), from the task that processed
+    /// it. Keep it quick: it runs inside the worker's concurrency limit.
+    ///
+    /// ```
+    /// # use std::sync::{Arc, Mutex};
+    /// # use effects_core::worker::{Processed, Worker};
+    /// # use effects_core::transport::Delivery;
+    /// # fn demo<S, T, C, H, I>(worker: Worker<S, T, C, H, I>) -> Worker<S, T, C, H, I>
+    /// # where S: effects_core::Store, T: effects_core::Transport,
+    /// #       C: effects_core::http::HttpClient + 'static, H: effects_core::Handler,
+    /// #       I: effects_core::worker::Inputs<H, S> {
+    /// let seen: Arc<Mutex<Vec<(String, Processed)>>> = Arc::default();
+    /// let log = Arc::clone(&seen);
+    /// worker.on_processed(move |delivery: &Delivery, processed: &Processed| {
+    ///     if let Ok(mut log) = log.lock() {
+    ///         log.push((delivery.message_id.clone(), processed.clone()));
+    ///     }
+    /// })
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn on_processed(self, f: impl Fn(&Delivery, &Processed) + Send + Sync + 'static) -> Self {
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(_) => unreachable!("a worker is configured before it is shared"),
+        };
+        Worker {
+            inner: Arc::new(Inner {
+                on_processed: Some(Arc::new(f)),
+                ..inner
+            }),
+        }
     }
 
     /// The idempotency key of the run for a message: `handler-name:message-id`.
@@ -661,6 +716,9 @@ where
             span.record("tx", tx.0);
         }
         self.settle(&delivery, &processed).instrument(span).await;
+        if let Some(on_processed) = &self.on_processed {
+            on_processed(&delivery, &processed);
+        }
         processed
     }
 
@@ -776,5 +834,19 @@ where
                 .fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "the transport did not take the outcome: the message comes back");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_name;
+
+    #[test]
+    fn reference_names_drop_the_module_path_unless_generic() {
+        struct BlockRequest;
+        assert_eq!(reference_name::<BlockRequest>(), "BlockRequest");
+        assert_eq!(reference_name::<String>(), "String");
+        assert_eq!(reference_name::<u64>(), "u64");
+        assert!(reference_name::<Vec<BlockRequest>>().starts_with("alloc::vec::Vec<"));
     }
 }

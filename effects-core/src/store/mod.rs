@@ -439,6 +439,26 @@ impl Entity {
     }
 }
 
+/// One effective change in the datom history, with the transaction that made it: an assertion
+/// of a new value (preceded, in the same transaction, by the retraction of the value it
+/// replaced) or a retraction of the current value. Asserting the value an attribute already
+/// holds changes nothing and leaves no history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryDatom {
+    /// The transaction.
+    pub tx: Tx,
+    /// The idempotency key of the run the transaction applied.
+    pub run_key: String,
+    /// The entity.
+    pub entity: LookupRef,
+    /// The attribute, namespaced (`card/status`).
+    pub attribute: String,
+    /// The value asserted or retracted.
+    pub value: Value,
+    /// Whether the value was asserted or retracted.
+    pub op: Op,
+}
+
 /// What pruning may remove: everything strictly older than these times. `None` keeps that kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PruneBefore {

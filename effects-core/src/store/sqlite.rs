@@ -32,9 +32,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use super::{
-    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Millis, NewDatom, NewOutboxRow,
-    NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport, RecordedRequest, RequestOutcome,
-    RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, HistoryDatom, Millis, NewDatom,
+    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport, RecordedRequest,
+    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
 use crate::datom::{LookupRef, Op};
 use crate::transport::message_headers as publish_headers;
@@ -412,6 +412,96 @@ impl SqliteStore {
                 .ctx("reading schema versions")?
                 .collect::<rusqlite::Result<_>>()
                 .ctx("reading schema versions")
+        })
+    }
+}
+
+impl SqliteStore {
+    /// The datom history of every transaction after `after` (all of it with `None`), in the
+    /// order it was written: by transaction, then as each run applied it. For inspection,
+    /// audits and tests; it reads everything asked for at once.
+    ///
+    /// ```
+    /// use effects_core::executor::Executor;
+    /// use effects_core::store::SqliteStore;
+    /// use effects_core::{DatomEffect, Effects, LookupRef, Op};
+    /// use serde_json::json;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let store = SqliteStore::in_memory()?;
+    /// let executor = Executor::builder(store.clone(), store.log()).build();
+    /// let card = LookupRef::new("card/id", "c1");
+    /// let status = |s: &str| Effects::from(DatomEffect::assert(card.clone(), [("card/status", json!(s))]));
+    /// let t1 = executor.run("open:c1", status("active")).await?.tx();
+    /// let t2 = executor.run("block:c1", status("blocked")).await?.tx();
+    ///
+    /// let changes: Vec<_> = store
+    ///     .history(None)
+    ///     .await?
+    ///     .into_iter()
+    ///     .map(|d| (d.tx, d.run_key, d.op, d.value))
+    ///     .collect();
+    /// assert_eq!(changes, [
+    ///     (t1, "open:c1".to_owned(), Op::Assert, json!("active")),
+    ///     (t2, "block:c1".to_owned(), Op::Retract, json!("active")),
+    ///     (t2, "block:c1".to_owned(), Op::Assert, json!("blocked")),
+    /// ]);
+    /// assert_eq!(store.history(Some(t1)).await?.len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn history(
+        &self,
+        after: Option<Tx>,
+    ) -> impl Future<Output = Result<Vec<HistoryDatom>, StoreError>> + Send + 'static {
+        let after = after.map_or(0, |t| t.0);
+        self.db.read("reading the datom history", move |conn| {
+            const OP: &str = "reading the datom history";
+            type Raw = (i64, String, String, String, String, String, bool);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT d.tx, t.run_key, e.identity, e.identity_value, d.attribute, d.value, \
+                     d.added FROM datoms d JOIN entities e ON e.id = d.entity_id \
+                     JOIN transactions t ON t.tx = d.tx WHERE d.tx > ?1 ORDER BY d.tx, d.id",
+                )
+                .ctx(OP)?;
+            let rows: Vec<Raw> = stmt
+                .query_map([after], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })
+                .ctx(OP)?
+                .collect::<rusqlite::Result<_>>()
+                .ctx(OP)?;
+            rows.into_iter()
+                .map(
+                    |(tx, run_key, identity, identity_value, attribute, value, added)| {
+                        let what = || format!("datom of tx {tx} on `{identity}`");
+                        let parse = |text: &str, column: &str| -> Result<Value, StoreError> {
+                            serde_json::from_str(text)
+                                .map_err(|e| corrupt(what(), format!("{column}: {e}")))
+                        };
+                        Ok(HistoryDatom {
+                            tx: Tx(tx),
+                            entity: LookupRef::new(
+                                identity.as_str(),
+                                parse(&identity_value, "identity value")?,
+                            ),
+                            value: parse(&value, "value")?,
+                            op: if added { Op::Assert } else { Op::Retract },
+                            run_key,
+                            attribute,
+                        })
+                    },
+                )
+                .collect()
         })
     }
 }
