@@ -167,15 +167,12 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
         }
     }
 
-    /// Runs rounds until `shutdown` resolves, then returns what it did. Reclaims the leases of
-    /// a previous process with the same owner name first. Store errors are logged and the round
-    /// is retried after `interval`; they never end the loop. A round in progress when
-    /// `shutdown` resolves is finished first.
+    /// Runs rounds until `shutdown` resolves, then returns what it did. Store errors are logged
+    /// and the round is retried after `interval`; they never end the loop. A round in progress
+    /// when `shutdown` resolves is finished first. (The executor reclaims the leases of a
+    /// previous process with its owner name before its first claim.)
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> RelayTotals {
         let mut totals = RelayTotals::default();
-        if let Err(e) = self.executor.recover().await {
-            tracing::error!(error = %e, "could not reclaim leases");
-        }
         tokio::pin!(shutdown);
         let mut last_prune = Instant::now();
         loop {

@@ -81,7 +81,7 @@ use tracing::{Instrument, field, info_span};
 
 use crate::datom::LookupRef;
 use crate::effects::Effects;
-use crate::executor::{Backoff, Executor, RunError, RunOutcome};
+use crate::executor::{Backoff, Executor, RunError, RunOptions, RunOutcome};
 use crate::handler::{DecodeError, Handler};
 use crate::http::HttpClient;
 use crate::relay::{Relay, RelayConfig};
@@ -295,6 +295,8 @@ pub struct WorkerConfig {
     /// Run a [`Relay`] beside the worker with this configuration. Default: on, with
     /// [`RelayConfig::default`].
     pub relay: Option<RelayConfig>,
+    /// The after-requests hook (registered on the executor) every run of this worker uses.
+    pub after_requests: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -312,6 +314,7 @@ impl Default for WorkerConfig {
             },
             max_deliveries: None,
             relay: Some(RelayConfig::default()),
+            after_requests: None,
         }
     }
 }
@@ -538,6 +541,11 @@ where
             .topic
             .clone()
             .or_else(|| H::DESCRIPTOR.topic.map(str::to_owned))
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.inner.handler
     }
 
     /// What the worker has done so far.
@@ -775,7 +783,10 @@ where
             }
         };
         // 4. Run.
-        match executor.run(key.to_owned(), effects).await {
+        let options = RunOptions {
+            after_requests: self.config.after_requests.clone(),
+        };
+        match executor.run_with(key.to_owned(), effects, options).await {
             Ok(RunOutcome::Applied { tx, .. }) | Err(RunError::Incomplete { tx, .. }) => {
                 Processed::Applied { tx }
             }

@@ -347,6 +347,7 @@ pub struct Executor<S, T, C = NoHttp> {
     hooks: BTreeMap<String, AfterRequestsFn>,
     inline: bool,
     fault: Option<FaultHook>,
+    recovered: tokio::sync::OnceCell<()>,
 }
 
 impl<S, T, C> fmt::Debug for Executor<S, T, C> {
@@ -485,6 +486,7 @@ impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
             hooks: self.hooks,
             inline,
             fault: self.fault,
+            recovered: tokio::sync::OnceCell::new(),
         }
     }
 }
@@ -687,20 +689,30 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         .await
     }
 
-    /// Releases every lease held under this executor's owner name: what a previous process with
-    /// the same name was doing when it died becomes claimable at once instead of when the
-    /// leases expire. Call it at startup, before running anything (the relay does).
+    /// Releases every lease held under this executor's owner name by a previous process with
+    /// the same name, so what it was doing when it died becomes claimable at once instead of
+    /// when the leases expire. It happens once per executor, before its first claim: every
+    /// method that takes leases calls it, so calling it yourself is only useful to know how many
+    /// leases were reclaimed (0 if it already happened). Owner names must therefore be unique
+    /// among live processes.
     pub async fn recover(&self) -> Result<u64, StoreError> {
-        let released = self.store.release(Vec::new(), &self.config.owner).await?;
-        if released > 0 {
-            tracing::info!(owner = %self.config.owner, released, "reclaimed leases of a previous run");
-        }
+        let mut released = 0;
+        self.recovered
+            .get_or_try_init(|| async {
+                released = self.store.release(Vec::new(), &self.config.owner).await?;
+                if released > 0 {
+                    tracing::info!(owner = %self.config.owner, released, "reclaimed the leases of a previous process");
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await?;
         Ok(released)
     }
 
     /// One round of the relay: claims up to `limit` due rows of any run and dispatches them,
     /// then finishes runs stalled between their requests and their after-requests step.
     pub async fn dispatch_due(&self, limit: usize) -> Result<RelayReport, StoreError> {
+        self.recover().await?;
         let mut report = RelayReport::default();
         let claimed = self
             .store
@@ -780,6 +792,10 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     }
 
     async fn commit(&self, runs: Vec<NewRun>, first_key: &str) -> Result<Vec<Commit>, RunError> {
+        self.recover().await.map_err(|source| RunError::Store {
+            key: first_key.to_owned(),
+            source,
+        })?;
         let mut options = self.claim_options();
         if let Some(hook) = &self.fault {
             let hook = Arc::clone(hook);
@@ -872,6 +888,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         if record.status == RunStatus::Done {
             return Ok(Progress::default());
         }
+        self.recover().await.map_err(incomplete)?;
         let claimed = self
             .store
             .claim_run(&record.key, self.claim_options())

@@ -63,6 +63,18 @@ impl Synchronous {
     }
 }
 
+/// Where a store call's blocking SQLite work runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Blocking {
+    /// On the calling worker thread through [`tokio::task::block_in_place`] when the runtime is
+    /// multi-threaded (tokio moves the thread's other tasks elsewhere meanwhile), on the
+    /// blocking pool otherwise. Saves two thread wake-ups per call: the default.
+    #[default]
+    InPlace,
+    /// Always on tokio's blocking pool ([`tokio::task::spawn_blocking`]).
+    Pool,
+}
+
 /// Options of a [`SqliteStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SqliteOptions {
@@ -74,6 +86,8 @@ pub struct SqliteOptions {
     pub readers: usize,
     /// Prepared statements cached per connection. Default 64.
     pub statement_cache: usize,
+    /// Where the blocking work runs. Default [`Blocking::InPlace`].
+    pub blocking: Blocking,
 }
 
 impl Default for SqliteOptions {
@@ -83,6 +97,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             readers: 2,
             statement_cache: 64,
+            blocking: Blocking::InPlace,
         }
     }
 }
@@ -105,6 +120,17 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/sqlite/0002_log.sql"),
     },
 ];
+
+/// What a store still has to do ([`SqliteStore::backlog`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Outbox rows neither dispatched nor dead-lettered.
+    pub pending_rows: u64,
+    /// Outbox rows dead-lettered (kept for operators).
+    pub dead_lettered_rows: u64,
+    /// Runs not done.
+    pub open_runs: u64,
+}
 
 /// The SQLite store. Cheap to clone: clones share the connections.
 ///
@@ -132,6 +158,7 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 pub(crate) struct Db {
+    blocking: Blocking,
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -217,6 +244,7 @@ impl Db {
             }
         }
         Ok(Db {
+            blocking: options.blocking,
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -237,8 +265,22 @@ impl Db {
         T: Send + 'static,
     {
         let db = Arc::clone(self);
-        async move {
-            tokio::task::spawn_blocking(move || db.write_blocking(operation, f))
+        async move { db.blocking(move |db| db.write_blocking(operation, f)).await }
+    }
+
+    /// Runs blocking work per [`Blocking`].
+    async fn blocking<T, F>(self: Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let in_place = self.blocking == Blocking::InPlace
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if in_place {
+            tokio::task::block_in_place(|| f(&self))
+        } else {
+            tokio::task::spawn_blocking(move || f(&self))
                 .await
                 .map_err(task_error)?
         }
@@ -270,7 +312,7 @@ impl Db {
     {
         let db = Arc::clone(self);
         async move {
-            tokio::task::spawn_blocking(move || {
+            db.blocking(move |db| {
                 let conn = if db.readers.is_empty() {
                     lock(&db.writer)
                 } else {
@@ -283,7 +325,6 @@ impl Db {
                 Ok(out)
             })
             .await
-            .map_err(task_error)?
         }
     }
 }
@@ -398,6 +439,31 @@ impl SqliteStore {
     /// The file path, or `:memory:`.
     pub fn location(&self) -> &str {
         &self.db.location
+    }
+
+    /// What is left to do: for health checks, and to wait until a process has caught up.
+    pub fn backlog(&self) -> impl Future<Output = Result<Backlog, StoreError>> + Send + 'static {
+        self.db.read("measuring the backlog", |conn| {
+            const OP: &str = "measuring the backlog";
+            let count = |sql: &str| -> Result<u64, StoreError> {
+                let n: i64 = conn
+                    .prepare_cached(sql)
+                    .ctx(OP)?
+                    .query_row([], |r| r.get(0))
+                    .ctx(OP)?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            Ok(Backlog {
+                pending_rows: count(
+                    "SELECT COUNT(*) FROM outbox \
+                     WHERE dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL",
+                )?,
+                dead_lettered_rows: count(
+                    "SELECT COUNT(*) FROM outbox WHERE dead_lettered_reason IS NOT NULL",
+                )?,
+                open_runs: count("SELECT COUNT(*) FROM effect_runs WHERE status <> 'done'")?,
+            })
+        })
     }
 
     /// The migrations recorded in the database: `(version, file name)`.
@@ -734,35 +800,46 @@ fn partition_busy(
 
 fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Result<(), StoreError> {
     const OP: &str = "applying datoms";
-    let existing: Option<i64> = tx
-        .prepare_cached("SELECT id FROM entities WHERE identity = ?1 AND identity_value = ?2")
+    let created: Option<i64> = tx
+        .prepare_cached(
+            "INSERT INTO entities (identity, identity_value, created_tx, updated_tx) \
+             VALUES (?1, ?2, ?3, ?3) ON CONFLICT (identity, identity_value) DO NOTHING \
+             RETURNING id",
+        )
         .ctx(OP)?
-        .query_row(params![datom.identity, datom.identity_value], |r| r.get(0))
+        .query_row(params![datom.identity, datom.identity_value, txid], |r| {
+            r.get(0)
+        })
         .optional()
         .ctx(OP)?;
-    let entity = match existing {
-        Some(id) => id,
+    let (entity, is_new) = match created {
+        Some(id) => (id, true),
         None => {
-            tx.prepare_cached(
-                "INSERT INTO entities (identity, identity_value, created_tx, updated_tx) \
-                 VALUES (?1, ?2, ?3, ?3)",
-            )
-            .ctx(OP)?
-            .execute(params![datom.identity, datom.identity_value, txid])
-            .ctx(OP)?;
-            tx.last_insert_rowid()
+            let id = tx
+                .prepare_cached(
+                    "SELECT id FROM entities WHERE identity = ?1 AND identity_value = ?2",
+                )
+                .ctx(OP)?
+                .query_row(params![datom.identity, datom.identity_value], |r| r.get(0))
+                .ctx(OP)?;
+            (id, false)
         }
     };
     let mut changed = false;
     for (attribute, value) in &datom.attributes {
-        let current: Option<String> = tx
-            .prepare_cached(
+        // An entity created by this datom has no attributes yet, and one datom names each
+        // attribute once (a later datom on the same entity finds it existing).
+        let current: Option<String> = if is_new {
+            None
+        } else {
+            tx.prepare_cached(
                 "SELECT value FROM entity_attributes WHERE entity_id = ?1 AND attribute = ?2",
             )
             .ctx(OP)?
             .query_row(params![entity, attribute], |r| r.get(0))
             .optional()
-            .ctx(OP)?;
+            .ctx(OP)?
+        };
         let mut history = |value: &str, added: bool| -> Result<(), StoreError> {
             tx.prepare_cached(
                 "INSERT INTO datoms (tx, entity_id, attribute, value, added) \
@@ -802,7 +879,7 @@ fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Result<(), 
             Op::Retract => {}
         }
     }
-    if changed {
+    if changed && !is_new {
         tx.prepare_cached("UPDATE entities SET updated_tx = ?1 WHERE id = ?2")
             .ctx(OP)?
             .execute(params![txid, entity])
