@@ -53,8 +53,9 @@ fn prepared_db(name: &str, sync: Synchronous) -> (PathBuf, SqliteOptions) {
     (path, options)
 }
 
-fn hand_written(path: &Path, sync: Synchronous, runs: usize) -> Duration {
-    let mut conn = Connection::open(path).expect("open");
+/// A raw connection configured like the store's writer.
+fn raw_connection(path: &Path, sync: Synchronous) -> Connection {
+    let conn = Connection::open(path).expect("open");
     conn.pragma_update(None, "journal_mode", "WAL")
         .expect("wal");
     conn.pragma_update(
@@ -69,8 +70,13 @@ fn hand_written(path: &Path, sync: Synchronous, runs: usize) -> Duration {
     .expect("synchronous");
     conn.pragma_update(None, "foreign_keys", "ON").expect("fk");
     conn.set_prepared_statement_cache_capacity(64);
+    conn
+}
+
+/// Runs `from..to` by hand, one transaction each.
+fn hand_written(conn: &mut Connection, from: usize, to: usize) -> Duration {
     let started = Instant::now();
-    for i in 0..runs {
+    for i in from..to {
         let key = format!("hand:{i}");
         let id = format!("c{i}");
         let identity_value = serde_json::to_string(&json!(id)).expect("json");
@@ -135,21 +141,21 @@ fn hand_written(path: &Path, sync: Synchronous, runs: usize) -> Duration {
     started.elapsed()
 }
 
+type Exec = Executor<SqliteStore, effects_core::transport::SqliteLog>;
+
+/// Runs `from..to` through the executor, one run (`batch = None`) or `batch` runs per commit.
 fn executor_runs(
     runtime: &tokio::runtime::Runtime,
-    path: &Path,
-    options: &SqliteOptions,
-    runs: usize,
+    executor: &Exec,
+    from: usize,
+    to: usize,
     batch: Option<usize>,
 ) -> Duration {
-    let store = SqliteStore::open_with(path, options).expect("open");
-    let executor = Executor::builder(store.clone(), store.log()).build();
-    assert!(executor.publishes_inline());
     runtime.block_on(async {
         let started = Instant::now();
         match batch {
             None => {
-                for i in 0..runs {
+                for i in from..to {
                     let outcome = executor
                         .run(format!("exec:{i}"), effects(i))
                         .await
@@ -158,7 +164,7 @@ fn executor_runs(
                 }
             }
             Some(size) => {
-                for chunk in (0..runs).collect::<Vec<_>>().chunks(size) {
+                for chunk in (from..to).collect::<Vec<_>>().chunks(size) {
                     let items = chunk
                         .iter()
                         .map(|&i| BatchItem::new(format!("batch:{i}"), effects(i)))
@@ -176,57 +182,107 @@ fn executor_runs(
     })
 }
 
-fn per_second(runs: usize, d: Duration) -> f64 {
-    runs as f64 / d.as_secs_f64()
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
 
+/// `--only MODE`: one mode alone, 2 000 runs with `synchronous = NORMAL`, for instruction counts
+/// (`valgrind --tool=callgrind`); `baseline` is the set-up alone, to subtract.
+fn only(mode: &str) {
+    const RUNS: usize = 2_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let (path, options) = prepared_db(&format!("only-{mode}"), Synchronous::Normal);
+    let store = SqliteStore::open_with(&path, &options).expect("open");
+    let executor = Executor::builder(store.clone(), store.log()).build();
+    let mut conn = raw_connection(&path, Synchronous::Normal);
+    match mode {
+        "baseline" => {}
+        "hand" => drop(hand_written(&mut conn, 0, RUNS)),
+        "exec" => drop(executor_runs(&runtime, &executor, 0, RUNS, None)),
+        "batch" => drop(executor_runs(&runtime, &executor, 0, RUNS, Some(BATCH))),
+        other => panic!("unknown mode `{other}`: baseline, hand, exec or batch"),
+    }
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
-    let rounds = if quick { 1 } else { 3 };
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        only(args.get(i + 1).map_or("", String::as_str));
+        cleanup();
+        return;
+    }
+    let quick = args.iter().any(|a| a == "quick");
+    let rounds = if quick { 2 } else { 10 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio");
     println!(
-        "executor vs hand-written rusqlite, 1 datom + 1 message per run, {rounds} rounds (median)"
+        "executor vs hand-written rusqlite, 1 datom + 1 message per run; {rounds} rounds, each \
+         running one block per mode in turn (so all modes share the machine's noise)"
     );
     println!(
-        "| synchronous | runs/round | hand-written runs/s | executor runs/s | ratio | batched ({BATCH}/tx) runs/s | batch speedup |"
+        "| synchronous | runs per mode | hand-written runs/s | executor runs/s | ratio (total) | ratio (median of rounds) | batched ({BATCH}/tx) runs/s | batch speedup |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (sync, runs) in [
-        (Synchronous::Full, if quick { 200 } else { 2_000 }),
-        (Synchronous::Normal, if quick { 1_000 } else { 20_000 }),
+    println!("|---|---|---|---|---|---|---|---|");
+    for (sync, block) in [
+        (Synchronous::Full, if quick { 100 } else { 200 }),
+        (Synchronous::Normal, if quick { 500 } else { 2_000 }),
     ] {
-        let (mut hand, mut exec, mut batched) = (Vec::new(), Vec::new(), Vec::new());
+        let (hand_path, _) = prepared_db(&format!("{sync:?}-hand"), sync);
+        let mut hand_conn = raw_connection(&hand_path, sync);
+        let (exec_path, options) = prepared_db(&format!("{sync:?}-exec"), sync);
+        let exec_store = SqliteStore::open_with(&exec_path, &options).expect("open");
+        let exec = Executor::builder(exec_store.clone(), exec_store.log()).build();
+        assert!(exec.publishes_inline());
+        let (batch_path, options) = prepared_db(&format!("{sync:?}-batch"), sync);
+        let batch_store = SqliteStore::open_with(&batch_path, &options).expect("open");
+        let batch = Executor::builder(batch_store.clone(), batch_store.log()).build();
+
+        let (mut hand_t, mut exec_t, mut batch_t) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut ratios = Vec::new();
         for round in 0..rounds {
-            let (path, options) = prepared_db(&format!("{sync:?}-hand-{round}"), sync);
-            hand.push(per_second(runs, hand_written(&path, sync, runs)));
-            let (path, options2) = prepared_db(&format!("{sync:?}-exec-{round}"), sync);
-            exec.push(per_second(
-                runs,
-                executor_runs(&runtime, &path, &options2, runs, None),
-            ));
-            let (path, _) = prepared_db(&format!("{sync:?}-batch-{round}"), sync);
-            batched.push(per_second(
-                runs,
-                executor_runs(&runtime, &path, &options, runs, Some(BATCH)),
-            ));
+            let (from, to) = (round * block, (round + 1) * block);
+            let h = hand_written(&mut hand_conn, from, to);
+            let e = executor_runs(&runtime, &exec, from, to, None);
+            let b = executor_runs(&runtime, &batch, from, to, Some(BATCH));
+            ratios.push(h.as_secs_f64() / e.as_secs_f64());
+            hand_t += h;
+            exec_t += e;
+            batch_t += b;
         }
-        let (h, e, b) = (median(hand), median(exec), median(batched));
+        let runs = (rounds * block) as f64;
+        let (h, e, b) = (
+            runs / hand_t.as_secs_f64(),
+            runs / exec_t.as_secs_f64(),
+            runs / batch_t.as_secs_f64(),
+        );
         println!(
-            "| {sync:?} | {runs} | {h:.0} | {e:.0} | {:.2}x | {b:.0} | {:.1}x |",
+            "| {sync:?} | {} | {h:.0} | {e:.0} | {:.2}x | {:.2}x | {b:.0} | {:.1}x |",
+            rounds * block,
             e / h,
+            median(ratios),
             b / e
         );
     }
-    let _ = std::fs::remove_dir_all(
-        std::env::temp_dir().join(format!("effects-bench-{}-x", std::process::id())),
-    );
+    cleanup();
+}
+
+/// Removes the scratch databases of this process.
+fn cleanup() {
+    let prefix = format!("effects-bench-{}-", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }

@@ -397,8 +397,8 @@ pub type OnProcessed = Arc<dyn Fn(&Delivery, &Processed) + Send + Sync>;
 
 struct Inner<S, T, C, H, I> {
     executor: Arc<Executor<S, T, C>>,
-    handler: H,
-    inputs: I,
+    handler: Arc<H>,
+    inputs: Arc<I>,
     config: WorkerConfig,
     counters: Counters,
     on_processed: Option<OnProcessed>,
@@ -433,8 +433,8 @@ where
         Worker {
             inner: Arc::new(Inner {
                 executor,
-                handler,
-                inputs: Decode,
+                handler: Arc::new(handler),
+                inputs: Arc::new(Decode),
                 config: WorkerConfig::default(),
                 counters: Counters::default(),
                 on_processed: None,
@@ -451,38 +451,32 @@ where
     H: Handler,
     I: Inputs<H, S>,
 {
-    fn rebuild<I2>(self, inputs: I2, config: Option<WorkerConfig>) -> Worker<S, T, C, H, I2> {
-        let inner = match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner,
-            Err(_) => unreachable!("a worker is configured before it is shared"),
-        };
+    /// Replaces the configuration.
+    #[must_use]
+    pub fn with_config(self, config: WorkerConfig) -> Self {
         Worker {
             inner: Arc::new(Inner {
-                executor: inner.executor,
-                handler: inner.handler,
-                inputs,
-                config: config.unwrap_or(inner.config),
+                executor: Arc::clone(&self.inner.executor),
+                handler: Arc::clone(&self.inner.handler),
+                inputs: Arc::clone(&self.inner.inputs),
+                config,
                 counters: Counters::default(),
                 on_processed: inner.on_processed,
             }),
         }
     }
 
-    /// Replaces the configuration.
-    #[must_use]
-    pub fn with_config(self, config: WorkerConfig) -> Self {
-        let inner = match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner,
-            Err(_) => unreachable!("a worker is configured before it is shared"),
-        };
-        Worker {
-            inner: Arc::new(Inner { config, ..inner }),
-        }
-    }
-
     /// Uses `inputs` to produce the handler's input (see [`LoadEntity`], [`LoadWith`]).
     pub fn load_with<I2: Inputs<H, S>>(self, inputs: I2) -> Worker<S, T, C, H, I2> {
-        self.rebuild(inputs, None)
+        Worker {
+            inner: Arc::new(Inner {
+                executor: Arc::clone(&self.inner.executor),
+                handler: Arc::clone(&self.inner.handler),
+                inputs: Arc::new(inputs),
+                config: self.inner.config.clone(),
+                counters: Counters::default(),
+            }),
+        }
     }
 
     /// Calls `f` with every delivery and what happened to it, once the outcome is settled with

@@ -641,7 +641,7 @@ async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
     let crashing = Arc::new(
         Executor::builder(store.clone(), broker.clone())
             .owner("worker-a")
-            .lease(Duration::from_millis(300))
+            .lease(Duration::from_millis(800))
             .fault_hook(Arc::new(|point, _| {
                 if point == effects_core::executor::FaultPoint::AfterCommit {
                     panic!("crash after commit");
@@ -671,7 +671,7 @@ async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
     let relay = Relay::new(Arc::clone(&survivor));
     // The lease is still held: the relay must not send the row meanwhile.
     assert_eq!(relay.tick().await.unwrap().claimed, 0);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(850)).await;
     let report = relay.tick().await.unwrap();
     assert_eq!(report.claimed, 1);
     assert_eq!(report.progress.messages_dispatched, 1);
@@ -717,6 +717,113 @@ async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
             .progress
             .messages_dispatched,
         1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_never_send_one_row_twice() {
+    const RUNS: usize = 60;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let dir = temp_dir("two-relays");
+    let db = dir.join("store.db");
+    let store = SqliteStore::open(&db).unwrap();
+    let broker = SqliteLog::open(dir.join("broker.db")).unwrap();
+    // A process that dies right after each commit leaves every request and message pending
+    // under its short lease.
+    let dying = Arc::new(
+        Executor::builder(store.clone(), broker.clone())
+            .http(http_client(&server.uri(), 1))
+            .owner("dead")
+            .lease(Duration::from_millis(200))
+            .fault_hook(Arc::new(|point, _| {
+                if point == effects_core::executor::FaultPoint::AfterCommit {
+                    panic!("crash after commit");
+                }
+            }))
+            .build(),
+    );
+    for i in 0..RUNS {
+        let key = format!("k{i}");
+        let effects = block(&format!("c{i}")).merge(notify_request(&format!("c{i}")));
+        let dying = Arc::clone(&dying);
+        let crashed = tokio::spawn(async move { dying.run(key, effects).await }).await;
+        assert!(crashed.unwrap_err().is_panic());
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    let relay = |owner: &str| {
+        Relay::new(Arc::new(
+            Executor::builder(store.clone(), broker.clone())
+                .http(http_client(&server.uri(), 1))
+                .owner(owner)
+                .build(),
+        ))
+        .with_config(RelayConfig {
+            batch: 7,
+            ..RelayConfig::default()
+        })
+    };
+    let (a, b) = (relay("relay-a"), relay("relay-b"));
+    let drain = |relay: Relay<_, _, _>| async move {
+        let mut report = effects_core::executor::RelayReport::default();
+        // Bounded: 2 * RUNS rows, at least one per round until none is left.
+        for _ in 0..200 {
+            let r = relay.tick().await.unwrap();
+            report.claimed += r.claimed;
+            report.progress.requests_sent += r.progress.requests_sent;
+            report.progress.messages_dispatched += r.progress.messages_dispatched;
+            if r.claimed == 0 && r.finished_runs == 0 {
+                break;
+            }
+        }
+        report
+    };
+    let (ra, rb) = tokio::join!(tokio::spawn(drain(a)), tokio::spawn(drain(b)));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.progress.requests_sent + rb.progress.requests_sent,
+        RUNS,
+        "{ra:?} {rb:?}"
+    );
+    assert_eq!(
+        ra.progress.messages_dispatched + rb.progress.messages_dispatched,
+        RUNS
+    );
+    assert!(
+        ra.claimed > 0 && rb.claimed > 0,
+        "both relays took part: {ra:?} {rb:?}"
+    );
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        RUNS,
+        "one request per row"
+    );
+    // One attempt by the dead process (claimed at commit), one by a relay: never two.
+    assert_eq!(
+        sql_i64(
+            &db,
+            "SELECT COUNT(*) FROM outbox WHERE kind = 'request' AND attempts <> 2"
+        ),
+        0
+    );
+    assert_eq!(
+        sql_i64(
+            &db,
+            "SELECT COUNT(*) FROM outbox WHERE kind = 'message' AND attempts <> 1"
+        ),
+        0,
+        "messages were never claimed by the dead process (they waited for the requests)"
+    );
+    assert_eq!(
+        sql_i64(
+            &db,
+            "SELECT COUNT(*) FROM effect_runs WHERE status <> 'done'"
+        ),
+        0
     );
 }
 

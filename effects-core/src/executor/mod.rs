@@ -255,7 +255,7 @@ impl RunOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The effects are invalid: nothing was written.
-    #[error("run `{key}` refused: {source}")]
+    #[error("run `{}` refused: {source}", shown_key(key))]
     Invalid {
         /// The idempotency key.
         key: String,
@@ -583,7 +583,8 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         }
                     })?
             };
-            let mut commits = self.commit(vec![run.clone()], &key).await?;
+            let summary = RunSummary::of(&run);
+            let mut commits = self.commit(vec![run], &key).await?;
             let commit = commits.pop().ok_or_else(|| RunError::Store {
                 key: key.clone(),
                 source: StoreError::Corrupt {
@@ -591,7 +592,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     reason: "the store returned no result for the run".to_owned(),
                 },
             })?;
-            self.after_commit(&run, commit).await
+            self.after_commit(&summary, commit).await
         }
         .instrument(span)
         .await
@@ -625,7 +626,11 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 }
             }
             if !prepared.is_empty() {
-                let runs: Vec<NewRun> = prepared.iter().map(|(_, r)| r.clone()).collect();
+                let summaries: Vec<(usize, RunSummary)> = prepared
+                    .iter()
+                    .map(|(i, r)| (*i, RunSummary::of(r)))
+                    .collect();
+                let runs: Vec<NewRun> = prepared.into_iter().map(|(_, r)| r).collect();
                 let first = runs.first().map(|r| r.key.clone()).unwrap_or_default();
                 let commits = match self.commit(runs, &first).await {
                     Ok(c) => c,
@@ -637,7 +642,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         });
                     }
                 };
-                for ((i, run), commit) in prepared.iter().zip(commits) {
+                for ((i, run), commit) in summaries.iter().zip(commits) {
                     let span = info_span!("effects.run", key = %run.key, tx = field::Empty);
                     results[*i] = Some(self.after_commit(run, commit).instrument(span).await);
                 }
@@ -815,7 +820,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             })
     }
 
-    async fn after_commit(&self, run: &NewRun, commit: Commit) -> Result<RunOutcome, RunError> {
+    async fn after_commit(&self, run: &RunSummary, commit: Commit) -> Result<RunOutcome, RunError> {
         let key = &run.key;
         match commit {
             Commit::Applied {
@@ -826,7 +831,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             } => {
                 tracing::Span::current().record("tx", tx.0);
                 self.fault(FaultPoint::AfterCommit, key);
-                let total = run.outbox.len();
+                let total = run.outbox_len;
                 let record = RunRecord {
                     key: key.clone(),
                     effects_sha256: run.effects_sha256.clone(),
@@ -1174,6 +1179,35 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A key as shown in an error: control characters escaped, at most 80 characters.
+fn shown_key(key: &str) -> String {
+    const MAX: usize = 80;
+    let escaped: String = key.escape_debug().collect();
+    match escaped.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &escaped[..cut]),
+        None => escaped,
+    }
+}
+
+/// What the steps after the commit need to know about a run.
+struct RunSummary {
+    key: String,
+    effects_sha256: String,
+    after_requests: Option<String>,
+    outbox_len: usize,
+}
+
+impl RunSummary {
+    fn of(run: &NewRun) -> RunSummary {
+        RunSummary {
+            key: run.key.clone(),
+            effects_sha256: run.effects_sha256.clone(),
+            after_requests: run.after_requests.clone(),
+            outbox_len: run.outbox.len(),
+        }
     }
 }
 

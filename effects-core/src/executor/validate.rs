@@ -96,6 +96,14 @@ pub enum ValidationError {
         /// What is wrong.
         reason: String,
     },
+    /// A request cannot be represented as JSON.
+    #[error("requests[{index}] is malformed: {reason}")]
+    InvalidRequest {
+        /// Its index.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// Two datoms disagree.
     #[error(transparent)]
     Conflict(Box<ConflictError>),
@@ -258,10 +266,10 @@ pub(crate) fn prepare(
     let mut outbox = Vec::with_capacity(effects.requests.len() + effects.messages.len());
     let mut seq: u32 = 0;
     for (index, r) in effects.requests.iter().enumerate() {
-        let value = serde_json::to_value(r).unwrap_or_else(|e| {
-            // Every field is a String, an enum, a map of Strings or a serde_json::Value.
-            unreachable!("a request always serializes: {e}")
-        });
+        let value = serde_json::to_value(r).map_err(|e| ValidationError::InvalidRequest {
+            index,
+            reason: e.to_string(),
+        })?;
         let payload = canonical_json(&value);
         check_size(Kind::Requests, index, &payload, limits.max_payload_bytes)?;
         outbox.push(NewOutboxRow {

@@ -1,6 +1,6 @@
 //! The embedded store on SQLite (feature `sqlite`): one database file in WAL mode, or an
 //! in-memory database, holding the datoms, effect runs, the outbox and the embedded log
-//! ([`SqliteLog`](crate::transport::sqlite::SqliteLog)).
+//! ([`SqliteLog`]).
 //!
 //! # Concurrency
 //!

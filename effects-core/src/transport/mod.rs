@@ -15,7 +15,7 @@
 //!   it, atomically where the broker allows.
 //!
 //! The methods return `impl Future + Send` (see [`crate::store`] for why). The embedded
-//! implementation is [`SqliteLog`](sqlite::SqliteLog); a NATS JetStream transport maps onto the
+//! implementation is [`SqliteLog`]; a NATS JetStream transport maps onto the
 //! same operations (`Nats-Msg-Id` for the id, pull consumers for fetch, `AckWait` for visibility,
 //! `Nak` with delay, `Term` plus a dead-letter subject).
 //!
