@@ -461,7 +461,7 @@ where
                 inputs: Arc::clone(&self.inner.inputs),
                 config,
                 counters: Counters::default(),
-                on_processed: inner.on_processed,
+                on_processed: self.inner.on_processed.clone(),
             }),
         }
     }
@@ -475,6 +475,7 @@ where
                 inputs: Arc::new(inputs),
                 config: self.inner.config.clone(),
                 counters: Counters::default(),
+                on_processed: self.inner.on_processed.clone(),
             }),
         }
     }
@@ -502,14 +503,14 @@ where
     /// ```
     #[must_use]
     pub fn on_processed(self, f: impl Fn(&Delivery, &Processed) + Send + Sync + 'static) -> Self {
-        let inner = match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner,
-            Err(_) => unreachable!("a worker is configured before it is shared"),
-        };
         Worker {
             inner: Arc::new(Inner {
+                executor: Arc::clone(&self.inner.executor),
+                handler: Arc::clone(&self.inner.handler),
+                inputs: Arc::clone(&self.inner.inputs),
+                config: self.inner.config.clone(),
+                counters: Counters::default(),
                 on_processed: Some(Arc::new(f)),
-                ..inner
             }),
         }
     }
