@@ -1,7 +1,7 @@
 //! The erased effects value, merge and conflict detection.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -227,40 +227,69 @@ pub struct ConflictError {
 
 /// JSON text with object keys sorted at every level and no whitespace.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(256);
     write_canonical(value, &mut out);
-    out
+    // Only JSON text was written: strings through serde_json's escaper, the rest ASCII.
+    String::from_utf8(out).unwrap_or_else(|e| unreachable!("canonical JSON is UTF-8: {e}"))
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
+            // Already sorted unless serde_json's `preserve_order` is enabled by some crate.
+            if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push(b'{');
             for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                // A string always serializes.
-                let _ = write!(out, "{}", Value::String(k.clone()));
-                out.push(':');
+                write_scalar(&**k, out);
+                out.push(b':');
                 write_canonical(v, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(v, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => {
-            let _ = write!(out, "{scalar}");
-        }
+        scalar => write_scalar(scalar, out),
+    }
+}
+
+fn write_scalar<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Writing a string, number, bool or null into a Vec cannot fail.
+    if let Err(e) = serde_json::to_writer(&mut *out, value) {
+        unreachable!("a JSON scalar always serializes: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_json_is_sorted_compact_and_stable() {
+        // Run hashes are stored: this text must never change for the same value.
+        let v = json!({"b": 1, "a": [true, null, "x\"y"], "c": {"z": 1.5, "y": "é\n"}});
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a":[true,null,"x\"y"],"b":1,"c":{"y":"é\n","z":1.5}}"#
+        );
+        let effects = Effects::from(MessageEffect::new("t", json!({"k": 2, "a": 1})).with_key("p"));
+        assert_eq!(
+            effects.canonical_json(),
+            r#"{"datoms":[],"messages":[{"key":"p","payload":{"a":1,"k":2},"topic":"t"}],"requests":[]}"#
+        );
     }
 }
