@@ -1,25 +1,10 @@
 //! Snapshots of the card domain's effect values: the canonical form a reviewer reads.
 
-use cards::{
-    BlockAll, BlockCard, BlockedCard, Card, CardStatus, CardsBlockedNotify, StatusChanged,
-};
+mod cards_fixture;
+
+use cards::{BlockAll, CardsBlockedNotify};
+use cards_fixture::block_card;
 use effects_core::{Effects, Empty};
-
-fn blocked(id: &str) -> Card {
-    Card {
-        id: id.into(),
-        customer_id: "u1".into(),
-        status: CardStatus::Blocked,
-    }
-}
-
-fn block_card(id: &str) -> BlockCard {
-    let card = blocked(id);
-    BlockCard::builder()
-        .blocked_card(BlockedCard::from(&card))
-        .status_changed(StatusChanged::from(&card))
-        .build()
-}
 
 #[test]
 fn one_card() {

@@ -1,28 +1,13 @@
 //! Run-time validation of erased effects (decoded from outside) against a schema's shape.
 
-use cards::{
-    BlockAll, BlockCard, BlockedCard, Card, CardStatus, CardsBlockedNotify, StatusChanged,
-};
+mod cards_fixture;
+
+use cards::{BlockAll, BlockCard, CardsBlockedNotify};
+use cards_fixture::block_card;
 use effects_core::{
     Cardinality, DatomEffect, Effects, Kind, LookupRef, MessageEffect, Schema, ShapeError,
 };
 use serde_json::json;
-
-fn card(id: &str) -> Card {
-    Card {
-        id: id.into(),
-        customer_id: "u1".into(),
-        status: CardStatus::Blocked,
-    }
-}
-
-fn block_card(id: &str) -> BlockCard {
-    let card = card(id);
-    BlockCard::builder()
-        .blocked_card(BlockedCard::from(&card))
-        .status_changed(StatusChanged::from(&card))
-        .build()
-}
 
 #[test]
 fn typed_values_always_fit_their_own_shape() {
