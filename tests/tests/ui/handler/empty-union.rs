@@ -4,7 +4,7 @@ use effects_core::effect_handler;
 #[effect_handler]
 pub fn block(card: &Card) -> effects![] {
     let _ = card;
-    todo!()
+    effects_core::Effects::new()
 }
 
 fn main() {}
