@@ -454,30 +454,17 @@ where
     /// Replaces the configuration.
     #[must_use]
     pub fn with_config(self, config: WorkerConfig) -> Self {
-        Worker {
-            inner: Arc::new(Inner {
-                executor: Arc::clone(&self.inner.executor),
-                handler: Arc::clone(&self.inner.handler),
-                inputs: Arc::clone(&self.inner.inputs),
-                config,
-                counters: Counters::default(),
-                on_processed: self.inner.on_processed.clone(),
-            }),
-        }
+        self.rebuild(
+            Arc::clone(&self.inner.inputs),
+            config,
+            self.inner.on_processed.clone(),
+        )
     }
 
     /// Uses `inputs` to produce the handler's input (see [`LoadEntity`], [`LoadWith`]).
     pub fn load_with<I2: Inputs<H, S>>(self, inputs: I2) -> Worker<S, T, C, H, I2> {
-        Worker {
-            inner: Arc::new(Inner {
-                executor: Arc::clone(&self.inner.executor),
-                handler: Arc::clone(&self.inner.handler),
-                inputs: Arc::new(inputs),
-                config: self.inner.config.clone(),
-                counters: Counters::default(),
-                on_processed: self.inner.on_processed.clone(),
-            }),
-        }
+        let config = self.inner.config.clone();
+        self.rebuild(Arc::new(inputs), config, self.inner.on_processed.clone())
     }
 
     /// Calls `f` with every delivery and what happened to it, once the outcome is settled with
@@ -503,14 +490,25 @@ where
     /// ```
     #[must_use]
     pub fn on_processed(self, f: impl Fn(&Delivery, &Processed) + Send + Sync + 'static) -> Self {
+        let config = self.inner.config.clone();
+        self.rebuild(Arc::clone(&self.inner.inputs), config, Some(Arc::new(f)))
+    }
+
+    /// A new, not yet shared worker with the same executor and handler and these parts.
+    fn rebuild<I2: Inputs<H, S>>(
+        &self,
+        inputs: Arc<I2>,
+        config: WorkerConfig,
+        on_processed: Option<OnProcessed>,
+    ) -> Worker<S, T, C, H, I2> {
         Worker {
             inner: Arc::new(Inner {
                 executor: Arc::clone(&self.inner.executor),
                 handler: Arc::clone(&self.inner.handler),
-                inputs: Arc::clone(&self.inner.inputs),
-                config: self.inner.config.clone(),
+                inputs,
+                config,
                 counters: Counters::default(),
-                on_processed: Some(Arc::new(f)),
+                on_processed,
             }),
         }
     }
