@@ -126,6 +126,12 @@ pub struct DatomEffect {
     pub op: Op,
     /// Namespaced attribute names (`card/status`) and their values, sorted by name.
     pub attributes: BTreeMap<String, Value>,
+    /// Compare-and-set: the values some attributes must hold when the run commits (Datomic's
+    /// `:db/cas`), by namespaced name. `null` means "holds no value". If any differs, the whole
+    /// run is refused with [`RunError::Conflict`](crate::executor::RunError::Conflict) and
+    /// nothing of it is written. Empty (the default, omitted when serialized) checks nothing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expected: BTreeMap<String, Value>,
 }
 
 impl DatomEffect {
@@ -138,6 +144,7 @@ impl DatomEffect {
             entity,
             op: Op::Assert,
             attributes: attributes.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            expected: BTreeMap::new(),
         }
     }
 
@@ -150,5 +157,25 @@ impl DatomEffect {
             op: Op::Retract,
             ..DatomEffect::assert(entity, attributes)
         }
+    }
+
+    /// Makes this datom a compare-and-set: the run commits only if `attribute` (namespaced)
+    /// holds `value` at that moment (`Value::Null`: holds no value). Otherwise the run is
+    /// refused with [`RunError::Conflict`](crate::executor::RunError::Conflict) and nothing of
+    /// it is written.
+    ///
+    /// ```
+    /// use effects_core::{DatomEffect, LookupRef};
+    /// use serde_json::json;
+    ///
+    /// // Debit 100 from an account that held 1 000 when the handler decided.
+    /// let debit = DatomEffect::assert(LookupRef::new("account/id", "a1"), [("account/balance", json!(900))])
+    ///     .expecting("account/balance", json!(1000));
+    /// assert_eq!(debit.expected["account/balance"], json!(1000));
+    /// ```
+    #[must_use]
+    pub fn expecting(mut self, attribute: impl Into<String>, value: Value) -> Self {
+        self.expected.insert(attribute.into(), value);
+        self
     }
 }

@@ -224,6 +224,8 @@ pub mod message;
 pub mod relay;
 pub mod request;
 pub mod schema;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

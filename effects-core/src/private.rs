@@ -134,3 +134,25 @@ pub trait Erased<const N: usize> {
 impl<const N: usize> Erased<N> for () {
     type Effects = crate::Effects;
 }
+
+/// What a business key (`#[effect_handler(key = ..)]`) can be made of.
+#[diagnostic::on_unimplemented(
+    message = "a business key is text or a number, and `{Self}` is neither",
+    label = "cannot be a business key",
+    note = "point `key = ..` at a field that implements `Display` (a `String`, a number, an id type with `Display`)"
+)]
+pub trait BusinessKey {
+    /// The key as text.
+    fn business_key(&self) -> String;
+}
+
+impl<T: Display + ?Sized> BusinessKey for T {
+    fn business_key(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// The text of a business key.
+pub fn business_key_part<T: BusinessKey + ?Sized>(value: &T) -> String {
+    value.business_key()
+}

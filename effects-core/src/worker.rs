@@ -41,7 +41,7 @@
 //! # impl Handler for BlockHandler {
 //! #     type Input = Card; type Output = Effects;
 //! #     const DESCRIPTOR: &'static HandlerDescriptor = &HandlerDescriptor {
-//! #         name: "block", topic: Some("cards-to-block"), input: "Card", schemas: &[] };
+//! #         name: "block", topic: Some("cards-to-block"), key: None, input: "Card", schemas: &[] };
 //! #     fn handle(&self, _: Card) -> Effects { Effects::new() }
 //! # }
 //!

@@ -25,6 +25,7 @@ fn datom() -> impl Strategy<Value = DatomEffect> {
             entity: LookupRef::new(format!("{ns}/id"), json!(id)),
             op: if retract { Op::Retract } else { Op::Assert },
             attributes,
+            expected: Default::default(),
         })
 }
 

@@ -40,6 +40,7 @@ fn hand_one(card: &Card) -> Effects {
             entity: LookupRef::new("card/id", json!(blocked.id)),
             op: effects_core::Op::Assert,
             attributes: BTreeMap::from([("card/status".to_owned(), json!(blocked.status))]),
+            expected: BTreeMap::new(),
         }],
         requests: Vec::new(),
         messages: vec![MessageEffect {

@@ -194,6 +194,7 @@ impl Handler for Probe {
     const DESCRIPTOR: &'static HandlerDescriptor = &HandlerDescriptor {
         name: "probe",
         topic: Some("probes"),
+        key: None,
         input: "ProbeInput",
         schemas: &[],
     };

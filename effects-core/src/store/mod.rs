@@ -41,10 +41,7 @@ use crate::http::HttpResponse;
 use crate::request::RequestEffect;
 
 #[cfg(feature = "sqlite")]
-pub mod sqlite;
-
-#[cfg(feature = "sqlite")]
-pub use self::sqlite::{Backlog, Blocking, SqliteOptions, SqliteStore, Synchronous};
+pub use crate::sqlite::{Backlog, Blocking, SqliteOptions, SqliteStore, Synchronous};
 
 /// A transaction id: the number of the store transaction that applied a run. It increases with
 /// every applied run and is never reused, so "as of `tx`" reads are well defined.

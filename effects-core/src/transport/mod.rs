@@ -36,10 +36,7 @@ use std::time::Duration;
 use crate::store::{Colocation, StoreError, Tx};
 
 #[cfg(feature = "sqlite")]
-pub mod sqlite;
-
-#[cfg(feature = "sqlite")]
-pub use self::sqlite::{DeadLetter, LoggedMessage, SqliteLog};
+pub use crate::sqlite::{DeadLetter, LoggedMessage, SqliteLog};
 
 /// The header that carries the idempotency key of the run that produced a message.
 pub const HEADER_KEY: &str = "effects-key";

@@ -1,6 +1,8 @@
 //! `#[derive(Datom)]`: `#[datom(entity = "card")]` on the struct, one `#[datom(id)]` field; every
 //! other field is an attribute `entity/field` (renamed with `#[datom(rename = "..")]`, left out
 //! with `#[datom(skip)]`). An `Option` field that is `None` is left out of the datom.
+//! `#[datom(expect = "balance")]` makes a field the expected prior value of the attribute of the
+//! field `balance` (compare-and-set); it is not an attribute itself.
 
 use proc_macro2::TokenStream;
 use quote::quote;
@@ -14,6 +16,14 @@ struct Attribute {
     name: String,
     field: syn::Ident,
     optional: bool,
+}
+
+/// A field holding the value another field's attribute must have when the run commits.
+struct Expect {
+    field: syn::Ident,
+    optional: bool,
+    /// The field whose attribute it expects, as written.
+    target: LitStr,
 }
 
 pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
@@ -53,8 +63,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
 
     let mut id: Option<(syn::Ident, String)> = None;
     let mut attributes: Vec<Attribute> = Vec::new();
+    let mut expects: Vec<Expect> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
     for field in fields.into_iter().flatten() {
         let (mut is_id, mut skip, mut rename) = (false, false, None::<LitStr>);
+        let mut expect = None::<LitStr>;
         for attr in field.attrs.iter().filter(|a| a.path().is_ident("datom")) {
             let parsed = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("id") {
@@ -63,8 +76,14 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     skip = true;
                 } else if meta.path.is_ident("rename") {
                     rename = Some(string_value(&meta, "#[datom(rename = \"status\")]")?);
+                } else if meta.path.is_ident("expect") {
+                    expect = Some(string_value(&meta, "#[datom(expect = \"balance\")]")?);
                 } else {
-                    return Err(unknown_key(&meta, "datom", &["id", "skip", "rename"]));
+                    return Err(unknown_key(
+                        &meta,
+                        "datom",
+                        &["id", "skip", "rename", "expect"],
+                    ));
                 }
                 Ok(())
             });
@@ -73,7 +92,25 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             }
         }
         let fident = field_ident(field);
+        if let Some(target) = expect {
+            if is_id || skip || rename.is_some() {
+                cx.error_spanned_by(
+                    &target,
+                    "an `expect` field only holds the expected value of another field's attribute: \
+                     it cannot also be `id`, `skip` or `rename`",
+                );
+            }
+            expects.push(Expect {
+                field: fident,
+                optional: is_option(&field.ty),
+                target,
+            });
+            continue;
+        }
         let name = rename.map_or_else(|| unraw(&fident), |r| r.value());
+        if skip {
+            skipped.push(unraw(&fident));
+        }
         if is_id {
             if let Some((first, _)) = &id {
                 cx.error_spanned_by(
@@ -100,6 +137,42 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 "`Datom` needs an identity: mark the field that names the entity with `#[datom(id)]` in `{ident}`"
             ),
         );
+    }
+    // Each `expect` names an attribute field, once.
+    let mut resolved: Vec<(&Expect, String)> = Vec::new();
+    for e in &expects {
+        let wanted = e.target.value();
+        let id_is_target = id.as_ref().is_some_and(|(f, _)| unraw(f) == wanted);
+        match attributes.iter().find(|a| unraw(&a.field) == wanted) {
+            Some(a) if resolved.iter().any(|(_, n)| *n == a.name) => cx.error_spanned_by(
+                &e.target,
+                format!("the attribute of `{wanted}` already has an `expect` field: keep one"),
+            ),
+            Some(a) => resolved.push((e, a.name.clone())),
+            None if id_is_target => cx.error_spanned_by(
+                &e.target,
+                format!(
+                    "`{wanted}` is the `#[datom(id)]` field: the identity never changes, so there is \
+                     nothing to compare; name an attribute field"
+                ),
+            ),
+            None if skipped.contains(&wanted) => cx.error_spanned_by(
+                &e.target,
+                format!("`{wanted}` is `#[datom(skip)]`: it is not an attribute; name an attribute field"),
+            ),
+            None => {
+                let names: Vec<String> = attributes.iter().map(|a| unraw(&a.field)).collect();
+                let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+                let hint = crate::util::did_you_mean(&wanted, &candidates).map_or_else(
+                        || format!("the attribute fields are: {}", list(&names)),
+                        |m| format!("did you mean `{m}`?"),
+                    );
+                cx.error_spanned_by(
+                    &e.target,
+                    format!("`expect` names the field whose attribute it expects, and `{ident}` has no attribute field `{wanted}`: {hint}"),
+                );
+            }
+        }
     }
     cx.check()?;
     let (Some(entity), Some((id_field, id_name))) = (entity, id) else {
@@ -151,6 +224,42 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             .collect::<TokenStream>()
     };
     let (ref_inserts, move_inserts) = (inserts(true), inserts(false));
+    let expected_inserts = |by_ref: bool| {
+        resolved
+            .iter()
+            .map(|(e, name)| {
+                let (field, qualified) = (&e.field, format!("{ns}/{name}"));
+                let what = format!("expected value of `{qualified}`");
+                let value = if by_ref {
+                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
+                } else {
+                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
+                };
+                let source = if by_ref {
+                    quote!(&self.#field)
+                } else {
+                    quote!(self.#field)
+                };
+                let insert = quote! {
+                    expected.insert(::std::string::String::from(#qualified), #value);
+                };
+                if e.optional {
+                    quote! {
+                        if let ::core::option::Option::Some(value) = #source {
+                            #insert
+                        }
+                    }
+                } else {
+                    quote! {
+                        let value = #source;
+                        #insert
+                    }
+                }
+            })
+            .collect::<TokenStream>()
+    };
+    let (ref_expected, move_expected) = (expected_inserts(true), expected_inserts(false));
+    let expected_mut = (!resolved.is_empty()).then(|| quote!(mut));
     let id_what = format!("identity `{identity}`");
     let mutability = (!attributes.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
@@ -164,6 +273,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             fn to_datom(&self) -> ::effects_core::DatomEffect {
                 let #mutability attributes = ::std::collections::BTreeMap::new();
                 #ref_inserts
+                let #expected_mut expected = ::std::collections::BTreeMap::new();
+                #ref_expected
                 ::effects_core::DatomEffect {
                     entity: ::effects_core::LookupRef {
                         attribute: ::std::string::String::from(#identity),
@@ -171,6 +282,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     },
                     op: ::effects_core::Op::Assert,
                     attributes,
+                    expected,
                 }
             }
 
@@ -179,6 +291,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};
                 let #mutability attributes = ::std::collections::BTreeMap::new();
                 #move_inserts
+                let #expected_mut expected = ::std::collections::BTreeMap::new();
+                #move_expected
                 ::effects_core::DatomEffect {
                     entity: ::effects_core::LookupRef {
                         attribute: ::std::string::String::from(#identity),
@@ -186,8 +300,20 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     },
                     op: ::effects_core::Op::Assert,
                     attributes,
+                    expected,
                 }
             }
         }
     })
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        return "none".to_owned();
+    }
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

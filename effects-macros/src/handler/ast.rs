@@ -30,6 +30,8 @@ pub(crate) struct Union {
 pub(crate) struct Handler {
     pub(crate) item: ItemFn,
     pub(crate) topic: Option<LitStr>,
+    /// `key = transfer.id`: the business key, an expression over the parameters.
+    pub(crate) key: Option<syn::Expr>,
     pub(crate) name: String,
     pub(crate) params: Vec<Param>,
     /// `None` when the return type was unusable (reported).
@@ -44,6 +46,7 @@ pub(crate) fn parse(args: TokenStream, item: TokenStream, cx: &Ctxt) -> syn::Res
         )
     })?;
     let (mut topic, mut name) = (None::<LitStr>, None::<LitStr>);
+    let mut key = None::<syn::Expr>;
     if !args.is_empty() {
         let parser = syn::meta::parser(|meta| {
             if meta.path.is_ident("topic") {
@@ -55,11 +58,14 @@ pub(crate) fn parse(args: TokenStream, item: TokenStream, cx: &Ctxt) -> syn::Res
             } else if meta.path.is_ident("name") {
                 name = Some(non_empty(meta.value()?.parse()?, "name = \"block\"")?);
                 Ok(())
+            } else if meta.path.is_ident("key") {
+                key = Some(meta.value()?.parse()?);
+                Ok(())
             } else {
                 Err(crate::derive::unknown_key(
                     &meta,
                     "effect_handler",
-                    &["topic", "name"],
+                    &["topic", "name", "key"],
                 ))
             }
         });
@@ -93,15 +99,75 @@ pub(crate) fn parse(args: TokenStream, item: TokenStream, cx: &Ctxt) -> syn::Res
         }
     }
     let params = parse_params(&item, cx);
+    if let Some(key) = &key {
+        check_key(key, &params, &item, cx);
+    }
     let union = parse_return(&item, cx);
     let name = name.map_or_else(|| unraw(&sig.ident), |n| n.value());
     Ok(Handler {
         item,
         topic,
+        key,
         name,
         params,
         union,
     })
+}
+
+/// `key = ..` must read the input: its base is one of the parameters, reached through fields,
+/// method calls, indexing, references or parentheses (`transfer.id`, `order.id.to_string()`).
+fn check_key(key: &syn::Expr, params: &[Param], item: &ItemFn, cx: &Ctxt) {
+    fn base(expr: &syn::Expr) -> Option<&syn::Expr> {
+        match expr {
+            syn::Expr::Field(f) => base(&f.base),
+            syn::Expr::MethodCall(m) => base(&m.receiver),
+            syn::Expr::Index(i) => base(&i.expr),
+            syn::Expr::Reference(r) => base(&r.expr),
+            syn::Expr::Paren(p) => base(&p.expr),
+            syn::Expr::Group(g) => base(&g.expr),
+            syn::Expr::Path(_) => Some(expr),
+            _ => None,
+        }
+    }
+    let names: Vec<String> = params.iter().map(|p| unraw(&p.name)).collect();
+    let fn_name = unraw(&item.sig.ident);
+    let example = names.first().map_or("input", String::as_str);
+    if names.is_empty() {
+        cx.error_spanned_by(
+            key,
+            format!("`{fn_name}` has no parameters, so there is no input to take a key from: remove `key = ..`"),
+        );
+        return;
+    }
+    let Some(syn::Expr::Path(path)) = base(key) else {
+        cx.error_spanned_by(
+            key,
+            format!("`key` is read from the handler's input: write an expression over a parameter, such as `key = {example}.id`"),
+        );
+        return;
+    };
+    let Some(ident) = path.path.get_ident().filter(|_| path.qself.is_none()) else {
+        cx.error_spanned_by(
+            path,
+            format!("`key` is read from the handler's input: start it with a parameter of `{fn_name}`, such as `key = {example}.id`"),
+        );
+        return;
+    };
+    let wanted = unraw(ident);
+    if !names.contains(&wanted) {
+        let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+        let hint = crate::util::did_you_mean(&wanted, &candidates).map_or_else(
+            || {
+                let list: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+                format!("its parameters are {}", list.join(", "))
+            },
+            |m| format!("did you mean `{m}`?"),
+        );
+        cx.error_spanned_by(
+            ident,
+            format!("`{wanted}` is not a parameter of `{fn_name}`: the key is read from the input; {hint}"),
+        );
+    }
 }
 
 fn non_empty(lit: LitStr, example: &str) -> syn::Result<LitStr> {

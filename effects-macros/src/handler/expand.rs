@@ -2,7 +2,7 @@
 //! descriptor, and the function with its return type replaced by the union.
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 
 use super::ast::{Handler, Union};
@@ -257,9 +257,53 @@ fn descriptor(handler: &Handler, base: &str, union_name: &Ident) -> TokenStream 
             )
         }
     };
-    let doc = format!(
-        " Runs [`{fn_str}`] for a worker: decodes its input from a message and names it for idempotency keys (`{name}:<message id>`)."
-    );
+    let (key_str, key_fn) = match &handler.key {
+        None => (quote!(::core::option::Option::None), TokenStream::new()),
+        Some(expr) => {
+            let text = expr
+                .to_token_stream()
+                .to_string()
+                .replace(" . ", ".")
+                .replace(" (", "(")
+                .replace("( ", "(")
+                .replace(" )", ")");
+            let bindings = match handler.params.as_slice() {
+                [one] => {
+                    let n = &one.name;
+                    quote!(let #n = input;)
+                }
+                many => many
+                    .iter()
+                    .map(|p| {
+                        let n = &p.name;
+                        quote! {
+                            #[allow(unused_variables)]
+                            let #n = &input.#n;
+                        }
+                    })
+                    .collect(),
+            };
+            (
+                quote!(::core::option::Option::Some(#text)),
+                quote! {
+                    #[inline]
+                    fn key(&self, input: &Self::Input) -> ::core::option::Option<::std::string::String> {
+                        #bindings
+                        ::core::option::Option::Some(::effects_core::__private::business_key_part(&(#expr)))
+                    }
+                },
+            )
+        }
+    };
+    let doc = if handler.key.is_some() {
+        format!(
+            " Runs [`{fn_str}`] for a worker: decodes its input from a message and keys its runs by the input's business key (`{name}:<key>`)."
+        )
+    } else {
+        format!(
+            " Runs [`{fn_str}`] for a worker: decodes its input from a message and keys its runs by message (`{name}:<topic>:<message id>`)."
+        )
+    };
     quote! {
         #input_def
 
@@ -275,6 +319,7 @@ fn descriptor(handler: &Handler, base: &str, union_name: &Ident) -> TokenStream 
             const DESCRIPTOR: &'static ::effects_core::HandlerDescriptor = &::effects_core::HandlerDescriptor {
                 name: #name,
                 topic: #topic,
+                key: #key_str,
                 input: #input_str,
                 schemas: #union_name::SCHEMAS,
             };
@@ -283,6 +328,8 @@ fn descriptor(handler: &Handler, base: &str, union_name: &Ident) -> TokenStream 
             fn handle(&self, input: Self::Input) -> Self::Output {
                 #call
             }
+
+            #key_fn
         }
     }
 }

@@ -49,6 +49,7 @@ impl Handler for TransferHandler {
     const DESCRIPTOR: &'static HandlerDescriptor = &HandlerDescriptor {
         name: "transfer",
         topic: Some(INPUTS),
+        key: None,
         input: "Transfer",
         schemas: &[],
     };

@@ -70,6 +70,7 @@ impl Handler for BlockHandler {
     const DESCRIPTOR: &'static HandlerDescriptor = &HandlerDescriptor {
         name: "block",
         topic: Some("cards-to-block"),
+        key: None,
         input: "Card",
         schemas: &[],
     };

@@ -8,7 +8,7 @@
 //! watermark up over the acknowledged prefix and drop the rows below it, so the table stays as
 //! small as the work in flight.
 //!
-//! Obtain it from the store ([`SqliteStore::log`](crate::store::SqliteStore::log)) so that runs
+//! Obtain it from the store ([`SqliteStore::log`](super::SqliteStore::log)) so that runs
 //! publish inside their own transaction, or open it on a separate file
 //! ([`SqliteLog::open`]) to use it like an external broker.
 
@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
-use crate::store::sqlite::{Ctx, Db};
-use crate::store::{Colocation, Millis, SqliteOptions, SqliteStore, StoreError, now_millis};
+use super::db::{Ctx, Db, SqliteOptions};
+use crate::store::{Colocation, Millis, StoreError, now_millis};
+use crate::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
 
 /// The embedded log. Cheap to clone.
 #[derive(Clone)]
@@ -290,7 +290,10 @@ impl SqliteLog {
     /// A log in its own database file, not colocated with any store: publishing to it is a
     /// separate step after the run's commit, as with an external broker.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteLog, StoreError> {
-        Ok(SqliteStore::open_with(path, &SqliteOptions::default())?.log())
+        Ok(SqliteLog::new(Arc::new(Db::open(
+            Some(path.as_ref()),
+            &SqliteOptions::default(),
+        )?)))
     }
 
     /// How often [`Transport::fetch`] looks for messages appended by other processes while it
