@@ -3,15 +3,20 @@
 //!
 //! For each delivery, in a task of its own (at most [`WorkerConfig::concurrency`] at once):
 //!
-//! 1. The idempotency key is `handler-name:message-id`. If a run with that key exists, this is a
-//!    redelivery: the original run's pending rows are dispatched (duplicate path) and the message
-//!    is acknowledged — the handler is not called again, so inputs that changed since cannot turn
-//!    a redelivery into a different run.
+//! 1. The idempotency key is [`message_key`]`(handler, topic, message id)`, or, for a handler
+//!    that declares a business key (`#[effect_handler(key = transfer.id)]`),
+//!    [`business_key`]`(handler, key)`. If a run with that key exists, this is a redelivery
+//!    (or the same input re-sent): the original run's pending rows are dispatched (duplicate
+//!    path) and the message is acknowledged — the handler is not called again, so inputs that
+//!    changed since cannot turn a redelivery into a different run.
 //! 2. **Decode / load** the handler's input with the worker's [`Inputs`]: by default
 //!    [`Handler::decode`] of the payload ([`Decode`]); or decode a small reference and load what
-//!    the handler needs from the store ([`LoadEntity`], [`LoadWith`]).
+//!    the handler needs from the store ([`LoadEntity`], [`LoadWith`]) through a [`Tracked`]
+//!    handle that records each entity read with its version.
 //! 3. **Handle**: call the pure handler. A panic is caught.
-//! 4. **Run** the effects with [`Executor::run`].
+//! 4. **Run** the effects with [`Executor::run_with`], passing the reads: the commit is refused
+//!    if any of them changed since ([`RunError::Conflict`]), and the worker goes back to step 2
+//!    (see [Concurrency](#concurrency)).
 //! 5. **Acknowledge** — only after the run succeeded (or was a duplicate).
 //!
 //! What cannot succeed by retrying — an undecodable payload, a missing entity, a handler panic,
@@ -23,6 +28,31 @@
 //! but did not start, and returns once the work in flight has finished. [`Worker::on_processed`]
 //! registers a function told what happened to each delivery (for logs, metrics, or a program
 //! that reports what it did).
+//!
+//! # Concurrency
+//!
+//! Deliveries run concurrently, and several workers (or processes) may share a store, so the
+//! state a handler's input was loaded from can change between the load and the commit. Writing
+//! effects computed from that stale state would lose the other update. The worker prevents it:
+//! whatever its loaders read through the [`Tracked`] store is validated in the commit
+//! transaction, and a run whose reads changed is refused with nothing written
+//! ([`WorkerReport::conflicts`]). The worker then loads the input again, calls the handler again
+//! on the fresh state and runs the new effects under the same key ([`WorkerReport::reruns`]),
+//! after a short backoff, up to [`WorkerConfig::reruns`] times; past that the message is
+//! dead-lettered with the conflict as its reason.
+//!
+//! This is safe because a handler has no side effects of its own: calling it again only
+//! computes a new value, and the refused run wrote nothing — not even its key, so the new run
+//! is not mistaken for a reuse of the key, while a redelivery after an applied run is still a
+//! duplicate.
+//!
+//! What is guaranteed: no run applies effects computed from an entity that changed after it was
+//! read through the tracked store (no lost update), and each key is applied at most once.
+//! What is not: reads the worker cannot see — through the untracked store, another database, a
+//! clock, a payload that embeds state — are not validated; give such handlers compare-and-set
+//! datoms ([`DatomEffect::expecting`](crate::DatomEffect::expecting),
+//! `#[datom(expect = "..")]`), which hold on any path. Versions are per entity: a change to any
+//! attribute of an entity read refuses the run, which costs a re-run but never a wrong result.
 //!
 //! # Example: the cards service
 //!
@@ -82,10 +112,10 @@ use tracing::{Instrument, field, info_span};
 use crate::datom::LookupRef;
 use crate::effects::Effects;
 use crate::executor::{Backoff, Executor, RunError, RunOptions, RunOutcome};
-use crate::handler::{DecodeError, Handler};
+use crate::handler::{DecodeError, Handler, business_key, message_key};
 use crate::http::HttpClient;
 use crate::relay::{Relay, RelayConfig};
-use crate::store::{Store, StoreError, Tx};
+use crate::store::{Store, StoreError, Tracked, Tx};
 use crate::transport::{Delivery, FetchRequest, Transport};
 
 /// Why a handler's input could not be produced.
@@ -119,13 +149,17 @@ impl LoadError {
 }
 
 /// How a worker turns a delivery into the handler's input: the "load inputs" hook.
+///
+/// The store comes as a [`Tracked`] handle: every entity read through it is recorded with the
+/// version read, and the run commits only if none of them changed since (otherwise the worker
+/// loads again and calls the handler again: see the [module docs](self#concurrency)).
 pub trait Inputs<H: Handler, S: Store>: Send + Sync + 'static {
     /// The input for `delivery`.
     fn input(
         &self,
         handler: &H,
         delivery: &Delivery,
-        store: &S,
+        store: &Tracked<S>,
     ) -> impl Future<Output = Result<H::Input, LoadError>> + Send;
 }
 
@@ -138,7 +172,7 @@ impl<H: Handler, S: Store> Inputs<H, S> for Decode {
         &self,
         handler: &H,
         delivery: &Delivery,
-        _store: &S,
+        _store: &Tracked<S>,
     ) -> impl Future<Output = Result<H::Input, LoadError>> + Send {
         let decoded = handler.decode(&delivery.payload).map_err(LoadError::from);
         async move { decoded }
@@ -201,7 +235,7 @@ where
 impl<H, S, R, F> Inputs<H, S> for LoadEntity<R, F>
 where
     H: Handler,
-    S: Store,
+    S: Store + Clone,
     R: DeserializeOwned + Send + 'static,
     F: Fn(R) -> LookupRef + Send + Sync + 'static,
 {
@@ -209,7 +243,7 @@ where
         &self,
         _handler: &H,
         delivery: &Delivery,
-        store: &S,
+        store: &Tracked<S>,
     ) -> impl Future<Output = Result<H::Input, LoadError>> + Send {
         let lookup = decode_reference::<H, R>(&delivery.payload).map(&self.lookup);
         async move {
@@ -228,7 +262,8 @@ where
 }
 
 /// [`Inputs`] from a function: decodes a reference `R` from the payload and calls
-/// `load(reference, store)` (the store is cloned) to produce the input.
+/// `load(reference, store)` to produce the input. The store is a [`Tracked`] handle (a clone
+/// sharing the attempt's record of reads): what `load` reads through it is validated at commit.
 pub struct LoadWith<R, F> {
     load: F,
     _reference: PhantomData<fn() -> R>,
@@ -257,14 +292,14 @@ where
     H: Handler,
     S: Store + Clone,
     R: DeserializeOwned + Send + 'static,
-    F: Fn(R, S) -> Fut + Send + Sync + 'static,
+    F: Fn(R, Tracked<S>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<H::Input, LoadError>> + Send,
 {
     fn input(
         &self,
         _handler: &H,
         delivery: &Delivery,
-        store: &S,
+        store: &Tracked<S>,
     ) -> impl Future<Output = Result<H::Input, LoadError>> + Send {
         let started = decode_reference::<H, R>(&delivery.payload)
             .map(|reference| (self.load)(reference, store.clone()));
@@ -292,6 +327,11 @@ pub struct WorkerConfig {
     /// Deliveries after which a message that keeps failing is dead-lettered; `None` (default)
     /// retries forever.
     pub max_deliveries: Option<u32>,
+    /// Re-runs after a conflict (something the handler's input was loaded from changed before
+    /// the commit): the delay before each, and in `max_attempts` how many re-runs at most before
+    /// the message is dead-lettered with the conflict as its reason. Default: 2 ms doubling to
+    /// 250 ms, at most 32 re-runs.
+    pub reruns: Backoff,
     /// Run a [`Relay`] beside the worker with this configuration. Default: on, with
     /// [`RelayConfig::default`].
     pub relay: Option<RelayConfig>,
@@ -313,6 +353,11 @@ impl Default for WorkerConfig {
                 max_attempts: None,
             },
             max_deliveries: None,
+            reruns: Backoff {
+                initial: Duration::from_millis(2),
+                max: Duration::from_millis(250),
+                max_attempts: Some(32),
+            },
             relay: Some(RelayConfig::default()),
             after_requests: None,
         }
@@ -358,6 +403,10 @@ pub struct WorkerReport {
     pub duplicates: u64,
     /// Messages dead-lettered.
     pub dead_lettered: u64,
+    /// Runs refused at commit because something their input was loaded from had changed.
+    pub conflicts: u64,
+    /// Handler calls made again on fresh inputs after a conflict.
+    pub reruns: u64,
     /// Deliveries given back to be retried.
     pub retried: u64,
     /// Acknowledgements (or give-backs) the transport failed to take; those messages come back.
@@ -372,6 +421,8 @@ struct Counters {
     applied: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
+    conflicts: AtomicU64,
+    reruns: AtomicU64,
     retried: AtomicU64,
     transport_errors: AtomicU64,
     fetch_errors: AtomicU64,
@@ -385,6 +436,8 @@ impl Counters {
             applied: get(&self.applied),
             duplicates: get(&self.duplicates),
             dead_lettered: get(&self.dead_lettered),
+            conflicts: get(&self.conflicts),
+            reruns: get(&self.reruns),
             retried: get(&self.retried),
             transport_errors: get(&self.transport_errors),
             fetch_errors: get(&self.fetch_errors),
@@ -423,7 +476,7 @@ where
 
 impl<S, T, C, H> Worker<S, T, C, H, Decode>
 where
-    S: Store,
+    S: Store + Clone,
     T: Transport,
     C: HttpClient + 'static,
     H: Handler,
@@ -445,7 +498,7 @@ where
 
 impl<S, T, C, H, I> Worker<S, T, C, H, I>
 where
-    S: Store,
+    S: Store + Clone,
     T: Transport,
     C: HttpClient + 'static,
     H: Handler,
@@ -476,7 +529,7 @@ where
     /// # use effects_core::worker::{Processed, Worker};
     /// # use effects_core::transport::Delivery;
     /// # fn demo<S, T, C, H, I>(worker: Worker<S, T, C, H, I>) -> Worker<S, T, C, H, I>
-    /// # where S: effects_core::Store, T: effects_core::Transport,
+    /// # where S: effects_core::Store + Clone, T: effects_core::Transport,
     /// #       C: effects_core::http::HttpClient + 'static, H: effects_core::Handler,
     /// #       I: effects_core::worker::Inputs<H, S> {
     /// let seen: Arc<Mutex<Vec<(String, Processed)>>> = Arc::default();
@@ -513,9 +566,10 @@ where
         }
     }
 
-    /// The idempotency key of the run for a message: `handler-name:message-id`.
-    pub fn key_for(message_id: &str) -> String {
-        format!("{}:{message_id}", H::DESCRIPTOR.name)
+    /// The idempotency key of the run for a message of `topic` (for a handler without a
+    /// business key): [`message_key`]`(handler, topic, message id)`.
+    pub fn key_for(topic: &str, message_id: &str) -> String {
+        message_key(H::DESCRIPTOR.name, topic, message_id)
     }
 
     /// The consumer name.
@@ -696,23 +750,22 @@ where
 
 impl<S, T, C, H, I> Inner<S, T, C, H, I>
 where
-    S: Store,
+    S: Store + Clone,
     T: Transport,
     C: HttpClient + 'static,
     H: Handler,
     I: Inputs<H, S>,
 {
     async fn process(self: &Arc<Self>, delivery: Delivery) -> Processed {
-        let key = format!("{}:{}", H::DESCRIPTOR.name, delivery.message_id);
         let span = info_span!(
             "effects.delivery",
-            key = %key,
+            key = field::Empty,
             message_id = %delivery.message_id,
             deliveries = delivery.deliveries,
             tx = field::Empty,
         );
         self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
-        let processed = self.decide(&key, &delivery).instrument(span.clone()).await;
+        let processed = self.decide(&delivery).instrument(span.clone()).await;
         if let Processed::Applied { tx } | Processed::Duplicate { tx } = &processed {
             span.record("tx", tx.0);
         }
@@ -723,8 +776,18 @@ where
         processed
     }
 
+    /// The duplicate path for `key`, if a run with it exists.
+    async fn resumed(&self, key: &str, delivery: &Delivery) -> Option<Processed> {
+        tracing::Span::current().record("key", key);
+        match self.executor.resume(key).await {
+            Ok(Some(outcome)) => Some(Processed::Duplicate { tx: outcome.tx() }),
+            Ok(None) => None,
+            Err(e) => Some(self.retry(delivery, &e.to_string())),
+        }
+    }
+
     /// Steps 1–4: everything but the acknowledgement.
-    async fn decide(&self, key: &str, delivery: &Delivery) -> Processed {
+    async fn decide(&self, delivery: &Delivery) -> Processed {
         let executor = &self.executor;
         if let Some(max) = self.config.max_deliveries {
             if delivery.deliveries > max {
@@ -733,72 +796,122 @@ where
                 };
             }
         }
-        // 1. A redelivery of a message whose run exists: the duplicate path.
-        match executor.resume(key).await {
-            Ok(Some(outcome)) => {
-                return Processed::Duplicate { tx: outcome.tx() };
+        let name = H::DESCRIPTOR.name;
+        // 1. A redelivery of a message whose run exists: the duplicate path. A handler keyed by
+        //    its input's business key knows its key only once the input is loaded.
+        let mut key = None;
+        if H::DESCRIPTOR.key.is_none() {
+            let k = message_key(name, &delivery.topic, &delivery.message_id);
+            if let Some(done) = self.resumed(&k, delivery).await {
+                return done;
             }
-            Ok(None) => {}
-            Err(e) => return self.retry(delivery, &e.to_string()),
+            key = Some(k);
         }
-        // 2. Decode / load.
-        let input = match self
-            .inputs
-            .input(&self.handler, delivery, executor.store())
-            .instrument(info_span!("effects.load"))
-            .await
-        {
-            Ok(input) => input,
-            Err(e) if e.is_permanent() => {
-                return Processed::DeadLettered {
-                    reason: e.to_string(),
-                };
-            }
-            Err(e) => return self.retry(delivery, &e.to_string()),
-        };
-        // 3. Handle.
-        let effects = {
-            let _handle = info_span!("effects.handle", handler = H::DESCRIPTOR.name).entered();
-            match std::panic::catch_unwind(AssertUnwindSafe(|| -> Effects {
-                self.handler.handle(input).into()
-            })) {
-                Ok(effects) => effects,
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string panic".to_owned());
+        let mut reruns: u32 = 0;
+        loop {
+            // 2. Decode / load, recording what is read.
+            let tracked = Tracked::new(executor.store().clone());
+            let input = match self
+                .inputs
+                .input(&self.handler, delivery, &tracked)
+                .instrument(info_span!("effects.load"))
+                .await
+            {
+                Ok(input) => input,
+                Err(e) if e.is_permanent() => {
                     return Processed::DeadLettered {
-                        reason: format!("handler `{}` panicked: {what}", H::DESCRIPTOR.name),
+                        reason: e.to_string(),
                     };
                 }
-            }
-        };
-        // 4. Run.
-        let options = RunOptions {
-            after_requests: self.config.after_requests.clone(),
-        };
-        match executor.run_with(key.to_owned(), effects, options).await {
-            Ok(RunOutcome::Applied { tx, .. }) | Err(RunError::Incomplete { tx, .. }) => {
-                Processed::Applied { tx }
-            }
-            Ok(RunOutcome::Duplicate { original_tx, .. }) => {
-                Processed::Duplicate { tx: original_tx }
-            }
-            Err(RunError::KeyReuse { original_tx, .. }) => {
-                // Another delivery of this message was applied between step 1 and now, from
-                // inputs that have changed since: the original run stands.
-                tracing::warn!(%original_tx, "a concurrent delivery applied this message first");
-                match executor.resume(key).await {
-                    Ok(_) => Processed::Duplicate { tx: original_tx },
-                    Err(e) => self.retry(delivery, &e.to_string()),
+                Err(e) => return self.retry(delivery, &e.to_string()),
+            };
+            let key = match &key {
+                Some(k) => k.clone(),
+                None => {
+                    let Some(business) = self.handler.key(&input) else {
+                        return Processed::DeadLettered {
+                            reason: format!(
+                                "handler `{name}` declares a business key but gave none for this input"
+                            ),
+                        };
+                    };
+                    let k = business_key(name, &business);
+                    if let Some(done) = self.resumed(&k, delivery).await {
+                        return done;
+                    }
+                    key = Some(k.clone());
+                    k
                 }
-            }
-            Err(e @ RunError::Invalid { .. }) => Processed::DeadLettered {
-                reason: e.to_string(),
-            },
-            Err(e @ RunError::Store { .. }) => self.retry(delivery, &e.to_string()),
+            };
+            // 3. Handle.
+            let effects = {
+                let _handle = info_span!("effects.handle", handler = name).entered();
+                match std::panic::catch_unwind(AssertUnwindSafe(|| -> Effects {
+                    self.handler.handle(input).into()
+                })) {
+                    Ok(effects) => effects,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a non-string panic".to_owned());
+                        return Processed::DeadLettered {
+                            reason: format!("handler `{name}` panicked: {what}"),
+                        };
+                    }
+                }
+            };
+            // 4. Run, valid only if what was read still holds.
+            let options = RunOptions {
+                after_requests: self.config.after_requests.clone(),
+                reads: tracked.reads(),
+            };
+            return match executor.run_with(key.clone(), effects, options).await {
+                Ok(RunOutcome::Applied { tx, .. }) | Err(RunError::Incomplete { tx, .. }) => {
+                    Processed::Applied { tx }
+                }
+                Ok(RunOutcome::Duplicate { original_tx, .. }) => {
+                    Processed::Duplicate { tx: original_tx }
+                }
+                Err(RunError::Conflict { conflict, .. }) => {
+                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    if self
+                        .config
+                        .reruns
+                        .max_attempts
+                        .is_some_and(|max| reruns >= max)
+                    {
+                        Processed::DeadLettered {
+                            reason: format!(
+                                "gave up after {reruns} re-runs, each refused because its input had changed: {conflict}"
+                            ),
+                        }
+                    } else {
+                        // A handler is pure: calling it again on fresh inputs has no effect of
+                        // its own, and nothing of the refused run was written.
+                        reruns += 1;
+                        self.counters.reruns.fetch_add(1, Ordering::Relaxed);
+                        let delay = self.config.reruns.delay(reruns);
+                        tracing::debug!(%conflict, reruns, ?delay, "conflict: running the handler again on fresh inputs");
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                }
+                Err(RunError::KeyReuse { original_tx, .. }) => {
+                    // Another delivery of this message was applied between step 1 and now, from
+                    // inputs that have changed since: the original run stands.
+                    tracing::warn!(%original_tx, "a concurrent delivery applied this message first");
+                    match executor.resume(&key).await {
+                        Ok(_) => Processed::Duplicate { tx: original_tx },
+                        Err(e) => self.retry(delivery, &e.to_string()),
+                    }
+                }
+                Err(e @ RunError::Invalid { .. }) => Processed::DeadLettered {
+                    reason: e.to_string(),
+                },
+                Err(e @ RunError::Store { .. }) => self.retry(delivery, &e.to_string()),
+            };
         }
     }
 

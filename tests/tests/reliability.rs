@@ -400,7 +400,7 @@ async fn crash_and_restart(point: &str, external: bool) {
     }
     let same_key = keys_by_path.iter().all(|(path, keys)| {
         let i = path.trim_start_matches("/notify/t");
-        keys.len() == 1 && keys.contains(&format!("transfer:in-{i}#0"))
+        keys.len() == 1 && keys.contains(&format!("transfer:transfers:in-{i}#0"))
     });
     let retried = received.len() - keys_by_path.len();
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use effects_core::executor::Executor;
 use effects_core::relay::RelayConfig;
-use effects_core::store::{RunStatus, SqliteStore, Store};
+use effects_core::store::{RunStatus, SqliteStore, Store, Tracked};
 use effects_core::transport::{FetchRequest, OutgoingMessage, SqliteLog, Transport};
 use effects_core::worker::{LoadEntity, LoadError, LoadWith, Processed, Worker, WorkerConfig};
 use effects_core::{
@@ -58,7 +58,7 @@ async fn run_until<S, T, C, H, I, F, Fut>(
     done: F,
 ) -> effects_core::worker::WorkerReport
 where
-    S: Store,
+    S: Store + Clone,
     T: Transport,
     C: effects_core::http::HttpClient + 'static,
     H: Handler,
@@ -125,8 +125,14 @@ async fn decodes_handles_runs_and_acknowledges() {
         .unwrap()
         .unwrap();
     assert_eq!(c3.get("card/status"), Some(&json!("blocked")));
-    // The key is handler-name:message-id.
-    assert!(store.run("block:in-3").await.unwrap().is_some());
+    // The key is handler:topic:message-id.
+    assert!(
+        store
+            .run("block:cards-to-block:in-3")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[derive(Deserialize)]
@@ -419,7 +425,7 @@ async fn concurrency_is_bounded_and_one_partition_key_is_processed_in_order() {
             Arc::clone(&max_in_flight),
             Arc::clone(&order),
         );
-        LoadWith::new(move |r: BlockRequest, store: SqliteStore| {
+        LoadWith::new(move |r: BlockRequest, store: Tracked<SqliteStore>| {
             let (in_flight, max_in_flight, order) = (
                 Arc::clone(&in_flight),
                 Arc::clone(&max_in_flight),
@@ -549,7 +555,12 @@ async fn shutdown_finishes_the_work_in_flight() {
     assert_eq!(report.applied, 1, "{report:?}");
     assert_eq!(log.unacknowledged("probe", "probes").await.unwrap(), 0);
     assert_eq!(
-        store.run("probe:slow").await.unwrap().unwrap().status,
+        store
+            .run("probe:probes:slow")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         RunStatus::Done
     );
 }

@@ -50,8 +50,9 @@ use crate::http::{HttpClient, HttpError, HttpResponse};
 use crate::message::MessageEffect;
 use crate::request::RequestEffect;
 use crate::store::{
-    ClaimOptions, Commit, Finish, Lease, Millis, NewRun, OutboxKind, OutboxRow, RecordedRequest,
-    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    ClaimOptions, Commit, Conflict, Finish, Lease, Millis, NewRun, OutboxKind, OutboxRow,
+    ReadVersion, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    now_millis,
 };
 use crate::transport::{OutgoingMessage, Transport, message_headers as publish_headers};
 
@@ -118,8 +119,8 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay after `attempts` failed attempts: doubling from `initial`, capped at `max`,
-    /// plus up to a quarter of random jitter.
+    /// The delay after `attempts` failed attempts: doubling from `initial`, plus up to a
+    /// quarter of random jitter, never more than `max`.
     pub fn delay(&self, attempts: u32) -> Duration {
         let doublings = attempts.saturating_sub(1).min(30);
         let base = self.initial.saturating_mul(1u32 << doublings).min(self.max);
@@ -133,7 +134,7 @@ impl Backoff {
             let nanos = u64::try_from(quarter.as_nanos()).unwrap_or(u64::MAX);
             Duration::from_nanos(random % nanos.max(1))
         };
-        base + jitter
+        (base + jitter).min(self.max)
     }
 }
 
@@ -174,6 +175,11 @@ impl Default for ExecutorConfig {
 pub struct RunOptions {
     /// The registered after-requests hook to call once the run's requests are resolved.
     pub after_requests: Option<String>,
+    /// What the effects were computed from: the entities read, each with the version read. The
+    /// run commits only if none changed since; otherwise it fails with [`RunError::Conflict`]
+    /// and nothing is written. The worker fills this from what its loaders read; a caller that
+    /// loads state itself passes it here.
+    pub reads: Vec<ReadVersion>,
 }
 
 impl RunOptions {
@@ -181,6 +187,44 @@ impl RunOptions {
     pub fn after_requests(name: impl Into<String>) -> RunOptions {
         RunOptions {
             after_requests: Some(name.into()),
+            ..RunOptions::default()
+        }
+    }
+
+    /// Options validating that the entities read are unchanged at commit.
+    ///
+    /// ```
+    /// use effects_core::executor::{Executor, RunError, RunOptions};
+    /// use effects_core::store::{Conflict, ReadVersion, SqliteStore, Store};
+    /// use effects_core::{DatomEffect, Effects, LookupRef};
+    /// use serde_json::json;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let store = SqliteStore::in_memory()?;
+    /// let executor = Executor::builder(store.clone(), store.log()).build();
+    /// let account = LookupRef::new("account/id", "a1");
+    /// let balance = |b: i64| Effects::from(DatomEffect::assert(account.clone(), [("account/balance", json!(b))]));
+    /// executor.run("open:a1", balance(1_000)).await?;
+    ///
+    /// // Read, decide, and meanwhile someone else writes.
+    /// let read = store.entity(&account, None).await?.expect("the account exists");
+    /// executor.run("deposit:1", balance(1_500)).await?;
+    ///
+    /// let stale = executor
+    ///     .run_with("withdraw:1", balance(900), RunOptions::reading([ReadVersion::of(&read)]))
+    ///     .await;
+    /// let Err(RunError::Conflict { conflict, .. }) = stale else { panic!("expected a conflict") };
+    /// assert!(matches!(*conflict, Conflict::Read { .. }));
+    /// assert_eq!(conflict.to_string(), format!("entity [account/id \"a1\"] was read at tx {} but is at tx {} now", read.tx, read.tx.0 + 1));
+    /// let now = store.entity(&account, None).await?.expect("the account exists");
+    /// assert_eq!(now.get("account/balance"), Some(&json!(1_500)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn reading(reads: impl IntoIterator<Item = ReadVersion>) -> RunOptions {
+        RunOptions {
+            reads: reads.into_iter().collect(),
+            ..RunOptions::default()
         }
     }
 }
@@ -277,6 +321,17 @@ pub enum RunError {
         original_sha256: String,
         /// The SHA-256 of the refused effects.
         sha256: String,
+    },
+    /// Something the effects were computed from changed after it was read (or a
+    /// compare-and-set datom found another value): nothing was written. The key is still free:
+    /// compute the effects again from fresh state and run them under the same key. The worker
+    /// does this by itself.
+    #[error("run `{}` refused: {conflict}; nothing was written", shown_key(key))]
+    Conflict {
+        /// The idempotency key.
+        key: String,
+        /// What changed.
+        conflict: Box<Conflict>,
     },
     /// The store failed before the run committed: nothing was written and nothing dispatched.
     #[error("run `{key}` was not applied: {source}")]
@@ -574,14 +629,19 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         async {
             let run = {
                 let _validate = info_span!("effects.validate", key = %key).entered();
-                self.prepare(&key, &effects, options.after_requests.as_deref())
-                    .map_err(|source| {
-                        tracing::warn!(error = %source, "effects refused");
-                        RunError::Invalid {
-                            key: key.clone(),
-                            source,
-                        }
-                    })?
+                self.prepare(
+                    &key,
+                    &effects,
+                    &options.reads,
+                    options.after_requests.as_deref(),
+                )
+                .map_err(|source| {
+                    tracing::warn!(error = %source, "effects refused");
+                    RunError::Invalid {
+                        key: key.clone(),
+                        source,
+                    }
+                })?
             };
             let summary = RunSummary::of(&run);
             let mut commits = self.commit(vec![run], &key).await?;
@@ -614,6 +674,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 match self.prepare(
                     &item.key,
                     &item.effects,
+                    &item.options.reads,
                     item.options.after_requests.as_deref(),
                 ) {
                     Ok(run) => prepared.push((i, run)),
@@ -784,11 +845,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         &self,
         key: &str,
         effects: &Effects,
+        reads: &[ReadVersion],
         after_requests: Option<&str>,
     ) -> Result<NewRun, ValidationError> {
         validate::prepare(
             key,
             effects,
+            reads,
             after_requests,
             |name| self.hooks.contains_key(name),
             self.has_http,
@@ -862,6 +925,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     .saturating_sub(progress.dead_lettered);
                 tracing::debug!(?progress, "run applied");
                 Ok(RunOutcome::Applied { tx, progress })
+            }
+            Commit::Conflict(conflict) => {
+                tracing::info!(%conflict, "read validation refused the run: nothing written");
+                Err(RunError::Conflict {
+                    key: key.clone(),
+                    conflict: Box::new(conflict),
+                })
             }
             Commit::Existing(record) => {
                 tracing::Span::current().record("tx", record.tx.0);

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use crate::effects::{ConflictError, Effects, canonical_json};
 use crate::message::MessageEffect;
 use crate::schema::Kind;
-use crate::store::{NewDatom, NewOutboxRow, NewRun, OutboxKind};
+use crate::store::{NewDatom, NewOutboxRow, NewRead, NewRun, OutboxKind, ReadVersion};
 
 /// Size limits checked before anything is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +125,39 @@ pub enum ValidationError {
     },
 }
 
+/// Two compare-and-set datoms of one run that expect different values of one attribute can
+/// never both hold: refused before any write instead of conflicting on every re-run.
+fn check_expectations(datoms: &[NewDatom]) -> Result<(), ValidationError> {
+    let mut seen: std::collections::HashMap<(&str, &str, &str), (usize, &str)> =
+        std::collections::HashMap::new();
+    for (index, d) in datoms.iter().enumerate() {
+        for (name, value) in &d.expected {
+            let slot = (
+                d.identity.as_str(),
+                d.identity_value.as_str(),
+                name.as_str(),
+            );
+            match seen.get(&slot) {
+                Some(&(first, v)) if v != value => {
+                    return Err(ValidationError::InvalidDatom {
+                        index,
+                        reason: format!(
+                            "it expects {name} of [{} {}] to be {value}, but datoms[{first}] expects {v}: \
+                             both cannot hold",
+                            d.identity, d.identity_value
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert(slot, (index, value.as_str()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_key(key: &str, limits: &Limits) -> Result<(), ValidationError> {
     if key.is_empty() {
         return Err(ValidationError::EmptyKey);
@@ -203,6 +236,7 @@ pub(crate) fn message_row(
 pub(crate) fn prepare(
     key: &str,
     effects: &Effects,
+    reads: &[ReadVersion],
     after_requests: Option<&str>,
     has_hook: impl Fn(&str) -> bool,
     has_http: bool,
@@ -255,12 +289,42 @@ pub(crate) fn prepare(
             check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
             attributes.push((name.clone(), value));
         }
+        let mut expected = Vec::with_capacity(d.expected.len());
+        for (name, value) in &d.expected {
+            if name.is_empty() {
+                return Err(ValidationError::InvalidDatom {
+                    index,
+                    reason: "an expected attribute's name is empty".to_owned(),
+                });
+            }
+            let value = canonical_json(value);
+            check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
+            expected.push((name.clone(), value));
+        }
         datoms.push(NewDatom {
             identity: d.entity.attribute.clone(),
             identity_value,
             op: d.op,
             attributes,
+            expected,
         });
+    }
+    check_expectations(&datoms)?;
+    let mut new_reads: Vec<NewRead> = Vec::with_capacity(reads.len());
+    for read in reads {
+        let identity_value = canonical_json(&read.entity.value);
+        let same = |r: &NewRead| {
+            r.entity.attribute == read.entity.attribute
+                && r.identity_value == identity_value
+                && r.tx == read.tx
+        };
+        if !new_reads.iter().any(same) {
+            new_reads.push(NewRead {
+                entity: read.entity.clone(),
+                identity_value,
+                tx: read.tx,
+            });
+        }
     }
 
     let mut outbox = Vec::with_capacity(effects.requests.len() + effects.messages.len());
@@ -290,6 +354,7 @@ pub(crate) fn prepare(
         key: key.to_owned(),
         effects_sha256: effects_sha256(effects),
         after_requests: after_requests.map(str::to_owned),
+        reads: new_reads,
         datoms,
         outbox,
     })

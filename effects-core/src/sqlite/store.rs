@@ -12,9 +12,9 @@ use super::db::{Ctx, Db, SqliteOptions};
 use super::log::{SqliteLog, append_message};
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, HistoryDatom, Millis, NewDatom,
-    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport, RecordedRequest,
-    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom, Millis,
+    NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport,
+    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
 };
 use crate::transport::message_headers as publish_headers;
 
@@ -444,8 +444,89 @@ fn partition_busy(
     .ctx(OP)
 }
 
+/// The entity's row id and version (`updated_tx`), if it exists.
+fn entity_version(
+    tx: &Transaction<'_>,
+    identity: &str,
+    identity_value: &str,
+) -> Result<Option<(i64, i64)>, StoreError> {
+    tx.prepare_cached(
+        "SELECT id, updated_tx FROM entities WHERE identity = ?1 AND identity_value = ?2",
+    )
+    .ctx("validating reads")?
+    .query_row(params![identity, identity_value], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+    .ctx("validating reads")
+}
+
+/// Read validation: the first read whose entity changed since, or the first expected value of
+/// a compare-and-set datom that does not hold, against the state before the run. Runs inside
+/// the writer's `BEGIN IMMEDIATE` transaction, so nothing can change between this check and
+/// the commit.
+fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Conflict>, StoreError> {
+    const OP: &str = "validating reads";
+    for read in &run.reads {
+        let found =
+            entity_version(tx, &read.entity.attribute, &read.identity_value)?.map(|(_, v)| Tx(v));
+        if found != read.tx {
+            return Ok(Some(Conflict::Read {
+                entity: read.entity.clone(),
+                read: read.tx,
+                found,
+            }));
+        }
+    }
+    for (index, datom) in run.datoms.iter().enumerate() {
+        if datom.expected.is_empty() {
+            continue;
+        }
+        let entity = entity_version(tx, &datom.identity, &datom.identity_value)?;
+        for (attribute, expected) in &datom.expected {
+            let current: Option<String> = match entity {
+                None => None,
+                Some((id, _)) => tx
+                    .prepare_cached(
+                        "SELECT value FROM entity_attributes WHERE entity_id = ?1 AND attribute = ?2",
+                    )
+                    .ctx(OP)?
+                    .query_row(params![id, attribute], |r| r.get(0))
+                    .optional()
+                    .ctx(OP)?,
+            };
+            let holds = match current.as_deref() {
+                Some(value) => value == expected,
+                None => expected == "null",
+            };
+            if !holds {
+                let what = || format!("compare-and-set of datoms[{index}]");
+                let parse = |text: &str| -> Result<Value, StoreError> {
+                    serde_json::from_str(text).map_err(|e| corrupt(what(), e.to_string()))
+                };
+                let expected = Some(parse(expected)?).filter(|v| !v.is_null());
+                let found = current.as_deref().map(parse).transpose()?;
+                return Ok(Some(Conflict::Expected {
+                    datom: index,
+                    entity: LookupRef::new(datom.identity.as_str(), parse(&datom.identity_value)?),
+                    attribute: attribute.clone(),
+                    expected,
+                    found,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Result<(), StoreError> {
     const OP: &str = "applying datoms";
+    if datom.op == Op::Retract
+        && entity_version(tx, &datom.identity, &datom.identity_value)?.is_none()
+    {
+        // Nothing to retract, and no entity to create.
+        return Ok(());
+    }
     let created: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO entities (identity, identity_value, created_tx, updated_tx) \
@@ -589,6 +670,9 @@ fn apply_run(
     const OP: &str = "committing a run";
     if let Some(existing) = load_run(tx, &run.key)? {
         return Ok(Commit::Existing(existing));
+    }
+    if let Some(conflict) = check_reads(tx, run)? {
+        return Ok(Commit::Conflict(conflict));
     }
     let now = options.now;
     tx.prepare_cached("INSERT INTO transactions (run_key, committed_at_ms) VALUES (?1, ?2)")

@@ -19,6 +19,9 @@
 //! - [`Store::commit_runs`] is atomic: the key claim, the datoms, the history rows and the
 //!   outbox rows of a run commit together or not at all, and two concurrent commits of one key
 //!   never both succeed (the second sees [`Commit::Existing`]).
+//! - Read validation is part of that transaction: a run whose [`NewRun::reads`] or expected
+//!   values ([`NewDatom::expected`]) no longer hold is refused with [`Commit::Conflict`], and no
+//!   other transaction can change a checked entity between the check and the commit.
 //! - `tx` values increase with every committed run and are never reused.
 //! - A lease on an outbox row excludes every other claimant until it expires; claims respect the
 //!   ordering rules documented on [`Store::claim_due`].
@@ -39,6 +42,10 @@ use serde_json::Value;
 use crate::datom::{LookupRef, Op};
 use crate::http::HttpResponse;
 use crate::request::RequestEffect;
+
+mod tracked;
+
+pub use self::tracked::Tracked;
 
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::{Backlog, Blocking, SqliteOptions, SqliteStore, Synchronous};
@@ -157,6 +164,110 @@ pub struct NewDatom {
     pub op: Op,
     /// Attribute names and canonical JSON values, sorted by name.
     pub attributes: Vec<(String, String)>,
+    /// Compare-and-set: attribute names and the canonical JSON value each must hold before the
+    /// run writes anything (`null`: holds no value), sorted by name.
+    pub expected: Vec<(String, String)>,
+}
+
+/// What a run's inputs were computed from: an entity, and the version at which it was read —
+/// the last transaction that changed it ([`Entity::tx`]), or `None` if it did not exist.
+///
+/// A run carrying reads commits only if none of those entities changed since (see
+/// [`Conflict`]). Versions are per entity, not per attribute: a change to any attribute of a
+/// read entity refuses the run, even one the handler did not look at. That can only cost a
+/// re-run, never a lost update; and writes to other entities, or writes that leave every value
+/// as it was, never refuse it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadVersion {
+    /// The entity.
+    pub entity: LookupRef,
+    /// Its version when read; `None`: it did not exist.
+    pub tx: Option<Tx>,
+}
+
+impl ReadVersion {
+    /// The read of an entity as loaded.
+    pub fn of(entity: &Entity) -> ReadVersion {
+        ReadVersion {
+            entity: entity.lookup.clone(),
+            tx: Some(entity.tx),
+        }
+    }
+
+    /// The read of an entity that was looked up and not found: the run is refused if it
+    /// exists by the time the run commits.
+    pub fn missing(entity: LookupRef) -> ReadVersion {
+        ReadVersion { entity, tx: None }
+    }
+}
+
+/// A [`ReadVersion`] ready for the store: the identity value in canonical JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRead {
+    /// The entity as read.
+    pub entity: LookupRef,
+    /// The identity value, canonical JSON.
+    pub identity_value: String,
+    /// The version read.
+    pub tx: Option<Tx>,
+}
+
+/// Why a run was refused at commit: something it was computed from changed after it was read.
+/// Nothing of the run was written; a pure handler can simply be run again on fresh state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "conflict", rename_all = "snake_case")]
+pub enum Conflict {
+    /// An entity read for the run changed after it was read.
+    #[error("entity {entity} was read {} but is {} now", version(*read), version(*found))]
+    Read {
+        /// The entity.
+        entity: LookupRef,
+        /// The version read (`None`: it did not exist).
+        read: Option<Tx>,
+        /// The version found at commit (`None`: it does not exist).
+        found: Option<Tx>,
+    },
+    /// A compare-and-set datom expected a value the attribute no longer holds.
+    #[error(
+        "datoms[{datom}] expected {attribute} of {entity} to be {} but it is {}",
+        shown(expected.as_ref()),
+        shown(found.as_ref())
+    )]
+    Expected {
+        /// The datom's index in the run's effects.
+        datom: usize,
+        /// The entity.
+        entity: LookupRef,
+        /// The attribute, namespaced.
+        attribute: String,
+        /// The value expected (`None`: no value).
+        expected: Option<Value>,
+        /// The value found (`None`: no value).
+        found: Option<Value>,
+    },
+}
+
+impl Conflict {
+    /// The entity the conflict is about.
+    pub fn entity(&self) -> &LookupRef {
+        match self {
+            Conflict::Read { entity, .. } | Conflict::Expected { entity, .. } => entity,
+        }
+    }
+}
+
+fn version(tx: Option<Tx>) -> String {
+    match tx {
+        Some(tx) => format!("at tx {tx}"),
+        None => "absent".to_owned(),
+    }
+}
+
+fn shown(value: Option<&Value>) -> String {
+    match value {
+        Some(v) => v.to_string(),
+        None => "no value".to_owned(),
+    }
 }
 
 /// An outbox row to be written.
@@ -185,6 +296,8 @@ pub struct NewRun {
     pub effects_sha256: String,
     /// The name of the registered after-requests hook, if any.
     pub after_requests: Option<String>,
+    /// What the run was computed from: refused with [`Commit::Conflict`] if any changed.
+    pub reads: Vec<NewRead>,
     /// The datoms, in order.
     pub datoms: Vec<NewDatom>,
     /// The outbox rows, in `seq` order.
@@ -324,6 +437,9 @@ pub enum Commit {
     },
     /// The key was taken: nothing was written.
     Existing(RunRecord),
+    /// The key was free, but something the run was computed from changed after it was read, or
+    /// a compare-and-set datom found another value: nothing was written.
+    Conflict(Conflict),
 }
 
 /// How a request ended, as recorded.
@@ -539,7 +655,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Commits runs in ONE transaction. For each run in order: claim the key (if it is taken,
-    /// [`Commit::Existing`] and nothing of that run is written), allocate a `tx`, apply the
+    /// [`Commit::Existing`] and nothing of that run is written); check its reads and the
+    /// expected values of its compare-and-set datoms against the state before the run (if one
+    /// differs, [`Commit::Conflict`] and nothing of that run is written); allocate a `tx`, apply the
     /// datoms (entity upserts, current values, effective history rows), write the outbox rows,
     /// and claim the ready ones under `options.lease` (or publish them inline). Requests are
     /// ready at once; messages only when the run has no requests. If any statement fails the

@@ -22,7 +22,7 @@ use cards::{
     StatusChanged,
 };
 use effects_core::executor::Executor;
-use effects_core::store::{Colocation, HistoryDatom, SqliteStore, Store, Tx};
+use effects_core::store::{Colocation, HistoryDatom, SqliteStore, Store, Tracked, Tx};
 use effects_core::transport::{
     DeadLetter, Delivery, FetchRequest, LoggedMessage, OutgoingMessage, SqliteLog, Transport,
     TransportError,
@@ -175,7 +175,7 @@ fn seed_effects(customer: &Customer, cards: &[Card]) -> Result<Effects, JobError
 /// Loads the input of `block_all`: the customer and every card she holds, as they are now.
 async fn load_customer_cards(
     request: BlockAllRequest,
-    store: SqliteStore,
+    store: Tracked<SqliteStore>,
 ) -> Result<BlockAllInput, LoadError> {
     let customer_ref = LookupRef::new("customer/id", request.customer_id);
     let entity = store
@@ -486,7 +486,7 @@ fn recorder(
         let delivered = Delivered {
             handler,
             message_id: delivery.message_id.clone(),
-            key: format!("{handler}:{}", delivery.message_id),
+            key: effects_core::handler::message_key(handler, &delivery.topic, &delivery.message_id),
             delivery: delivery.deliveries,
             processed: processed.clone(),
         };

@@ -331,10 +331,10 @@ mod tests {
         assert_eq!(
             report.runs,
             [
-                applied("block:m1", 2, 2, 1),
-                applied("block:m2", 3, 0, 0),
-                applied("block:m4", 4, 2, 1),
-                applied("block_all:n1", 5, 2, 2),
+                applied("block:card-block-requested:m1", 2, 2, 1),
+                applied("block:card-block-requested:m2", 3, 0, 0),
+                applied("block:card-block-requested:m4", 4, 2, 1),
+                applied("block_all:customer-cards-block-requested:n1", 5, 2, 2),
             ]
         );
 
@@ -343,7 +343,7 @@ mod tests {
             .duplicates()
             .map(|(d, tx)| (d.key.as_str(), tx, d.delivery))
             .collect();
-        assert_eq!(duplicates, [("block:m1", Tx(2), 2)]);
+        assert_eq!(duplicates, [("block:card-block-requested:m1", Tx(2), 2)]);
 
         // The malformed payload is dead-lettered with its reason, and acknowledged.
         assert_eq!(report.dead_letters.len(), 1);
@@ -442,28 +442,28 @@ mod tests {
                 (
                     "card-status-changed",
                     Some("c1"),
-                    "block:m1#0",
+                    "block:card-block-requested:m1#0",
                     "2",
                     status("c1")
                 ),
                 (
                     "card-status-changed",
                     Some("c2"),
-                    "block:m4#0",
+                    "block:card-block-requested:m4#0",
                     "4",
                     status("c2")
                 ),
                 (
                     "card-status-changed",
                     Some("c4"),
-                    "block_all:n1#0",
+                    "block_all:customer-cards-block-requested:n1#0",
                     "5",
                     status("c4")
                 ),
                 (
                     "cards-blocked-notify",
                     Some("u1"),
-                    "block_all:n1#1",
+                    "block_all:customer-cards-block-requested:n1#1",
                     "5",
                     json!({"customer_id": "u1", "name": "Ana"})
                 ),
@@ -489,10 +489,10 @@ mod tests {
         // The printout has every section, aligned.
         let printed = Printout(&report).to_string();
         for expected in [
-            "Applied (in tx order)\n  key           tx  datoms  messages\n  block:m1      2   2       1\n",
-            "Duplicates (nothing applied again)\n  key       original tx  id  delivery\n  block:m1  2            m1  2\n",
+            "Applied (in tx order)\n  key                                          tx  datoms  messages\n  block:card-block-requested:m1                2   2       1\n",
+            "Duplicates (nothing applied again)\n  key                            original tx  id  delivery\n  block:card-block-requested:m1  2            m1  2\n",
             "  m3  block     {\"card_id\": c2}  `block` cannot decode its input `BlockRequest`",
-            "  5   block_all:n1     [card/id \"c4\"]      card/status       assert   \"blocked\"\n",
+            "  5   block_all:customer-cards-block-requested:n1  [card/id \"c4\"]      card/status       assert   \"blocked\"\n",
             "  block      5           3        1           1              0        1\n",
         ] {
             assert!(

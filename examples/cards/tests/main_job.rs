@@ -75,7 +75,7 @@ fn with_a_path_it_writes_there_and_refuses_to_reuse_it() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("  block:m1  2            m1  2\n"),
+        stdout.contains("  block:card-block-requested:m1  2            m1  2\n"),
         "one duplicate, of tx 2:\n{stdout}"
     );
     assert!(database.0.exists());
