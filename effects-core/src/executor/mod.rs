@@ -75,6 +75,17 @@ pub enum FaultPoint {
     AfterPublishBeforeMark,
 }
 
+/// A deliberately broken behaviour, so that a reliability test can show that its check fails
+/// when the guarantee it checks is gone. Testing only: never set one in a service.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mutant {
+    /// Runs commit without read validation: no reads, no compare-and-set expectations.
+    SkipReadValidation,
+    /// Every run gets a key of its own, so no run is ever a duplicate.
+    SkipDuplicateCheck,
+}
+
 /// A fault-injection hook: called with the point and the key or row id. Testing only.
 #[doc(hidden)]
 pub type FaultHook = Arc<dyn Fn(FaultPoint, &str) + Send + Sync>;
@@ -402,6 +413,7 @@ pub struct Executor<S, T, C = NoHttp> {
     hooks: BTreeMap<String, AfterRequestsFn>,
     inline: bool,
     fault: Option<FaultHook>,
+    mutant: Option<Mutant>,
     recovered: tokio::sync::OnceCell<()>,
 }
 
@@ -424,6 +436,7 @@ pub struct ExecutorBuilder<S, T, C = NoHttp> {
     config: ExecutorConfig,
     hooks: BTreeMap<String, AfterRequestsFn>,
     fault: Option<FaultHook>,
+    mutant: Option<Mutant>,
 }
 
 impl<S, T, C> fmt::Debug for ExecutorBuilder<S, T, C> {
@@ -445,6 +458,7 @@ impl<S: Store, T: Transport> Executor<S, T, NoHttp> {
             config: ExecutorConfig::default(),
             hooks: BTreeMap::new(),
             fault: None,
+            mutant: None,
         }
     }
 }
@@ -460,6 +474,7 @@ impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
             config: self.config,
             hooks: self.hooks,
             fault: self.fault,
+            mutant: self.mutant,
         }
     }
 
@@ -520,6 +535,13 @@ impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
 
     #[doc(hidden)]
     #[must_use]
+    pub fn mutant(mut self, mutant: Mutant) -> Self {
+        self.mutant = Some(mutant);
+        self
+    }
+
+    #[doc(hidden)]
+    #[must_use]
     pub fn fault_hook(mut self, hook: FaultHook) -> Self {
         self.fault = Some(hook);
         self
@@ -541,6 +563,7 @@ impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
             hooks: self.hooks,
             inline,
             fault: self.fault,
+            mutant: self.mutant,
             recovered: tokio::sync::OnceCell::new(),
         }
     }
@@ -848,7 +871,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         reads: &[ReadVersion],
         after_requests: Option<&str>,
     ) -> Result<NewRun, ValidationError> {
-        validate::prepare(
+        let mut run = validate::prepare(
             key,
             effects,
             reads,
@@ -856,7 +879,22 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             |name| self.hooks.contains_key(name),
             self.has_http,
             &self.config.limits,
-        )
+        )?;
+        match self.mutant {
+            None => {}
+            Some(Mutant::SkipReadValidation) => {
+                run.reads.clear();
+                for datom in &mut run.datoms {
+                    datom.expected.clear();
+                }
+            }
+            Some(Mutant::SkipDuplicateCheck) => {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                run.key = format!("{key}~{}-{n}", std::process::id());
+            }
+        }
+        Ok(run)
     }
 
     async fn commit(&self, runs: Vec<NewRun>, first_key: &str) -> Result<Vec<Commit>, RunError> {
