@@ -157,6 +157,35 @@
 //! decodes (or loads) each handler's input, calls it and runs the effects. On one machine the
 //! embedded [`SqliteStore`](store::SqliteStore) keeps the store and the message log in one file.
 //!
+//! # Concurrency
+//!
+//! **What is guaranteed.** Each idempotency key is applied at most once: a redelivery, or a
+//! second task running the same key, is a duplicate that applies nothing. And no run writes
+//! effects computed from state that changed after it was read: the worker records every entity
+//! its loaders read through the [`Tracked`](store::Tracked) store, with the version read, and the
+//! commit — in the same store transaction as the key claim — refuses a run if any of them
+//! changed since ([`RunError::Conflict`], nothing written). Because a handler is pure, the worker
+//! then loads again, calls the handler again on the fresh state and runs the new effects under
+//! the same key, with backoff, up to [`WorkerConfig::reruns`](worker::WorkerConfig::reruns),
+//! then dead-letters with the conflict as the reason. A caller of [`Executor::run`] that loads
+//! state itself passes what it read with [`RunOptions::reading`](executor::RunOptions::reading),
+//! and a compare-and-set datom ([`DatomEffect::expecting`], `#[datom(expect = "balance")]`)
+//! states the value an attribute must still hold, on any path.
+//!
+//! **What is not.** Reads the library cannot see — through the untracked store, another
+//! database, a clock, or state embedded in a message — are not validated; use compare-and-set
+//! datoms there. Versions are per entity: a change to any attribute of an entity read refuses
+//! the run, which costs a re-run, never a wrong result; writes to other entities and writes that
+//! leave every value as it was refuse nothing.
+//!
+//! **Ordering and conflicts.** Messages with one partition key are delivered one at a time, in
+//! order, so runs for one key (one account) do not race each other through the worker; conflicts
+//! come from different keys touching the same entity (two transfers from one account). A re-run
+//! keeps its delivery: it is not overtaken by later messages of its partition. Idempotency keys
+//! are `handler:topic:message-id`, or `handler:business-key` for a handler declaring
+//! `#[effect_handler(key = transfer.id)]`, so an upstream re-sending a transfer under a new message
+//! id gets a duplicate ([`handler::message_key`], [`handler::business_key`]).
+//!
 //! # What the compiler says
 //!
 //! Wrong effect shapes are compile errors at your own token, saying the fix. Building a
