@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::executor::{Executor, RelayReport};
 use crate::http::HttpClient;
-use crate::store::{PruneBefore, PruneReport, Store, StoreError, now_millis};
+use crate::store::{PruneOlderThan, PruneReport, Store, StoreError};
 use crate::transport::Transport;
 
 /// How long things are kept.
@@ -47,15 +47,12 @@ impl Default for Retention {
 }
 
 impl Retention {
-    /// The cutoffs for pruning at `now` (milliseconds since the epoch).
-    pub fn cutoffs(&self, now: i64) -> PruneBefore {
-        let before = |d: Duration| {
-            Some(now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
-        };
-        PruneBefore {
-            outbox_dispatched: before(self.dispatched_rows),
-            runs_completed: before(self.completed_runs),
-            log_published: before(self.log_messages),
+    /// What pruning may remove under this retention: ages, measured by the store's clock.
+    pub fn older_than(&self) -> PruneOlderThan {
+        PruneOlderThan {
+            outbox_dispatched: Some(self.dispatched_rows),
+            runs_completed: Some(self.completed_runs),
+            log_published: Some(self.log_messages),
         }
     }
 }
@@ -160,7 +157,7 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
             Some(retention) => {
                 self.executor
                     .store()
-                    .prune(retention.cutoffs(now_millis()))
+                    .prune(retention.older_than())
                     .instrument(tracing::info_span!("effects.prune"))
                     .await
             }

@@ -13,8 +13,7 @@ use effects_core::executor::{
 };
 use effects_core::relay::{Relay, RelayConfig, Retention};
 use effects_core::store::{
-    OutboxKind, PruneBefore, RequestOutcome, RunStatus, SqliteStore, Store, StoreError, Tx,
-    now_millis,
+    OutboxKind, PruneOlderThan, RequestOutcome, RunStatus, SqliteStore, Store, StoreError, Tx,
 };
 use effects_core::transport::{HEADER_KEY, HEADER_TX, SqliteLog};
 use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect, Method, RequestEffect};
@@ -852,21 +851,23 @@ async fn pruning_removes_only_old_finished_work() {
     );
     executor.run("stuck", block("c2")).await.unwrap();
     executor.run("dead", block("c3")).await.unwrap();
-    store
-        .dead_letter("dead#0", "operator gave up", now_millis())
-        .await
-        .unwrap();
+    assert!(
+        store
+            .dead_letter("dead#0", "operator gave up", None)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         store.run("dead").await.unwrap().unwrap().status,
         RunStatus::Done
     );
 
     // Nothing is old enough yet.
-    let before = now_millis() - 60_000;
+    let minute = Some(Duration::from_secs(60));
     let report = store
-        .prune(PruneBefore {
-            outbox_dispatched: Some(before),
-            runs_completed: Some(before),
+        .prune(PruneOlderThan {
+            outbox_dispatched: minute,
+            runs_completed: minute,
             log_published: None,
         })
         .await
@@ -874,10 +875,10 @@ async fn pruning_removes_only_old_finished_work() {
     assert_eq!(report, Default::default());
 
     // Everything is old enough now.
-    let future = now_millis() + 60_000;
-    let everything = PruneBefore {
-        outbox_dispatched: Some(future),
-        runs_completed: Some(future),
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let everything = PruneOlderThan {
+        outbox_dispatched: Some(Duration::ZERO),
+        runs_completed: Some(Duration::ZERO),
         log_published: None,
     };
     let report = store.prune(everything).await.unwrap();
@@ -933,9 +934,10 @@ async fn pruning_removes_only_old_finished_work() {
     for d in &fetched {
         log.ack(d).await.unwrap();
     }
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let report = store
-        .prune(PruneBefore {
-            log_published: Some(future),
+        .prune(PruneOlderThan {
+            log_published: Some(Duration::ZERO),
             ..Default::default()
         })
         .await
@@ -1133,7 +1135,8 @@ async fn migrations_are_recorded_and_checked() {
         store.schema_versions().await.unwrap(),
         [
             (1, "0001_store.sql".to_owned()),
-            (2, "0002_log.sql".to_owned())
+            (2, "0002_log.sql".to_owned()),
+            (3, "0003_fencing.sql".to_owned())
         ]
     );
     drop(store);
@@ -1144,7 +1147,7 @@ async fn migrations_are_recorded_and_checked() {
     assert_eq!(mode, "wal");
     // Reopening applies nothing twice.
     let store = SqliteStore::open(&db).unwrap();
-    assert_eq!(store.schema_versions().await.unwrap().len(), 2);
+    assert_eq!(store.schema_versions().await.unwrap().len(), 3);
     drop(store);
 
     // A migration edited after it was applied is refused.

@@ -39,7 +39,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{Instrument, field, info_span};
 
@@ -50,9 +50,8 @@ use crate::http::{HttpClient, HttpError, HttpResponse};
 use crate::message::MessageEffect;
 use crate::request::RequestEffect;
 use crate::store::{
-    ClaimOptions, Commit, Conflict, Finish, Lease, Millis, NewRun, OutboxKind, OutboxRow,
-    ReadVersion, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
-    now_millis,
+    ClaimOptions, Commit, Conflict, Finish, Lease, NewRun, OutboxKind, OutboxRow, ReadVersion,
+    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
 use crate::transport::{OutgoingMessage, Transport, message_headers as publish_headers};
 
@@ -84,6 +83,8 @@ pub enum Mutant {
     SkipReadValidation,
     /// Every run gets a key of its own, so no run is ever a duplicate.
     SkipDuplicateCheck,
+    /// Claimed rows are never renewed: a claimant working longer than its lease loses it.
+    NoLeaseRenewal,
 }
 
 /// A fault-injection hook: called with the point and the key or row id. Testing only.
@@ -619,16 +620,60 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     }
 
     fn claim_options(&self) -> ClaimOptions {
-        let now = now_millis();
         ClaimOptions {
-            now,
-            lease: Lease {
-                owner: self.config.owner.clone(),
-                until: now.saturating_add(millis(self.config.lease)),
-            },
+            owner: self.config.owner.clone(),
+            lease: self.config.lease,
             publish_inline: self.inline,
             before_commit: None,
         }
+    }
+
+    /// Keeps the leases on claimed rows that are still to be worked on: once a third of the
+    /// lease has passed since `renewed`, renews them all (grouped by claim) and returns the ids
+    /// no longer held — another claimant took them after the lease expired, and this one must
+    /// not touch them.
+    async fn keep_leases(
+        &self,
+        rows: &[OutboxRow],
+        renewed: &mut Instant,
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut lost = HashSet::new();
+        if renewed.elapsed() < self.config.lease / 3
+            || rows.is_empty()
+            || self.mutant == Some(Mutant::NoLeaseRenewal)
+        {
+            return Ok(lost);
+        }
+        let mut by_lease: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+        for row in rows {
+            match &row.lease {
+                Some(l) => by_lease
+                    .entry((l.owner.clone(), l.token))
+                    .or_default()
+                    .push(row.id.clone()),
+                None => {
+                    lost.insert(row.id.clone());
+                }
+            }
+        }
+        *renewed = Instant::now();
+        for ((owner, token), ids) in by_lease {
+            let lease = Lease { owner, token };
+            let held: HashSet<String> = self
+                .store
+                .renew(ids.clone(), &lease, self.config.lease)
+                .await?
+                .into_iter()
+                .collect();
+            lost.extend(ids.into_iter().filter(|id| !held.contains(id)));
+        }
+        if !lost.is_empty() {
+            tracing::warn!(
+                lost = lost.len(),
+                "leases lost while working: another claimant has those rows"
+            );
+        }
+        Ok(lost)
     }
 
     /// Runs `effects` under the idempotency key `key` (see the [module docs](self)).
@@ -844,8 +889,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             .progress
             .add(self.send_messages(later_messages).await?);
 
-        let idle_since = now_millis().saturating_sub(millis(self.config.lease));
-        for record in self.store.stalled_runs(idle_since, limit).await? {
+        for record in self.store.stalled_runs(self.config.lease, limit).await? {
             let span = info_span!("effects.run", key = %record.key, tx = record.tx.0);
             let (progress, finished) = self
                 .send_requests_then_finish(&record, Vec::new())
@@ -888,6 +932,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     datom.expected.clear();
                 }
             }
+            Some(Mutant::NoLeaseRenewal) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1062,14 +1107,24 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     ) -> Result<(Progress, Option<Vec<OutboxRow>>), StoreError> {
         let mut progress = Progress::default();
         let span = info_span!("effects.requests", key = %record.key, tx = record.tx.0);
-        let mut rows = requests.into_iter();
-        while let Some(row) = rows.next() {
-            let stop = self
-                .send_request(&row, &mut progress)
-                .instrument(span.clone())
-                .await?;
+        let mut renewed = Instant::now();
+        for (i, row) in requests.iter().enumerate() {
+            let lost = self.keep_leases(&requests[i..], &mut renewed).await?;
+            let stop = if lost.contains(&row.id) {
+                // Someone else owns this request now; the run's later requests wait for it.
+                progress.pending += 1;
+                true
+            } else {
+                self.send_request(row, &mut progress)
+                    .instrument(span.clone())
+                    .await?
+            };
             if stop {
-                let rest: Vec<String> = rows.map(|r| r.id).collect();
+                let rest: Vec<String> = requests[i + 1..]
+                    .iter()
+                    .filter(|r| !lost.contains(&r.id))
+                    .map(|r| r.id.clone())
+                    .collect();
                 if !rest.is_empty() {
                     self.store.release(rest, &self.config.owner).await?;
                 }
@@ -1094,14 +1149,20 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         row: &OutboxRow,
         progress: &mut Progress,
     ) -> Result<bool, StoreError> {
+        let lease = claimed_lease(row)?;
         let request = match row.request() {
             Ok(r) => r,
             Err(e) => {
                 let reason = format!("unreadable request: {e}");
-                self.store
-                    .record_request(&row.id, RequestOutcome::Failed { reason }, now_millis())
-                    .await?;
-                progress.dead_lettered += 1;
+                if self
+                    .store
+                    .record_request(&row.id, RequestOutcome::Failed { reason }, &lease)
+                    .await?
+                {
+                    progress.dead_lettered += 1;
+                } else {
+                    progress.pending += 1;
+                }
                 return Ok(false);
             }
         };
@@ -1112,13 +1173,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             .await;
         self.fault(FaultPoint::AfterHttpBeforeRecord, &row.id);
         let outcome = match result {
-            Ok(response) => {
-                progress.requests_sent += 1;
-                RequestOutcome::Response { response }
-            }
+            Ok(response) => RequestOutcome::Response { response },
             Err(HttpError::Rejected { response, .. }) => {
                 tracing::warn!(id = %row.id, status = response.status, "request rejected: dead-lettered");
-                progress.dead_lettered += 1;
                 RequestOutcome::Rejected { response }
             }
             Err(e @ HttpError::Exhausted { .. }) => {
@@ -1130,32 +1187,43 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     .is_some_and(|max| row.attempts >= max)
                 {
                     tracing::error!(id = %row.id, %error, "request failed too often: dead-lettered");
-                    progress.dead_lettered += 1;
                     RequestOutcome::Failed {
                         reason: format!("gave up after {} attempts: {error}", row.attempts),
                     }
                 } else {
-                    let next =
-                        now_millis().saturating_add(millis(self.config.retry.delay(row.attempts)));
-                    tracing::warn!(id = %row.id, %error, next_attempt_at = next, "request failed: retrying later");
-                    self.store
-                        .retry_later(&row.id, &self.config.owner, &error, next)
-                        .await?;
+                    let delay = self.config.retry.delay(row.attempts);
+                    tracing::warn!(id = %row.id, %error, ?delay, "request failed: retrying later");
+                    if !self
+                        .store
+                        .retry_later(&row.id, &lease, &error, delay)
+                        .await?
+                    {
+                        tracing::warn!(id = %row.id, "lease lost: another claimant has the request");
+                    }
                     progress.pending += 1;
                     return Ok(true);
                 }
             }
             Err(other) => {
                 tracing::warn!(id = %row.id, error = %other, "request cannot succeed: dead-lettered");
-                progress.dead_lettered += 1;
                 RequestOutcome::Failed {
                     reason: other.to_string(),
                 }
             }
         };
-        self.store
-            .record_request(&row.id, outcome, now_millis())
-            .await?;
+        let success = outcome.is_success();
+        if !self.store.record_request(&row.id, outcome, &lease).await? {
+            // Another claimant took the row after this lease expired: its record stands, not
+            // this one; the run goes on with whoever holds it now.
+            tracing::warn!(id = %row.id, "lease lost: the outcome is not recorded");
+            progress.pending += 1;
+            return Ok(true);
+        }
+        if success {
+            progress.requests_sent += 1;
+        } else {
+            progress.dead_lettered += 1;
+        }
         Ok(false)
     }
 
@@ -1225,15 +1293,28 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         async {
             let mut blocked: HashSet<(String, String)> = HashSet::new();
             let mut held_back: Vec<String> = Vec::new();
-            for row in rows {
+            let mut renewed = Instant::now();
+            for (i, row) in rows.iter().enumerate() {
                 let partition = row
                     .partition_key
                     .as_ref()
                     .map(|pk| (row.destination.clone(), pk.clone()));
                 if partition.as_ref().is_some_and(|p| blocked.contains(p)) {
-                    held_back.push(row.id);
+                    held_back.push(row.id.clone());
                     continue;
                 }
+                if self
+                    .keep_leases(&rows[i..], &mut renewed)
+                    .await?
+                    .contains(&row.id)
+                {
+                    progress.pending += 1;
+                    if let Some(p) = partition {
+                        blocked.insert(p);
+                    }
+                    continue;
+                }
+                let lease = claimed_lease(row)?;
                 let message = OutgoingMessage {
                     id: row.id.clone(),
                     topic: row.destination.clone(),
@@ -1249,8 +1330,12 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 match published {
                     Ok(()) => {
                         self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                        self.store.mark_dispatched(&row.id, now_millis()).await?;
-                        progress.messages_dispatched += 1;
+                        if self.store.mark_dispatched(&row.id, &lease).await? {
+                            progress.messages_dispatched += 1;
+                        } else {
+                            tracing::warn!(id = %row.id, "lease lost: published, but another claimant marks the row");
+                            progress.pending += 1;
+                        }
                     }
                     Err(e) => {
                         let error = e.to_string();
@@ -1262,15 +1347,17 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         {
                             tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
                             let reason = format!("gave up after {} attempts: {error}", row.attempts);
-                            self.store.dead_letter(&row.id, &reason, now_millis()).await?;
-                            progress.dead_lettered += 1;
+                            if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {
+                                progress.dead_lettered += 1;
+                            } else {
+                                progress.pending += 1;
+                            }
                             continue;
                         }
-                        let next = now_millis()
-                            .saturating_add(millis(self.config.retry.delay(row.attempts)));
-                        tracing::warn!(id = %row.id, %error, next_attempt_at = next, "publish failed: retrying later");
+                        let delay = self.config.retry.delay(row.attempts);
+                        tracing::warn!(id = %row.id, %error, ?delay, "publish failed: retrying later");
                         self.store
-                            .retry_later(&row.id, &self.config.owner, &error, next)
+                            .retry_later(&row.id, &lease, &error, delay)
                             .await?;
                         progress.pending += 1;
                         if let Some(p) = partition {
@@ -1288,6 +1375,14 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         .instrument(span)
         .await
     }
+}
+
+/// The lease under which a row was handed to this claimant.
+fn claimed_lease(row: &OutboxRow) -> Result<Lease, StoreError> {
+    row.lease.clone().ok_or_else(|| StoreError::Corrupt {
+        what: format!("outbox row `{}`", row.id),
+        reason: "a claimed row came back without its lease".to_owned(),
+    })
 }
 
 /// A key as shown in an error: control characters escaped, at most 80 characters.
@@ -1317,8 +1412,4 @@ impl RunSummary {
             outbox_len: run.outbox.len(),
         }
     }
-}
-
-fn millis(d: Duration) -> Millis {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

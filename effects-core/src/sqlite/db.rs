@@ -92,6 +92,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_log.sql",
         sql: include_str!("../../migrations/sqlite/0002_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_fencing.sql",
+        sql: include_str!("../../migrations/sqlite/0003_fencing.sql"),
+    },
 ];
 
 pub(crate) struct Db {

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::Value;
@@ -12,9 +13,9 @@ use super::db::{Ctx, Db, SqliteOptions};
 use super::log::{SqliteLog, append_message};
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom, Millis,
-    NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneBefore, PruneReport,
-    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom, Lease,
+    Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport,
+    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
 use crate::transport::message_headers as publish_headers;
 
@@ -222,7 +223,8 @@ impl SqliteStore {
 // Row decoding.
 
 const OUTBOX_COLUMNS: &str = "id, run_key, seq, kind, destination, partition_key, headers, payload, \
-     tx, attempts, next_attempt_at_ms, last_error, dispatched_at_ms, dead_lettered_reason, ready_seq";
+     tx, attempts, next_attempt_at_ms, last_error, dispatched_at_ms, dead_lettered_reason, ready_seq, \
+     lease_owner, lease_until_ms, lease_token";
 
 struct RawOutbox {
     row: OutboxRow,
@@ -265,6 +267,9 @@ type OutboxTuple = (
     Option<i64>,
     Option<String>,
     Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
 );
 
 fn outbox_tuple(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxTuple> {
@@ -284,6 +289,9 @@ fn outbox_tuple(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxTuple> {
         r.get(12)?,
         r.get(13)?,
         r.get(14)?,
+        r.get(15)?,
+        r.get(16)?,
+        r.get(17)?,
     ))
 }
 
@@ -304,6 +312,9 @@ fn decode_outbox(t: OutboxTuple) -> Result<RawOutbox, StoreError> {
         dispatched_at,
         dead_lettered,
         ready_seq,
+        lease_owner,
+        lease_until,
+        lease_token,
     ) = t;
     let what = format!("outbox row `{id}`");
     let kind = match kind.as_str() {
@@ -327,6 +338,10 @@ fn decode_outbox(t: OutboxTuple) -> Result<RawOutbox, StoreError> {
             last_error,
             dispatched_at,
             dead_lettered,
+            lease: lease_owner
+                .zip(lease_token)
+                .map(|(owner, token)| Lease { owner, token }),
+            lease_until,
         },
         ready_seq,
     })
@@ -415,16 +430,23 @@ fn load_outbox_where(
 // Writing runs.
 
 fn next_ready(tx: &Transaction<'_>, count: usize) -> Result<i64, StoreError> {
-    const OP: &str = "allocating outbox order";
+    next_sequence(tx, "outbox_ready", count)
+}
+
+/// Allocates `count` values of a named sequence; returns the first.
+fn next_sequence(tx: &Transaction<'_>, name: &str, count: usize) -> Result<i64, StoreError> {
+    const OP: &str = "allocating a sequence";
     let count = i64::try_from(count).unwrap_or(i64::MAX);
     let last: i64 = tx
-        .prepare_cached(
-            "UPDATE sequences SET value = value + ?1 WHERE name = 'outbox_ready' RETURNING value",
-        )
+        .prepare_cached("UPDATE sequences SET value = value + ?1 WHERE name = ?2 RETURNING value")
         .ctx(OP)?
-        .query_row([count], |r| r.get(0))
+        .query_row(params![count, name], |r| r.get(0))
         .ctx(OP)?;
     Ok(last - count + 1)
+}
+
+fn millis(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether a ready, pending message of `topic` with `partition_key` is waiting.
@@ -666,6 +688,7 @@ fn apply_run(
     tx: &Transaction<'_>,
     run: &NewRun,
     options: &ClaimOptions,
+    now: Millis,
 ) -> Result<Commit, StoreError> {
     const OP: &str = "committing a run";
     if let Some(existing) = load_run(tx, &run.key)? {
@@ -674,7 +697,6 @@ fn apply_run(
     if let Some(conflict) = check_reads(tx, run)? {
         return Ok(Commit::Conflict(conflict));
     }
-    let now = options.now;
     tx.prepare_cached("INSERT INTO transactions (run_key, committed_at_ms) VALUES (?1, ?2)")
         .ctx(OP)?
         .execute(params![run.key, now])
@@ -772,7 +794,7 @@ fn apply_run(
             published_inline,
         });
     }
-    let claimed = claim(tx, Some(&run.key), usize::MAX, options)?;
+    let claimed = claim(tx, Some(&run.key), usize::MAX, options, now)?;
     let status = if claimed.published_inline > 0 {
         load_run(tx, &run.key)?.map_or(status, |r| r.status)
     } else {
@@ -794,9 +816,9 @@ fn claim(
     run_key: Option<&str>,
     limit: usize,
     options: &ClaimOptions,
+    now: Millis,
 ) -> Result<Claimed, StoreError> {
     const OP: &str = "claiming outbox rows";
-    let now = options.now;
     let scan = i64::try_from(limit.saturating_mul(4).saturating_add(64)).unwrap_or(i64::MAX);
     let due = "dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
                AND next_attempt_at_ms <= ?1 AND (lease_until_ms IS NULL OR lease_until_ms <= ?1)";
@@ -875,6 +897,18 @@ fn claim(
     let mut published_inline = 0;
     let mut rows = Vec::with_capacity(claimed.len());
     let mut touched_runs: HashSet<String> = HashSet::new();
+    let leased = claimed
+        .iter()
+        .any(|r| !(options.publish_inline && r.kind == OutboxKind::Message));
+    let lease = if leased {
+        Some(Lease {
+            owner: options.owner.clone(),
+            token: next_sequence(tx, "lease_token", 1)?,
+        })
+    } else {
+        None
+    };
+    let until = now.saturating_add(millis(options.lease));
     for mut row in claimed {
         if options.publish_inline && row.kind == OutboxKind::Message {
             publish_row_inline(tx, &row, now)?;
@@ -882,14 +916,19 @@ fn claim(
             published_inline += 1;
             continue;
         }
+        let Some(lease) = &lease else {
+            unreachable!("a lease is taken when a row is handed back");
+        };
         tx.prepare_cached(
-            "UPDATE outbox SET lease_owner = ?2, lease_until_ms = ?3, attempts = attempts + 1 \
-             WHERE id = ?1",
+            "UPDATE outbox SET lease_owner = ?2, lease_until_ms = ?3, lease_token = ?4, \
+             attempts = attempts + 1 WHERE id = ?1",
         )
         .ctx(OP)?
-        .execute(params![row.id, options.lease.owner, options.lease.until])
+        .execute(params![row.id, lease.owner, until, lease.token])
         .ctx(OP)?;
         row.attempts += 1;
+        row.lease = Some(lease.clone());
+        row.lease_until = Some(until);
         rows.push(row);
     }
     for key in touched_runs {
@@ -919,7 +958,7 @@ fn publish_row_inline(
     )?;
     tx.prepare_cached(
         "UPDATE outbox SET dispatched_at_ms = ?2, attempts = attempts + 1, lease_owner = NULL, \
-         lease_until_ms = NULL WHERE id = ?1 AND dispatched_at_ms IS NULL",
+         lease_until_ms = NULL, lease_token = NULL WHERE id = ?1 AND dispatched_at_ms IS NULL",
     )
     .ctx(OP)?
     .execute(params![row.id, now])
@@ -951,7 +990,7 @@ fn finish_requests_tx(
     if unresolved > 0 {
         return Ok(Finish::NotReady);
     }
-    let now = options.now;
+    let now = now_millis();
     for (i, row) in after.iter().enumerate() {
         let expected = run
             .outbox_count
@@ -1000,7 +1039,7 @@ fn finish_requests_tx(
     .execute(params![key, count, now])
     .ctx(OP)?;
     complete_if_done(tx, key, now)?;
-    let claimed = claim(tx, Some(key), usize::MAX, options)?;
+    let claimed = claim(tx, Some(key), usize::MAX, options, now)?;
     let status = load_run(tx, key)?.map_or(RunStatus::MessagesPending, |r| r.status);
     Ok(Finish::Finished {
         status,
@@ -1101,6 +1140,14 @@ fn entity_tx(
     }))
 }
 
+/// Pruning cutoffs as times of the store's clock.
+#[derive(Clone, Copy)]
+struct PruneBefore {
+    outbox_dispatched: Option<Millis>,
+    runs_completed: Option<Millis>,
+    log_published: Option<Millis>,
+}
+
 fn prune_chunk(tx: &Transaction<'_>, before: &PruneBefore) -> Result<PruneReport, StoreError> {
     const OP: &str = "pruning";
     const CHUNK: i64 = 5_000;
@@ -1172,9 +1219,10 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<Vec<Commit>, StoreError>> + Send {
         let db = Arc::clone(&self.db);
         let fut = self.db.write("committing runs", move |tx| {
+            let now = now_millis();
             let mut out = Vec::with_capacity(runs.len());
             for run in &runs {
-                out.push(apply_run(tx, run, &options)?);
+                out.push(apply_run(tx, run, &options, now)?);
             }
             if let Some(hook) = &options.before_commit {
                 hook();
@@ -1206,7 +1254,7 @@ impl Store for SqliteStore {
         let key = key.to_owned();
         let db = Arc::clone(&self.db);
         let fut = self.db.write("claiming a run's outbox rows", move |tx| {
-            claim(tx, Some(&key), usize::MAX, &options)
+            claim(tx, Some(&key), usize::MAX, &options, now_millis())
         });
         async move {
             let claimed = fut.await?;
@@ -1224,7 +1272,7 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<Claimed, StoreError>> + Send {
         let db = Arc::clone(&self.db);
         let fut = self.db.write("claiming due outbox rows", move |tx| {
-            claim(tx, None, limit, &options)
+            claim(tx, None, limit, &options, now_millis())
         });
         async move {
             let claimed = fut.await?;
@@ -1237,12 +1285,13 @@ impl Store for SqliteStore {
 
     fn stalled_runs(
         &self,
-        idle_since: Millis,
+        idle_for: Duration,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.db.read("finding stalled runs", move |conn| {
             const OP: &str = "finding stalled runs";
+            let idle_since = now_millis().saturating_sub(millis(idle_for));
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {RUN_COLUMNS} FROM effect_runs r WHERE status = 'requests_pending' \
@@ -1265,9 +1314,10 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         outcome: RequestOutcome,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let id = id.to_owned();
+        let lease = lease.clone();
         self.db.write("recording a response", move |tx| {
             const OP: &str = "recording a response";
             let Some(row) = load_outbox_where(tx, OP, "id = ?1", [&id])?.pop() else {
@@ -1283,6 +1333,10 @@ impl Store for SqliteStore {
                     "a response was recorded for a message",
                 ));
             }
+            if row.lease.as_ref() != Some(&lease) {
+                return Ok(false);
+            }
+            let now = now_millis();
             let outcome_json = serde_json::to_string(&outcome)
                 .map_err(|e| corrupt(format!("outbox row `{id}`"), e.to_string()))?;
             let inserted = tx
@@ -1294,13 +1348,13 @@ impl Store for SqliteStore {
                 .execute(params![row.run_key, row.seq, outcome_json, now])
                 .ctx(OP)?;
             if inserted == 0 || !row.is_pending() {
-                return Ok(());
+                return Ok(true);
             }
             match &outcome {
                 RequestOutcome::Response { .. } => tx
                     .prepare_cached(
                         "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
-                         lease_until_ms = NULL, last_error = NULL WHERE id = ?1",
+                         lease_until_ms = NULL, lease_token = NULL, last_error = NULL WHERE id = ?1",
                     )
                     .ctx(OP)?
                     .execute(params![id, now])
@@ -1308,7 +1362,7 @@ impl Store for SqliteStore {
                 RequestOutcome::Rejected { response } => tx
                     .prepare_cached(
                         "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
-                         lease_until_ms = NULL WHERE id = ?1",
+                         lease_until_ms = NULL, lease_token = NULL WHERE id = ?1",
                     )
                     .ctx(OP)?
                     .execute(params![
@@ -1319,7 +1373,7 @@ impl Store for SqliteStore {
                 RequestOutcome::Failed { reason } => tx
                     .prepare_cached(
                         "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
-                         lease_until_ms = NULL WHERE id = ?1",
+                         lease_until_ms = NULL, lease_token = NULL WHERE id = ?1",
                     )
                     .ctx(OP)?
                     .execute(params![id, reason])
@@ -1329,7 +1383,7 @@ impl Store for SqliteStore {
                 .ctx(OP)?
                 .execute(params![row.run_key, now])
                 .ctx(OP)?;
-            Ok(())
+            Ok(true)
         })
     }
 
@@ -1398,25 +1452,31 @@ impl Store for SqliteStore {
     fn mark_dispatched(
         &self,
         id: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let id = id.to_owned();
+        let lease = lease.clone();
         self.db.write("marking a row dispatched", move |tx| {
             const OP: &str = "marking a row dispatched";
+            let now = now_millis();
             let key: Option<String> = tx
                 .prepare_cached(
                     "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
-                     lease_until_ms = NULL, last_error = NULL \
-                     WHERE id = ?1 AND dispatched_at_ms IS NULL RETURNING run_key",
+                     lease_until_ms = NULL, lease_token = NULL, last_error = NULL \
+                     WHERE id = ?1 AND dispatched_at_ms IS NULL AND lease_token = ?3 \
+                     AND lease_owner = ?4 RETURNING run_key",
                 )
                 .ctx(OP)?
-                .query_row(params![id, now], |r| r.get(0))
+                .query_row(params![id, now, lease.token, lease.owner], |r| r.get(0))
                 .optional()
                 .ctx(OP)?;
-            if let Some(key) = key {
-                complete_if_done(tx, &key, now)?;
+            match key {
+                Some(key) => {
+                    complete_if_done(tx, &key, now)?;
+                    Ok(true)
+                }
+                None => Ok(false),
             }
-            Ok(())
         })
     }
 
@@ -1424,50 +1484,90 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         reason: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        lease: Option<&Lease>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let id = id.to_owned();
         let reason = reason.to_owned();
+        let lease = lease.cloned();
         self.db.write("dead-lettering a row", move |tx| {
             const OP: &str = "dead-lettering a row";
+            let now = now_millis();
+            let (token, owner) = lease.map_or((None, None), |l| (Some(l.token), Some(l.owner)));
             let key: Option<String> = tx
                 .prepare_cached(
                     "UPDATE outbox SET dead_lettered_reason = ?2, lease_owner = NULL, \
-                     lease_until_ms = NULL WHERE id = ?1 AND dispatched_at_ms IS NULL \
-                     AND dead_lettered_reason IS NULL RETURNING run_key",
+                     lease_until_ms = NULL, lease_token = NULL WHERE id = ?1 \
+                     AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
+                     AND ((?3 IS NULL AND (lease_until_ms IS NULL OR lease_until_ms <= ?5)) \
+                          OR (lease_token = ?3 AND lease_owner = ?4)) \
+                     RETURNING run_key",
                 )
                 .ctx(OP)?
-                .query_row(params![id, reason], |r| r.get(0))
+                .query_row(params![id, reason, token, owner, now], |r| r.get(0))
                 .optional()
                 .ctx(OP)?;
-            if let Some(key) = key {
-                tx.prepare_cached("UPDATE effect_runs SET updated_at_ms = ?2 WHERE key = ?1")
-                    .ctx(OP)?
-                    .execute(params![key, now])
-                    .ctx(OP)?;
-                complete_if_done(tx, &key, now)?;
-            }
-            Ok(())
+            let Some(key) = key else {
+                return Ok(false);
+            };
+            tx.prepare_cached("UPDATE effect_runs SET updated_at_ms = ?2 WHERE key = ?1")
+                .ctx(OP)?
+                .execute(params![key, now])
+                .ctx(OP)?;
+            complete_if_done(tx, &key, now)?;
+            Ok(true)
         })
     }
 
     fn retry_later(
         &self,
         id: &str,
-        owner: &str,
+        lease: &Lease,
         error: &str,
-        next_attempt_at: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let (id, owner, error) = (id.to_owned(), owner.to_owned(), error.to_owned());
+        delay: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let (id, error) = (id.to_owned(), error.to_owned());
+        let lease = lease.clone();
         self.db.write("scheduling a retry", move |tx| {
-            tx.prepare_cached(
-                "UPDATE outbox SET last_error = ?3, next_attempt_at_ms = ?4, lease_owner = NULL, \
-                 lease_until_ms = NULL WHERE id = ?1 AND lease_owner = ?2",
-            )
-            .ctx("scheduling a retry")?
-            .execute(params![id, owner, error, next_attempt_at])
-            .ctx("scheduling a retry")?;
-            Ok(())
+            let next = now_millis().saturating_add(millis(delay));
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE outbox SET last_error = ?3, next_attempt_at_ms = ?4, lease_owner = NULL, \
+                     lease_until_ms = NULL, lease_token = NULL \
+                     WHERE id = ?1 AND lease_token = ?2 AND lease_owner = ?5",
+                )
+                .ctx("scheduling a retry")?
+                .execute(params![id, lease.token, error, next, lease.owner])
+                .ctx("scheduling a retry")?;
+            Ok(changed > 0)
+        })
+    }
+
+    fn renew(
+        &self,
+        ids: Vec<String>,
+        lease: &Lease,
+        duration: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        let lease = lease.clone();
+        self.db.write("renewing leases", move |tx| {
+            const OP: &str = "renewing leases";
+            let until = now_millis().saturating_add(millis(duration));
+            let mut held = Vec::with_capacity(ids.len());
+            for id in ids {
+                let renewed = tx
+                    .prepare_cached(
+                        "UPDATE outbox SET lease_until_ms = ?3 WHERE id = ?1 AND lease_token = ?2 \
+                         AND lease_owner = ?4 AND dispatched_at_ms IS NULL \
+                         AND dead_lettered_reason IS NULL",
+                    )
+                    .ctx(OP)?
+                    .execute(params![id, lease.token, until, lease.owner])
+                    .ctx(OP)?;
+                if renewed > 0 {
+                    held.push(id);
+                }
+            }
+            Ok(held)
         })
     }
 
@@ -1482,8 +1582,8 @@ impl Store for SqliteStore {
             if ids.is_empty() {
                 return Ok(tx
                     .prepare_cached(
-                        "UPDATE outbox SET lease_owner = NULL, lease_until_ms = NULL \
-                         WHERE lease_owner = ?1",
+                        "UPDATE outbox SET lease_owner = NULL, lease_until_ms = NULL, \
+                         lease_token = NULL WHERE lease_owner = ?1",
                     )
                     .ctx(OP)?
                     .execute([&owner])
@@ -1494,7 +1594,8 @@ impl Store for SqliteStore {
                 released += tx
                     .prepare_cached(
                         "UPDATE outbox SET lease_owner = NULL, lease_until_ms = NULL, \
-                         attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND lease_owner = ?2",
+                         lease_token = NULL, attempts = MAX(attempts - 1, 0) \
+                         WHERE id = ?1 AND lease_owner = ?2",
                     )
                     .ctx(OP)?
                     .execute(params![id, owner])
@@ -1543,10 +1644,18 @@ impl Store for SqliteStore {
 
     fn prune(
         &self,
-        before: PruneBefore,
+        older_than: PruneOlderThan,
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send {
         let db = Arc::clone(&self.db);
         async move {
+            // The cutoffs come from the store's clock, once, so that a chunk loop cannot drift.
+            let now = now_millis();
+            let cutoff = |age: Option<Duration>| age.map(|a| now.saturating_sub(millis(a)));
+            let before = PruneBefore {
+                outbox_dispatched: cutoff(older_than.outbox_dispatched),
+                runs_completed: cutoff(older_than.runs_completed),
+                log_published: cutoff(older_than.log_published),
+            };
             let mut total = PruneReport::default();
             // Chunks keep each write transaction short; a chunk that removes nothing ends it.
             for _ in 0..10_000 {

@@ -34,7 +34,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -304,26 +304,32 @@ pub struct NewRun {
     pub outbox: Vec<NewOutboxRow>,
 }
 
-/// A lease on outbox rows: nobody else claims them before `until`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A lease held on claimed outbox rows: who claimed them, and the claim's fencing token.
+///
+/// Every claim takes a new token, higher than any before it. A row's lease is held while its
+/// stored token is the holder's: once another claimant has taken the row (after the lease
+/// expired), the old holder's token no longer matches, and the store refuses to record, mark,
+/// reschedule or renew anything for it. Expiry is measured by the store's own clock, never the
+/// caller's, so a process whose clock is wrong cannot take a lease early.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
     /// Who holds it (an executor's owner name).
     pub owner: String,
-    /// When it expires.
-    pub until: Millis,
+    /// The claim's fencing token.
+    pub token: i64,
 }
 
 /// A hook a store calls inside its transaction, just before committing. Fault injection only.
 #[doc(hidden)]
 pub type BeforeCommit = Arc<dyn Fn() + Send + Sync>;
 
-/// How a commit or a claim is done.
+/// How a commit or a claim is done. Times are the store's: it reads its own clock.
 #[derive(Clone)]
 pub struct ClaimOptions {
-    /// The time of the operation.
-    pub now: Millis,
-    /// The lease taken on the rows handed back.
-    pub lease: Lease,
+    /// Who claims (an executor's owner name).
+    pub owner: String,
+    /// How long the lease on the rows handed back lasts, from the store's clock.
+    pub lease: Duration,
     /// Publish ready messages into the store's own log (a colocated transport) in the same
     /// transaction and mark them dispatched, instead of handing them back.
     pub publish_inline: bool,
@@ -334,7 +340,7 @@ pub struct ClaimOptions {
 impl fmt::Debug for ClaimOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClaimOptions")
-            .field("now", &self.now)
+            .field("owner", &self.owner)
             .field("lease", &self.lease)
             .field("publish_inline", &self.publish_inline)
             .finish_non_exhaustive()
@@ -372,6 +378,11 @@ pub struct OutboxRow {
     pub dispatched_at: Option<Millis>,
     /// Why it will never be dispatched.
     pub dead_lettered: Option<String>,
+    /// The lease on it, if one was taken and not given back: for a row just claimed, the
+    /// caller's.
+    pub lease: Option<Lease>,
+    /// When that lease expires (the store's clock).
+    pub lease_until: Option<Millis>,
 }
 
 impl OutboxRow {
@@ -572,18 +583,19 @@ pub struct HistoryDatom {
     pub op: Op,
 }
 
-/// What pruning may remove: everything strictly older than these times. `None` keeps that kind.
+/// What pruning may remove: everything older than these ages, measured by the store's own
+/// clock (a pruning process whose clock runs ahead cannot shorten them). `None` keeps that kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PruneBefore {
-    /// Outbox rows dispatched before this time, of runs that are done.
-    pub outbox_dispatched: Option<Millis>,
-    /// Runs completed before this time with no outbox rows left (their recorded responses go
-    /// with them). After that the key can be applied again: keep runs longer than any
+pub struct PruneOlderThan {
+    /// Outbox rows dispatched longer ago than this, of runs that are done.
+    pub outbox_dispatched: Option<Duration>,
+    /// Runs completed longer ago than this with no outbox rows left (their recorded responses
+    /// go with them). After that the key can be applied again: keep runs longer than any
     /// redelivery can take.
-    pub runs_completed: Option<Millis>,
-    /// Log messages published before this time that every consumer of their topic has
+    pub runs_completed: Option<Duration>,
+    /// Log messages published longer ago than this that every consumer of their topic has
     /// acknowledged (only stores with a colocated log).
-    pub log_published: Option<Millis>,
+    pub log_published: Option<Duration>,
 }
 
 /// What pruning removed.
@@ -692,23 +704,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Claimed, StoreError>> + Send;
 
     /// Runs stuck in [`RunStatus::RequestsPending`] with every request resolved and no
-    /// progress since `idle_since`: a crash came between the last response and the
+    /// progress for `idle_for` (by the store's clock): a crash came between the last response and the
     /// after-requests step.
     fn stalled_runs(
         &self,
-        idle_since: Millis,
+        idle_for: Duration,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
 
     /// Records how a request ended and resolves its row: dispatched for a response,
     /// dead-lettered for a rejection or failure. The first record wins; later ones change
-    /// nothing.
+    /// nothing. Refused (`Ok(false)`, nothing written) unless `lease` still holds the row.
     fn record_request(
         &self,
         id: &str,
         outcome: RequestOutcome,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Every request of a run that has been recorded, in order.
     fn recorded_requests(
@@ -726,30 +738,43 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Finish, StoreError>> + Send;
 
     /// Marks a row dispatched (the broker acknowledged it) and the run done if it was the
-    /// last pending row. Idempotent.
+    /// last pending row. Refused (`Ok(false)`) unless `lease` still holds the row.
     fn mark_dispatched(
         &self,
         id: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Gives up on a row for good, with the reason.
+    /// Gives up on a row for good, with the reason. With a lease (a claimant giving up),
+    /// refused (`Ok(false)`) unless the lease still holds the row; without one (an operator),
+    /// refused while anyone holds an unexpired lease on it. Refused too if the row is already
+    /// dispatched or dead-lettered.
     fn dead_letter(
         &self,
         id: &str,
         reason: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        lease: Option<&Lease>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Releases the lease `owner` holds on a row after a failed attempt: it is claimed again
-    /// at `next_attempt_at`.
+    /// Releases the lease on a row after a failed attempt: it is claimed again once `delay`
+    /// has passed (by the store's clock). Refused (`Ok(false)`) unless `lease` still holds it.
     fn retry_later(
         &self,
         id: &str,
-        owner: &str,
+        lease: &Lease,
         error: &str,
-        next_attempt_at: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        delay: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Extends the lease on rows still held by `lease` to `duration` from now (the store's
+    /// clock), and returns the ids it still holds: a claimant working longer than its lease
+    /// renews as it goes, and stops working on a row it no longer holds.
+    fn renew(
+        &self,
+        ids: Vec<String>,
+        lease: &Lease,
+        duration: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Releases leases `owner` holds on rows it did not attempt (their attempt is not
     /// counted). With no ids, every lease `owner` holds: a restarted process reclaims what its
@@ -776,6 +801,6 @@ pub trait Store: Send + Sync + 'static {
     /// Removes what is old enough; never an undispatched outbox row nor a run that is not done.
     fn prune(
         &self,
-        before: PruneBefore,
+        older_than: PruneOlderThan,
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
 }

@@ -3,11 +3,12 @@
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use super::{
-    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Millis, NewOutboxRow, NewRun,
-    OutboxRow, PruneBefore, PruneReport, ReadVersion, RecordedRequest, RequestOutcome, RunRecord,
-    Store, StoreError, Tx,
+    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Lease, NewOutboxRow, NewRun,
+    OutboxRow, PruneOlderThan, PruneReport, ReadVersion, RecordedRequest, RequestOutcome,
+    RunRecord, Store, StoreError, Tx,
 };
 use crate::datom::LookupRef;
 
@@ -131,19 +132,19 @@ impl<S: Store> Store for Tracked<S> {
 
     fn stalled_runs(
         &self,
-        idle_since: Millis,
+        idle_for: Duration,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send {
-        self.store.stalled_runs(idle_since, limit)
+        self.store.stalled_runs(idle_for, limit)
     }
 
     fn record_request(
         &self,
         id: &str,
         outcome: RequestOutcome,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.store.record_request(id, outcome, now)
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.store.record_request(id, outcome, lease)
     }
 
     fn recorded_requests(
@@ -165,28 +166,37 @@ impl<S: Store> Store for Tracked<S> {
     fn mark_dispatched(
         &self,
         id: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.store.mark_dispatched(id, now)
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.store.mark_dispatched(id, lease)
     }
 
     fn dead_letter(
         &self,
         id: &str,
         reason: &str,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.store.dead_letter(id, reason, now)
+        lease: Option<&Lease>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.store.dead_letter(id, reason, lease)
     }
 
     fn retry_later(
         &self,
         id: &str,
-        owner: &str,
+        lease: &Lease,
         error: &str,
-        next_attempt_at: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.store.retry_later(id, owner, error, next_attempt_at)
+        delay: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.store.retry_later(id, lease, error, delay)
+    }
+
+    fn renew(
+        &self,
+        ids: Vec<String>,
+        lease: &Lease,
+        duration: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        self.store.renew(ids, lease, duration)
     }
 
     fn release(
@@ -215,8 +225,8 @@ impl<S: Store> Store for Tracked<S> {
 
     fn prune(
         &self,
-        before: PruneBefore,
+        older_than: PruneOlderThan,
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send {
-        self.store.prune(before)
+        self.store.prune(older_than)
     }
 }
