@@ -97,7 +97,8 @@ pub struct Token {
 }
 
 impl Token {
-    /// How long before its expiry a token is replaced, so that it does not expire on the way.
+    /// How long before its expiry a token is replaced, so that it does not expire on the way. A
+    /// token that lives shorter than this is fetched again for every attempt.
     pub const REFRESH_MARGIN: Duration = Duration::from_secs(5);
 
     /// A token with no known expiry: it is used until a request with it gets a 401.

@@ -1,6 +1,6 @@
-//! Helpers of the credential tests: bounded tests, fresh database directories, a raw search of
-//! files for a secret, row counts of every table, and a tracing subscriber that writes down
-//! every span and event at every level.
+//! Helpers of the credential tests: bounded tests, what a wiremock server received, fresh
+//! database directories, a raw search of files for a secret, row counts of every table, and a
+//! tracing subscriber that writes down every span and event at every level.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -24,6 +24,32 @@ pub async fn bounded<T>(test: impl Future<Output = T>) -> T {
     tokio::time::timeout(TEST_TIMEOUT, test)
         .await
         .expect("the test did not finish in time")
+}
+
+/// What a wiremock server received.
+pub async fn received(server: &wiremock::MockServer) -> Vec<wiremock::Request> {
+    server
+        .received_requests()
+        .await
+        .expect("request recording is on")
+}
+
+/// `Ok` when every request the server received carries `name: value`; counted at the server.
+pub fn every_attempt_carries(
+    requests: &[wiremock::Request],
+    name: &str,
+    value: &str,
+) -> Result<(), String> {
+    if requests.is_empty() {
+        return Err("the server received nothing".to_owned());
+    }
+    for (i, r) in requests.iter().enumerate() {
+        let got = r.headers.get(name).and_then(|v| v.to_str().ok());
+        if got != Some(value) {
+            return Err(format!("attempt {} carried {name}: {got:?}", i + 1));
+        }
+    }
+    Ok(())
 }
 
 /// A fresh directory for one test's files.
@@ -106,6 +132,27 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Makes a capture the process's global subscriber, once, and returns it: every span and
+    /// event of every thread is written down from then on. A scoped subscriber
+    /// (`set_default`) is not enough when other threads hit a call site first: its interest is
+    /// then cached from their (empty) subscriber.
+    pub fn install_global() -> Capture {
+        static GLOBAL: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+        GLOBAL
+            .get_or_init(|| {
+                let capture = Capture::default();
+                tracing::subscriber::set_global_default(capture.clone())
+                    .expect("no other global subscriber in this test binary");
+                capture
+            })
+            .clone()
+    }
+
+    /// Forgets what was written down.
+    pub fn clear(&self) {
+        self.text.lock().expect("capture lock").clear();
+    }
+
     /// Everything written down so far.
     pub fn text(&self) -> String {
         self.text.lock().expect("capture lock").clone()
@@ -177,15 +224,4 @@ impl Subscriber for Capture {
     fn enter(&self, _: &Id) {}
 
     fn exit(&self, _: &Id) {}
-}
-
-/// Runs `test` on a current-thread runtime with `capture` as the default subscriber, so that
-/// every span and event of the test (the executor's, the client's, reqwest's) is written down.
-pub fn run_captured<F: Future>(capture: &Capture, test: F) -> F::Output {
-    let _guard = tracing::subscriber::set_default(capture.clone());
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(bounded(test))
 }
