@@ -606,6 +606,8 @@ impl ReqwestClient {
             if let Some(token) = token {
                 secrets.push(token.token.value().expose());
             }
+            // Longest first, so a secret inside a longer one leaves no piece of the longer.
+            secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
             let mut recorded = HttpResponse {
                 status,
                 headers,
@@ -994,10 +996,41 @@ pub(crate) fn error_chain(error: &dyn StdError) -> String {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use super::{join_url, lower_cased_headers, parse_body, parse_retry_after, summarise};
+    use super::{
+        join_url, lower_cased_headers, parse_body, parse_retry_after, scrub_response, summarise,
+    };
+    use crate::http::HttpResponse;
     use reqwest::Url;
     use reqwest::header::{HeaderMap, HeaderValue};
     use serde_json::{Value, json};
+
+    #[test]
+    fn echoed_secrets_are_scrubbed_from_headers_and_bodies() {
+        let mut response = HttpResponse {
+            status: 200,
+            headers: [("x-echo".to_owned(), "key=sk-123456".to_owned())].into(),
+            body: json!({
+                "auth": "Basic c3ZjOnB3LTEyMzQ1Ng==",
+                "sk-123456": [1, "sk-123456-and-more"],
+                "short": "abc",
+                "n": 7
+            }),
+            attempts: 1,
+        };
+        // Longest first, as the client orders them.
+        let secrets = ["Basic c3ZjOnB3LTEyMzQ1Ng==", "sk-123456", "abc"];
+        scrub_response(&mut response, &secrets);
+        assert_eq!(response.headers["x-echo"], "key=[redacted]");
+        assert_eq!(
+            response.body,
+            json!({
+                "auth": "[redacted]",
+                "[redacted]": [1, "[redacted]-and-more"],
+                "short": "abc",
+                "n": 7
+            })
+        );
+    }
 
     #[test]
     fn urls_join_with_exactly_one_slash() {

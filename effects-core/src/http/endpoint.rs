@@ -257,8 +257,8 @@ pub struct Endpoint {
     pub(crate) base_url: Url,
     /// Static credential headers, lower-case names; basic auth is one of them.
     pub(crate) headers: Vec<(HeaderName, Secret)>,
-    /// Set by [`Endpoint::with_basic_auth`]: the user name (not secret, but not shown either)
-    /// and the password, so it can be masked wherever it shows up.
+    /// Set by [`Endpoint::with_basic_auth`]: the password on its own, so that it can be masked
+    /// wherever it shows up (the header holds it encoded).
     pub(crate) basic_password: Option<Secret>,
     pub(crate) bearer: Option<Arc<dyn TokenProvider>>,
     pub(crate) identity: Option<reqwest::Identity>,
@@ -470,9 +470,19 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Every secret value, for masking wherever it might show up.
+    /// Every secret value, for masking wherever it might show up: each header value, and for a
+    /// `Scheme credentials` value the credentials alone, and the basic-auth password.
     pub(crate) fn secret_values(&self) -> Vec<Secret> {
-        let mut values: Vec<Secret> = self.headers.iter().map(|(_, v)| v.clone()).collect();
+        let mut values = Vec::with_capacity(self.headers.len() * 2 + 1);
+        for (_, value) in &self.headers {
+            values.push(value.clone());
+            if let Some((_, credentials)) = value.expose().split_once(' ') {
+                let credentials = credentials.trim();
+                if !credentials.is_empty() {
+                    values.push(Secret::new(credentials));
+                }
+            }
+        }
         values.extend(self.basic_password.clone());
         values
     }
