@@ -186,6 +186,97 @@
 //! `#[effect_handler(key = transfer.id)]`, so an upstream re-sending a transfer under a new message
 //! id gets a duplicate ([`handler::message_key`], [`handler::business_key`]).
 //!
+//! # HTTP endpoints
+//!
+//! A request effect names an endpoint (`fraud-check`), never a URL or a credential: effects are
+//! data, hashed to bind their idempotency key, written to the outbox, recorded with their
+//! responses, printed in snapshots and logs. An endpoint's base URL and credentials live in the
+//! [`HttpConfig`](http::HttpConfig) of the executor's HTTP client, read from the environment or
+//! from files when the service starts: static headers, basic auth, bearer tokens from a
+//! [`TokenProvider`](http::TokenProvider) (fetched when needed, refreshed before they expire and
+//! once after a 401), and client certificates with a private CA (mutual TLS).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use effects_core::Executor;
+//! use effects_core::http::{Endpoint, HttpConfig, ReqwestClient, Secret, Token, TokenError};
+//! use effects_core::store::SqliteStore;
+//!
+//! /// The service's OAuth client-credentials exchange: a token and its lifetime in seconds.
+//! async fn fetch_token(client_secret: &Secret) -> Result<(String, u64), std::io::Error> {
+//!     # let _ = client_secret;
+//!     # Ok(("eyJhbGciOi".to_owned(), 3600))
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client_secret = Secret::from_env("FRAUD_CLIENT_SECRET")?;
+//! let config = HttpConfig::new()
+//!     // An API key in a header.
+//!     .add_endpoint(
+//!         Endpoint::new("ledger", "https://ledger.internal.example/api")?
+//!             .with_header_from_env("X-Api-Key", "LEDGER_API_KEY")?,
+//!     )?
+//!     // Bearer tokens from the service's own token exchange.
+//!     .add_endpoint(
+//!         Endpoint::new("fraud-check", "https://fraud.example.com/v2")?.with_bearer(move || {
+//!             let client_secret = client_secret.clone();
+//!             async move {
+//!                 let (token, lifetime) =
+//!                     fetch_token(&client_secret).await.map_err(TokenError::new)?;
+//!                 Ok(Token::new(token).expires_in(Duration::from_secs(lifetime)))
+//!             }
+//!         })?,
+//!     )?
+//!     // Mutual TLS behind a private CA, and a session header the server hands out.
+//!     .add_endpoint(
+//!         Endpoint::new("payments", "https://payments.internal.example")?
+//!             .with_client_certificate(
+//!                 &std::fs::read("/etc/effects/client.pem")?,
+//!                 &std::fs::read("/etc/effects/client.key")?,
+//!             )?
+//!             .with_ca_certificate(&std::fs::read("/etc/effects/ca.pem")?)?
+//!             .with_secret_header("X-Payment-Session")?,
+//!     )?;
+//!
+//! let store = SqliteStore::open("effects.db")?;
+//! let executor = Executor::builder(store.clone(), store.log())
+//!     .http(ReqwestClient::new(config)?)
+//!     .build();
+//! # let _ = executor;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **What is stored about a request:** the request effect as the handler returned it (method,
+//! endpoint name, path with its query, its own headers, body) in the outbox row `key#n`, which is
+//! also its `Idempotency-Key`. **About its response:** the status, the response headers, the
+//! body (JSON, or the text as a string) and the number of attempts, with `Set-Cookie`, echoed
+//! `Authorization`, `Proxy-Authorization` and `Cookie`, and the endpoint's secret headers reading
+//! `[redacted]`; any credential of the endpoint that the server echoed back, in a header or the
+//! body, is replaced by `[redacted]` too. A failure is stored as text: the status and the start
+//! of the body (scrubbed the same way), or the transport error. Tracing spans carry the key, the
+//! method, the endpoint, the path, the attempt and the status, never a header value.
+//!
+//! **What is never stored:** the endpoint's credentials, whether header values, passwords,
+//! bearer tokens or client keys. They are added to each attempt as it is sent and exist only in
+//! the configuration and the client's memory; `Debug` shows `[redacted]`, and errors name a
+//! header or an environment variable, never a value. A base URL with a user name or password is
+//! refused, and so are credentials over plain `http` to a host that is not loopback (unless the
+//! endpoint allows it). The executor refuses, before anything is written, a request effect that
+//! sets `Authorization`, `Proxy-Authorization`, `Cookie` or a secret header of its endpoint
+//! ([`ValidationError::CredentialHeader`](executor::ValidationError::CredentialHeader)), and a
+//! request to an endpoint the client does not know
+//! ([`ValidationError::UnknownEndpoint`](executor::ValidationError::UnknownEndpoint)).
+//!
+//! **What it cannot tell apart:** a secret a handler puts into a path, a query string, a body or
+//! a header that is not declared secret is data like any other, and is stored as such. Keep
+//! credentials out of handlers, and declare headers that carry them with
+//! [`Endpoint::with_secret_header`](http::Endpoint::with_secret_header). Credentials shorter than
+//! 6 bytes are not searched for in response bodies. An after-requests hook sees the responses
+//! as they were recorded, masked. Snapshots taken with the testing kit mask credential fields
+//! (`authorization`, `cookie`, `set-cookie`, names ending in `token`, `secret`, `password`,
+//! `api-key`) and every other occurrence of their values.
+//!
 //! # What the compiler says
 //!
 //! Wrong effect shapes are compile errors at your own token, saying the fix. Building a

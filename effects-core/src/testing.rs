@@ -27,7 +27,7 @@
 //! assert_effects_eq!(greet(""), Empty);
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -39,11 +39,29 @@ use crate::handler::Handler;
 ///
 /// Ids are replaced by `[id N]`, numbered by first appearance, everywhere the same value occurs
 /// (lookup refs, payload fields, message keys, path segments), so a snapshot still shows which
-/// effects concern the same entity. Timestamps become `[timestamp]`.
+/// effects concern the same entity. Timestamps become `[timestamp]`. Credentials become
+/// `[redacted]`, and so does every other occurrence of their value in the document.
 ///
 /// By default an id is a lookup ref's value or the value of a field named `id` or ending in
 /// `_id`; a timestamp is the value of a field named `timestamp`, `time` or ending in `_at`, or
-/// any string that reads as an RFC 3339 date-time.
+/// any string that reads as an RFC 3339 date-time. A credential is the value of a field (or
+/// header) named `authorization`, `proxy-authorization`, `cookie`, `set-cookie`, or ending in
+/// `password`, `secret`, `token`, `api-key` or `apikey` (case, `-` and `_` ignored), and of every
+/// field named with [`Redactions::secret_field`]; credentials are masked even with
+/// [`Redactions::none`].
+///
+/// ```
+/// use effects_core::testing::Redactions;
+/// use serde_json::json;
+///
+/// let doc = json!({"headers": {"Authorization": "Bearer eyJhbGciOi", "x-session": "s-51f0aa"},
+///                  "body": {"echo": "s-51f0aa"}});
+/// let redacted = Redactions::default().secret_field("x-session").apply(&doc);
+/// assert_eq!(redacted, json!({
+///     "headers": {"Authorization": "[redacted]", "x-session": "[redacted]"},
+///     "body": {"echo": "[redacted]"}
+/// }));
+/// ```
 ///
 /// ```
 /// use effects_core::testing::Redactions;
@@ -60,6 +78,7 @@ use crate::handler::Handler;
 pub struct Redactions {
     id_fields: Vec<String>,
     timestamp_fields: Vec<String>,
+    secret_fields: Vec<String>,
     standard: bool,
 }
 
@@ -68,14 +87,38 @@ impl Default for Redactions {
         Redactions {
             id_fields: Vec::new(),
             timestamp_fields: Vec::new(),
+            secret_fields: Vec::new(),
             standard: true,
         }
     }
 }
 
+/// Field names (normalised: lower case, `_` as `-`) whose values are credentials.
+const SECRET_FIELDS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "set-cookie2",
+];
+
+/// Endings of field names (normalised) whose values are credentials.
+const SECRET_FIELD_ENDINGS: [&str; 5] = ["password", "secret", "token", "api-key", "apikey"];
+
+/// Credentials shorter than this are not searched for elsewhere in a document: masking every
+/// `abc` would garble it.
+const MIN_SECRET_CHARS: usize = 6;
+
+/// What a credential becomes.
+const REDACTED: &str = "[redacted]";
+
+fn normalised(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
 impl Redactions {
-    /// No rules at all; add your own with [`Redactions::id_field`] and
-    /// [`Redactions::timestamp_field`].
+    /// No id or timestamp rules; add your own with [`Redactions::id_field`] and
+    /// [`Redactions::timestamp_field`]. Credentials are still masked.
     pub fn none() -> Self {
         Redactions {
             standard: false,
@@ -97,6 +140,21 @@ impl Redactions {
         self
     }
 
+    /// Also treats fields (or headers) with this name as credentials; case, `-` and `_` are
+    /// ignored.
+    #[must_use]
+    pub fn secret_field(mut self, name: impl Into<String>) -> Self {
+        self.secret_fields.push(normalised(&name.into()));
+        self
+    }
+
+    fn is_secret_field(&self, key: &str) -> bool {
+        let key = normalised(key);
+        SECRET_FIELDS.contains(&key.as_str())
+            || SECRET_FIELD_ENDINGS.iter().any(|end| key.ends_with(end))
+            || self.secret_fields.contains(&key)
+    }
+
     fn is_id_field(&self, key: &str) -> bool {
         self.id_fields.iter().any(|f| f == key)
             || (self.standard && (key == "id" || key.ends_with("_id")))
@@ -107,17 +165,45 @@ impl Redactions {
             || (self.standard && (key == "timestamp" || key == "time" || key.ends_with("_at")))
     }
 
-    /// `value`'s JSON form with ids and timestamps replaced.
+    /// `value`'s JSON form with credentials, ids and timestamps replaced.
     ///
     /// # Panics
     /// If `value` cannot be represented as JSON (a map with non-string keys).
     pub fn apply<T: Serialize + ?Sized>(&self, value: &T) -> Value {
         let mut doc = serde_json::to_value(value)
             .unwrap_or_else(|e| panic!("cannot snapshot a value that is not JSON: {e}"));
+        let mut secrets: BTreeSet<String> = BTreeSet::new();
+        self.mask_secrets(&mut doc, &mut secrets);
+        if !secrets.is_empty() {
+            mask_occurrences(&mut doc, &secrets);
+        }
         let mut ids: BTreeMap<String, usize> = BTreeMap::new();
         self.collect(&doc, &mut ids);
         self.replace(&mut doc, None, &ids);
         doc
+    }
+
+    /// Masks the values of credential fields, collecting them (and, for `Scheme credentials`,
+    /// the credentials alone) to mask them wherever else they occur.
+    fn mask_secrets(&self, value: &mut Value, secrets: &mut BTreeSet<String>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if self.is_secret_field(k) && !v.is_null() {
+                        collect_strings(v, secrets);
+                        *v = Value::from(REDACTED);
+                    } else {
+                        self.mask_secrets(v, secrets);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for v in items {
+                    self.mask_secrets(v, secrets);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Finds id values, numbering them in document order.
@@ -197,6 +283,71 @@ impl Redactions {
             }
             _ => {}
         }
+    }
+}
+
+/// Every string in a credential's value, with the parts that are credentials on their own: what
+/// follows the scheme of `Scheme credentials`, and the values of `name=value; ...` cookies.
+fn collect_strings(value: &Value, secrets: &mut BTreeSet<String>) {
+    match value {
+        Value::String(text) => {
+            let mut candidates = vec![text.as_str()];
+            if let Some((scheme, credentials)) = text.split_once(' ')
+                && !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                candidates.push(credentials);
+            }
+            candidates.extend(
+                text.split(';')
+                    .filter_map(|pair| pair.split_once('=').map(|(_, v)| v)),
+            );
+            for candidate in candidates {
+                let candidate = candidate.trim().trim_matches('"');
+                if candidate.chars().count() >= MIN_SECRET_CHARS {
+                    secrets.insert(candidate.to_owned());
+                }
+            }
+        }
+        Value::Number(n) => {
+            let text = n.to_string();
+            if text.len() >= MIN_SECRET_CHARS {
+                secrets.insert(text);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_strings(v, secrets)),
+        Value::Object(map) => map.values().for_each(|v| collect_strings(v, secrets)),
+        Value::Null | Value::Bool(_) => {}
+    }
+}
+
+/// Replaces every occurrence of a collected credential in strings and keys.
+fn mask_occurrences(value: &mut Value, secrets: &BTreeSet<String>) {
+    let mask = |text: &mut String| {
+        // Longest first, so a credential inside a longer one leaves no piece behind.
+        let mut ordered: Vec<&String> = secrets.iter().collect();
+        ordered.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in ordered {
+            if text.contains(secret.as_str()) {
+                *text = text.replace(secret.as_str(), REDACTED);
+            }
+        }
+    };
+    match value {
+        Value::String(text) => mask(text),
+        Value::Number(n) if secrets.contains(&n.to_string()) => *value = Value::from(REDACTED),
+        Value::Array(items) => items.iter_mut().for_each(|v| mask_occurrences(v, secrets)),
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (mut k, mut v) in entries {
+                mask(&mut k);
+                mask_occurrences(&mut v, secrets);
+                map.insert(k, v);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -422,6 +573,40 @@ mod tests {
                 "requests": [{"path": "/cards/[id 1]/notify", "body": {"customer_id": "[id 2]"}}],
                 "messages": [{"key": "[id 1]", "payload": {"card_id": "[id 1]", "customer_id": "[id 2]", "at": "[timestamp]"}}],
             })
+        );
+    }
+
+    #[test]
+    fn credentials_are_masked_wherever_they_occur() {
+        let doc = json!({
+            "requests": [{"headers": {"Authorization": "Bearer tok-0123456789", "X-Tenant": "acme"}}],
+            "responses": [{"headers": {"set-cookie": "sid=9f8e7d6c; HttpOnly"},
+                           "body": {"echo": "tok-0123456789", "client_secret": 123456789, "ok": true}}],
+            "log": "sent Bearer tok-0123456789, got the cookie 9f8e7d6c",
+            "note": "HttpOnly cookies",
+        });
+        let redacted = redact(&doc);
+        let text = redacted.to_string();
+        for secret in ["tok-0123456789", "9f8e7d6c", "123456789"] {
+            assert!(!text.contains(secret), "{secret} survived: {text}");
+        }
+        assert_eq!(
+            redacted["requests"][0]["headers"]["X-Tenant"],
+            json!("acme")
+        );
+        assert_eq!(redacted["responses"][0]["body"]["ok"], json!(true));
+        // A cookie attribute is not a credential.
+        assert_eq!(redacted["note"], json!("HttpOnly cookies"));
+        assert_eq!(
+            Redactions::none().apply(&json!({"password": "pw-123456"})),
+            json!({"password": "[redacted]"})
+        );
+        // Declared fields, spelled any way.
+        assert_eq!(
+            Redactions::default()
+                .secret_field("X_Session")
+                .apply(&json!({"x-session": "s"})),
+            json!({"x-session": "[redacted]"})
         );
     }
 

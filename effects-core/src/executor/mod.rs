@@ -106,6 +106,14 @@ impl HttpClient for NoHttp {
         let endpoint = request.endpoint.clone();
         async move { Err(HttpError::UnknownEndpoint { endpoint }) }
     }
+
+    fn knows(&self, _endpoint: &str) -> bool {
+        false
+    }
+
+    fn is_secret_header(&self, _endpoint: &str, _name: &str) -> bool {
+        false
+    }
 }
 
 /// When an outbox row that failed is tried again.
@@ -921,7 +929,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             reads,
             after_requests,
             |name| self.hooks.contains_key(name),
-            self.has_http,
+            self.has_http.then_some(&self.http),
             &self.config.limits,
         )?;
         match self.mutant {
@@ -1166,12 +1174,15 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 return Ok(false);
             }
         };
-        let result = self
+        let mut result = self
             .http
             .send(&row.id, &request)
             .instrument(info_span!("effects.http", id = %row.id, endpoint = %row.destination))
             .await;
         self.fault(FaultPoint::AfterHttpBeforeRecord, &row.id);
+        crate::http::redact_result(&mut result, |name| {
+            self.http.is_secret_header(&request.endpoint, name)
+        });
         let outcome = match result {
             Ok(response) => RequestOutcome::Response { response },
             Err(HttpError::Rejected { response, .. }) => {

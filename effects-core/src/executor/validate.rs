@@ -4,6 +4,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::effects::{ConflictError, Effects, canonical_json};
+use crate::http::{CREDENTIAL_HEADERS, HttpClient};
 use crate::message::MessageEffect;
 use crate::schema::Kind;
 use crate::store::{NewDatom, NewOutboxRow, NewRead, NewRun, OutboxKind, ReadVersion};
@@ -114,6 +115,32 @@ pub enum ValidationError {
     UnknownAfterRequests {
         /// The name.
         name: String,
+    },
+    /// A request names an endpoint the executor's HTTP client does not know.
+    #[error(
+        "requests[{index}] names the endpoint `{endpoint}`, which the HTTP client does not know: \
+         configure it (HttpConfig::with_endpoint or HttpConfig::add_endpoint) or fix the name"
+    )]
+    UnknownEndpoint {
+        /// The request's index.
+        index: usize,
+        /// The name it gives.
+        endpoint: String,
+    },
+    /// A request sets a header that carries credentials. Effects are stored, hashed, recorded
+    /// and shown, so credentials belong on the endpoint.
+    #[error(
+        "requests[{index}] sets the header `{header}`, which carries credentials for endpoint \
+         `{endpoint}`: effects are stored and shown, so configure it on the endpoint instead \
+         (Endpoint::with_header, with_bearer or with_basic_auth)"
+    )]
+    CredentialHeader {
+        /// The request's index.
+        index: usize,
+        /// The endpoint.
+        endpoint: String,
+        /// The header as the request spells it.
+        header: String,
     },
     /// The effects have requests but the executor has no HTTP client.
     #[error(
@@ -232,24 +259,54 @@ pub(crate) fn message_row(
     })
 }
 
-/// Validates and prepares a run. `has_hook` tells whether a named after-requests hook exists.
+/// Checks every request against the client: a known endpoint, no credential header.
+fn check_requests(effects: &Effects, http: &impl HttpClient) -> Result<(), ValidationError> {
+    for (index, request) in effects.requests.iter().enumerate() {
+        for header in request.headers.keys() {
+            let lower = header.to_ascii_lowercase();
+            if CREDENTIAL_HEADERS.contains(&lower.as_str())
+                || http.is_secret_header(&request.endpoint, &lower)
+            {
+                return Err(ValidationError::CredentialHeader {
+                    index,
+                    endpoint: request.endpoint.clone(),
+                    header: header.clone(),
+                });
+            }
+        }
+        if !http.knows(&request.endpoint) {
+            return Err(ValidationError::UnknownEndpoint {
+                index,
+                endpoint: request.endpoint.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Validates and prepares a run. `has_hook` tells whether a named after-requests hook exists;
+/// `http` is the executor's HTTP client, if it has one.
 pub(crate) fn prepare(
     key: &str,
     effects: &Effects,
     reads: &[ReadVersion],
     after_requests: Option<&str>,
     has_hook: impl Fn(&str) -> bool,
-    has_http: bool,
+    http: Option<&impl HttpClient>,
     limits: &Limits,
 ) -> Result<NewRun, ValidationError> {
     check_key(key, limits)?;
     check_count(Kind::Datoms, effects.datoms.len(), limits.max_datoms)?;
     check_count(Kind::Requests, effects.requests.len(), limits.max_requests)?;
     check_count(Kind::Messages, effects.messages.len(), limits.max_messages)?;
-    if !has_http && !effects.requests.is_empty() {
-        return Err(ValidationError::NoHttpClient {
-            count: effects.requests.len(),
-        });
+    match http {
+        None if !effects.requests.is_empty() => {
+            return Err(ValidationError::NoHttpClient {
+                count: effects.requests.len(),
+            });
+        }
+        None => {}
+        Some(http) => check_requests(effects, http)?,
     }
     if let Some(name) = after_requests {
         if !has_hook(name) {
