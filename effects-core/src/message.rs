@@ -79,4 +79,11 @@ impl MessageEffect {
         self.key = Some(key.into());
         self
     }
+
+    /// The message with a header of its own (carried to the broker beside the payload).
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
 }

@@ -630,6 +630,84 @@ async fn a_failing_request_is_retried_later_with_the_same_key_and_holds_the_mess
     assert!(keys.iter().all(|k| k == "block:m1#0"), "{keys:?}");
 }
 
+/// An endpoint that answers 500 forever: by default the request is given up on after a bounded
+/// number of attempts, the failure is what the after-requests hook sees, and the messages the
+/// run held back are published. Nothing stays pending.
+#[tokio::test]
+async fn a_request_that_always_fails_is_given_up_on_by_default_and_releases_its_messages() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&server)
+        .await;
+    let store = SqliteStore::in_memory().unwrap();
+    let log = store.log();
+    let seen: Arc<std::sync::Mutex<Vec<RequestOutcome>>> = Arc::default();
+    let recorded = Arc::clone(&seen);
+    let default = Backoff::default();
+    let executor = Arc::new(
+        Executor::builder(store.clone(), log.clone())
+            .http(http_client(&server.uri(), 1))
+            // The default bound, with short delays.
+            .retry(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+                ..default
+            })
+            .after_requests("receipt", move |requests| {
+                recorded
+                    .lock()
+                    .unwrap()
+                    .extend(requests.iter().map(|r| r.outcome.clone()));
+                vec![MessageEffect::new(
+                    "receipts",
+                    json!({"ok": requests[0].outcome.is_success()}),
+                )]
+            })
+            .build(),
+    );
+    executor
+        .run_with(
+            "block:m1",
+            block("c1").merge(notify_request("c1")),
+            RunOptions::after_requests("receipt"),
+        )
+        .await
+        .unwrap();
+    let relay = Relay::new(Arc::clone(&executor));
+    // Bounded: 20 attempts, a few milliseconds apart.
+    for _ in 0..2_000 {
+        relay.tick().await.unwrap();
+        if store.run("block:m1").await.unwrap().unwrap().status == RunStatus::Done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let max = default.max_attempts.expect("a default bound");
+    assert_eq!(max, 20);
+    assert_eq!(
+        store.run("block:m1").await.unwrap().unwrap().status,
+        RunStatus::Done
+    );
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        max as usize
+    );
+    let row = &store.outbox("block:m1").await.unwrap()[0];
+    assert_eq!(row.attempts, max);
+    let reason = row.dead_lettered.as_deref().unwrap_or_default();
+    assert!(reason.starts_with("gave up after 20 attempts"), "{reason}");
+    assert!(matches!(
+        seen.lock().unwrap().as_slice(),
+        [RequestOutcome::Failed { .. }]
+    ));
+    assert_eq!(log.messages("card-status-changed").await.unwrap().len(), 1);
+    assert_eq!(
+        log.messages("receipts").await.unwrap()[0].payload,
+        br#"{"ok":false}"#
+    );
+}
+
 #[tokio::test]
 async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
     let dir = temp_dir("relay-crash");
@@ -1064,6 +1142,9 @@ async fn invalid_effects_are_refused_before_any_write() {
         max_messages: 2,
         max_payload_bytes: 64,
         max_key_bytes: 16,
+        max_name_bytes: 12,
+        max_header_value_bytes: 8,
+        max_run_bytes: 100,
     };
     let executor = Executor::builder(store.clone(), store.log())
         .limits(limits)
@@ -1094,6 +1175,44 @@ async fn invalid_effects_are_refused_before_any_write() {
         ("k2", three_messages, "3 messages exceed the limit of 2"),
         ("k3", conflicting, "conflicting datoms on [card/id \"c1\"]"),
         ("k4", Effects::from(notify_request("c1")), "no HTTP client"),
+        (
+            "k6",
+            Effects::from(MessageEffect::new("t".repeat(13), json!(1))),
+            "messages[0] topic is 13 bytes long; the limit is 12 (Limits::max_name_bytes)",
+        ),
+        (
+            "k7",
+            Effects::from(MessageEffect::new("t", json!(1)).with_key("p".repeat(17))),
+            "messages[0] partition key is 17 bytes long; the limit is 16 (Limits::max_key_bytes)",
+        ),
+        (
+            "k8",
+            Effects::from(MessageEffect::new("t", json!(1)).with_header("h", "v".repeat(9))),
+            "messages[0] header `h` is 9 bytes long; the limit is 8 (Limits::max_header_value_bytes)",
+        ),
+        (
+            "k9",
+            Effects::from(DatomEffect::assert(
+                card("c1"),
+                [("card/".to_owned() + &"s".repeat(8), json!(1))],
+            )),
+            "datoms[0] attribute `card/ssssssss…` is 13 bytes long; the limit is 12",
+        ),
+        (
+            "k10",
+            Effects::from(DatomEffect::assert(
+                LookupRef::new("card/identity", "c1"),
+                [("card/s", json!(1))],
+            )),
+            "datoms[0] identity attribute is 13 bytes long",
+        ),
+        (
+            "k11",
+            (0..2)
+                .map(|i| MessageEffect::new("t", json!({ "blob": "x".repeat(40), "i": i })))
+                .collect(),
+            "the run is 116 bytes of values, payloads, requests and headers; the limit is 100",
+        ),
     ];
     for (key, effects, expected) in cases {
         let err = executor.run(key, effects).await.unwrap_err();
@@ -1177,4 +1296,66 @@ async fn migrations_are_recorded_and_checked() {
         err.to_string().contains("migrated by a newer version"),
         "{err}"
     );
+}
+
+/// A store opened on a file it cannot write is refused at once with a clear reason, instead of
+/// failing later in the middle of a run.
+#[tokio::test]
+async fn a_read_only_database_file_is_refused_at_open() {
+    let dir = temp_dir("read-only");
+    let db = dir.join("store.db");
+    drop(SqliteStore::open(&db).unwrap());
+    // Root ignores file modes: make the file immutable instead (and undo it whatever happens).
+    struct Immutable(std::path::PathBuf);
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+            let _ = std::fs::set_permissions(
+                &self.0,
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            );
+        }
+    }
+    let _guard = Immutable(db.clone());
+    std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    let _ = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&db)
+        .status();
+    let err = SqliteStore::open(&db).unwrap_err();
+    assert!(
+        err.to_string().contains("read-only"),
+        "the error says why: {err}"
+    );
+}
+
+/// Once the last handle of a store is dropped, the database file alone holds every committed
+/// run: the write-ahead log was checkpointed into it.
+#[tokio::test]
+async fn closing_the_store_leaves_a_complete_database_file() {
+    let dir = temp_dir("close");
+    let db = dir.join("store.db");
+    let store = SqliteStore::open(&db).unwrap();
+    let executor = Executor::builder(store.clone(), store.log()).build();
+    for i in 0..20 {
+        executor
+            .run(format!("k{i}"), block(&format!("c{i}")))
+            .await
+            .unwrap();
+    }
+    drop(executor);
+    drop(store);
+    let wal = dir.join("store.db-wal");
+    assert!(
+        std::fs::metadata(&wal).map_or(true, |m| m.len() == 0),
+        "the -wal file is gone or empty"
+    );
+    // Only the main file, copied elsewhere, opened on its own.
+    let copy = temp_dir("close-copy").join("copy.db");
+    std::fs::copy(&db, &copy).unwrap();
+    assert_eq!(sql_i64(&copy, "SELECT COUNT(*) FROM transactions"), 20);
+    assert_eq!(sql_i64(&copy, "SELECT COUNT(*) FROM log_messages"), 20);
 }

@@ -123,8 +123,14 @@ pub struct Backoff {
     pub initial: Duration,
     /// The longest delay. Default 5 min.
     pub max: Duration,
-    /// Attempts after which a row is dead-lettered; `None` (the default) retries forever, so
-    /// nothing is given up without an operator.
+    /// Attempts after which a row is dead-lettered with the last error as its reason; `None`
+    /// retries forever. Default 20: with the default delays, about an hour of trying.
+    ///
+    /// A request given up on is recorded as failed, like one the server rejected: the run's
+    /// later requests are then sent, its after-requests hook sees the failure (and may add
+    /// messages that say so), and the messages the run held back for its requests are
+    /// published. Nothing stays pending forever; an operator can send a dead-lettered row
+    /// again.
     pub max_attempts: Option<u32>,
 }
 
@@ -133,7 +139,7 @@ impl Default for Backoff {
         Backoff {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(300),
-            max_attempts: None,
+            max_attempts: Some(20),
         }
     }
 }

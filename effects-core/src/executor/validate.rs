@@ -21,8 +21,16 @@ pub struct Limits {
     /// Bytes of canonical JSON in one datom value, one message payload or one request (method,
     /// path, headers and body together). Default 256 KiB.
     pub max_payload_bytes: usize,
-    /// Bytes in an idempotency key. Default 512.
+    /// Bytes in an idempotency key or a message's partition key. Default 512.
     pub max_key_bytes: usize,
+    /// Bytes in a name: an attribute (identity, asserted or expected), a topic, an endpoint, a
+    /// header name. Default 256.
+    pub max_name_bytes: usize,
+    /// Bytes in one header value of a message or request. Default 8 KiB.
+    pub max_header_value_bytes: usize,
+    /// Bytes of the whole run: every value, payload, request and header together. Default
+    /// 8 MiB.
+    pub max_run_bytes: usize,
 }
 
 impl Default for Limits {
@@ -33,6 +41,9 @@ impl Default for Limits {
             max_messages: 1_000,
             max_payload_bytes: 256 * 1024,
             max_key_bytes: 512,
+            max_name_bytes: 256,
+            max_header_value_bytes: 8 * 1024,
+            max_run_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -76,6 +87,28 @@ pub enum ValidationError {
         kind: Kind,
         /// Its index in the effects.
         index: usize,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A name, key or header is longer than its limit.
+    #[error("{field} is {bytes} bytes long; the limit is {max} (Limits::{limit})")]
+    FieldTooLong {
+        /// Which field, as in `messages[2] topic`.
+        field: String,
+        /// Its length in bytes.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+        /// The name of the limit in [`Limits`].
+        limit: &'static str,
+    },
+    /// The run as a whole is larger than its limit.
+    #[error(
+        "the run is {bytes} bytes of values, payloads, requests and headers; the limit is {max} (Limits::max_run_bytes)"
+    )]
+    RunTooLarge {
         /// Its size.
         bytes: usize,
         /// The limit.
@@ -220,6 +253,61 @@ fn check_size(kind: Kind, index: usize, text: &str, max: usize) -> Result<(), Va
     Ok(())
 }
 
+fn check_len(
+    field: impl FnOnce() -> String,
+    text: &str,
+    max: usize,
+    limit: &'static str,
+) -> Result<(), ValidationError> {
+    if text.len() > max {
+        return Err(ValidationError::FieldTooLong {
+            field: field(),
+            bytes: text.len(),
+            max,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn check_name(
+    field: impl FnOnce() -> String,
+    name: &str,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
+    check_len(field, name, limits.max_name_bytes, "max_name_bytes")
+}
+
+fn check_headers<'a>(
+    what: &str,
+    headers: impl IntoIterator<Item = (&'a String, &'a String)>,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
+    for (name, value) in headers {
+        check_name(
+            || format!("{what} header name `{}…`", prefix(name)),
+            name,
+            limits,
+        )?;
+        check_len(
+            || format!("{what} header `{}`", prefix(name)),
+            value,
+            limits.max_header_value_bytes,
+            "max_header_value_bytes",
+        )?;
+    }
+    Ok(())
+}
+
+/// The start of a long name, for errors.
+fn prefix(name: &str) -> &str {
+    let mut end = name.len().min(40);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
@@ -247,6 +335,20 @@ pub(crate) fn message_row(
             reason: "the topic is empty".to_owned(),
         });
     }
+    check_name(
+        || format!("messages[{index}] topic"),
+        &message.topic,
+        limits,
+    )?;
+    if let Some(key) = &message.key {
+        check_len(
+            || format!("messages[{index}] partition key"),
+            key,
+            limits.max_key_bytes,
+            "max_key_bytes",
+        )?;
+    }
+    check_headers(&format!("messages[{index}]"), &message.headers, limits)?;
     let payload = canonical_json(&message.payload);
     check_size(Kind::Messages, index, &payload, limits.max_payload_bytes)?;
     Ok(NewOutboxRow {
@@ -319,6 +421,7 @@ pub(crate) fn prepare(
         .check_conflicts()
         .map_err(|e| ValidationError::Conflict(Box::new(e)))?;
 
+    let mut run_bytes: usize = 0;
     let mut datoms = Vec::with_capacity(effects.datoms.len());
     for (index, d) in effects.datoms.iter().enumerate() {
         if d.entity.attribute.is_empty() {
@@ -327,13 +430,19 @@ pub(crate) fn prepare(
                 reason: "the lookup ref's attribute is empty".to_owned(),
             });
         }
-        let identity_value = canonical_json(&d.entity.value);
-        check_size(
-            Kind::Datoms,
-            index,
-            &identity_value,
-            limits.max_payload_bytes,
+        check_name(
+            || format!("datoms[{index}] identity attribute"),
+            &d.entity.attribute,
+            limits,
         )?;
+        let identity_value = canonical_json(&d.entity.value);
+        check_len(
+            || format!("datoms[{index}] identity value"),
+            &identity_value,
+            limits.max_key_bytes,
+            "max_key_bytes",
+        )?;
+        run_bytes += d.entity.attribute.len() + identity_value.len();
         let mut attributes = Vec::with_capacity(d.attributes.len());
         for (name, value) in &d.attributes {
             if name.is_empty() {
@@ -342,8 +451,14 @@ pub(crate) fn prepare(
                     reason: "an attribute name is empty".to_owned(),
                 });
             }
+            check_name(
+                || format!("datoms[{index}] attribute `{}…`", prefix(name)),
+                name,
+                limits,
+            )?;
             let value = canonical_json(value);
             check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
+            run_bytes += name.len() + value.len();
             attributes.push((name.clone(), value));
         }
         let mut expected = Vec::with_capacity(d.expected.len());
@@ -354,8 +469,14 @@ pub(crate) fn prepare(
                     reason: "an expected attribute's name is empty".to_owned(),
                 });
             }
+            check_name(
+                || format!("datoms[{index}] expected attribute `{}…`", prefix(name)),
+                name,
+                limits,
+            )?;
             let value = canonical_json(value);
             check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
+            run_bytes += name.len() + value.len();
             expected.push((name.clone(), value));
         }
         datoms.push(NewDatom {
@@ -393,6 +514,13 @@ pub(crate) fn prepare(
         })?;
         let payload = canonical_json(&value);
         check_size(Kind::Requests, index, &payload, limits.max_payload_bytes)?;
+        check_name(
+            || format!("requests[{index}] endpoint"),
+            &r.endpoint,
+            limits,
+        )?;
+        check_headers(&format!("requests[{index}]"), &r.headers, limits)?;
+        run_bytes += payload.len();
         outbox.push(NewOutboxRow {
             seq,
             kind: OutboxKind::Request,
@@ -404,8 +532,23 @@ pub(crate) fn prepare(
         seq += 1;
     }
     for (index, m) in effects.messages.iter().enumerate() {
-        outbox.push(message_row(seq, index, m, limits)?);
+        let row = message_row(seq, index, m, limits)?;
+        run_bytes += row.destination.len()
+            + row.partition_key.as_ref().map_or(0, String::len)
+            + row
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + row.payload.len();
+        outbox.push(row);
         seq += 1;
+    }
+    if run_bytes > limits.max_run_bytes {
+        return Err(ValidationError::RunTooLarge {
+            bytes: run_bytes,
+            max: limits.max_run_bytes,
+        });
     }
     Ok(NewRun {
         key: key.to_owned(),

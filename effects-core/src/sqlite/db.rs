@@ -110,6 +110,22 @@ pub(crate) struct Db {
     pub(crate) appended: Notify,
 }
 
+impl Drop for Db {
+    /// Closes the readers first and checkpoints the write-ahead log into the database file, so
+    /// that once the last handle is gone the file alone holds everything (the writer, closing
+    /// last, then removes the `-wal` file). A read-only reader closing last could not.
+    fn drop(&mut self) {
+        self.readers.clear();
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::warn!(location = %self.location, error = %e, "checkpoint on close failed: the data is safe in the -wal file");
+        }
+    }
+}
+
 pub(crate) trait Ctx<T> {
     fn ctx(self, operation: &'static str) -> Result<T, StoreError>;
 }
@@ -159,6 +175,16 @@ impl Db {
             None => Connection::open_in_memory(),
         }
         .map_err(open_error)?;
+        // SQLite opens a file it may not write read-only without saying so; every write would
+        // then fail later, half-way through some operation. Refuse now.
+        if writer.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
+            return Err(StoreError::Open {
+                location,
+                source: "the database file (or its directory) is read-only: the store writes \
+                         every run; give the process write access to the file and its directory"
+                    .into(),
+            });
+        }
         configure(&writer).map_err(open_error)?;
         if path.is_some() {
             let mode: String = writer
