@@ -3,9 +3,13 @@
 //!
 //! [`Executor::run`] does, in this order:
 //!
-//! 1. **Validate** — key, size limits ([`Limits`]), datom conflicts. Invalid effects are an
-//!    error and nothing is written.
-//! 2. **Commit** — ONE store transaction claims the key, applies the datoms, writes every request
+//! 1. **Validate** — key, limits on every field and on the whole run ([`Limits`]), datom
+//!    conflicts, compare-and-set expectations that cannot all hold, requests to endpoints the
+//!    HTTP client does not know or that carry credentials. Invalid effects are an error
+//!    ([`RunError::Invalid`]) and nothing is written.
+//! 2. **Commit** — ONE store transaction claims the key, checks that what the effects were
+//!    computed from still holds ([`RunOptions::reads`], compare-and-set datoms; otherwise
+//!    [`RunError::Conflict`] and nothing is written), applies the datoms, writes every request
 //!    and message as an outbox row `key#n`, and commits: that is the run's `tx`. The key is bound
 //!    to the SHA-256 of [`Effects::canonical_json`]; the same key with other effects is
 //!    [`RunError::KeyReuse`] and nothing is applied. If the store fails, nothing was written,
