@@ -695,7 +695,7 @@ fn handle_all_at_once(deliveries: &[Delivery], key: &str) -> Vec<Event> {
 }
 
 /// `consumers` tasks, each on its own connection, fetching up to `max` and handling what it
-/// fetched concurrently (a few ms each), recording start and end; until `total` messages have
+/// fetched concurrently (5 to 8 ms each), recording start and end; until `total` messages have
 /// ended (bounded by 60 s).
 async fn run_consumers<H: Harness>(
     h: &H,
@@ -705,12 +705,19 @@ async fn run_consumers<H: Harness>(
     max: usize,
 ) -> Vec<Event> {
     let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let mut connections = Vec::with_capacity(consumers);
+    for _ in 0..consumers {
+        connections.push(h.another_connection().await);
+    }
+    // All start together, so that the first one does not drain the topic alone.
+    let start = Arc::new(tokio::sync::Barrier::new(consumers));
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..consumers {
-        let t = h.another_connection().await;
+    for (c, t) in connections.into_iter().enumerate() {
         let events = Arc::clone(&events);
         let group = group.to_owned();
+        let start = Arc::clone(&start);
         tasks.spawn(async move {
+            start.wait().await;
             let deadline = Instant::now() + Duration::from_secs(60);
             let done = |events: &Mutex<Vec<Event>>| {
                 events
@@ -728,7 +735,7 @@ async fn run_consumers<H: Harness>(
                     let events = Arc::clone(&events);
                     async move {
                         events.lock().expect("events").push(event(c, &d, false));
-                        let ms = 1 + (d.sequence % 4);
+                        let ms = 5 + (d.sequence % 4);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                         events.lock().expect("events").push(event(c, &d, true));
                         t.ack(&d).await.expect("ack");

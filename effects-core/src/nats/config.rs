@@ -160,7 +160,7 @@ pub struct NatsConfig {
     /// transport with the reason; `None` (default) leaves the decision to the worker.
     pub max_deliver: Option<u32>,
     /// How often a waiting fetch looks again for messages published by other processes.
-    /// Publishes through this transport wake it at once. Default 100 ms.
+    /// Publishes and settled deliveries through this transport wake it at once. Default 100 ms.
     pub poll_interval: Duration,
     /// How long the server holds a pull request on a partition whose message is in flight
     /// elsewhere before answering "nothing". Default 2 ms.

@@ -77,7 +77,8 @@
 //! ([`NatsConfig::busy_partition_wait`]); every pull request is read to its end, so no message
 //! is ever sent to a request nobody listens to. Partitions this process holds are not asked. When
 //! nothing is there, the fetch looks again every [`NatsConfig::poll_interval`] (at once after a
-//! publish through the same transport) until the fetch's wait has passed.
+//! publish or a settled delivery through the same transport, which may have freed a partition)
+//! until the fetch's wait has passed.
 //!
 //! **Settling.** [`Transport::ack`], `nack` and `dead_letter` wait for the server's
 //! confirmation. `nack` with a delay is a `NAK` with that delay. [`Delivery::deliveries`] is the

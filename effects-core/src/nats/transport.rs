@@ -39,6 +39,8 @@ pub const HEADER_DEAD_LETTER_MESSAGE_ID: &str = "effects-dead-letter-message-id"
 const MSG_ID: &str = "Nats-Msg-Id";
 const DEAD_PREFIX: &str = "effects-dead-letter-";
 const LEASE_GRACE: Duration = Duration::from_secs(60);
+/// How long after a pull request's expiry its messages may still be on their way.
+const PULL_MARGIN: Duration = Duration::from_millis(500);
 
 /// What the transport has done since it connected (counted at the source: each counter moves
 /// when the server answered).
@@ -165,7 +167,8 @@ struct Inner {
     lanes: tokio::sync::Mutex<HashMap<(String, String), Arc<Lanes>>>,
     leases: Mutex<HashMap<LeaseKey, Lease>>,
     counters: Counters,
-    published: tokio::sync::Notify,
+    /// Wakes waiting fetches: a publish or a settled delivery (which frees a partition).
+    wake: tokio::sync::Notify,
 }
 
 /// The NATS JetStream transport (feature `nats`). Cheap to clone: clones share one connection.
@@ -292,7 +295,7 @@ impl NatsTransport {
                 lanes: tokio::sync::Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
-                published: tokio::sync::Notify::new(),
+                wake: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -537,34 +540,45 @@ impl NatsTransport {
         batch: usize,
     ) -> Result<Vec<jetstream::Message>, TransportError> {
         let wait = self.inner.config.busy_partition_wait;
-        let guard = wait + self.inner.config.request_timeout;
         let what = || format!("pulling from consumer {}", lane.name);
-        let work = async {
-            let mut stream = lane
-                .consumer
+        let mut stream = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            lane.consumer
                 .fetch()
                 .max_messages(batch)
                 .expires(wait)
-                .messages()
-                .await
-                .map_err(|e| unavailable(&what(), e))?;
-            let mut got = Vec::new();
-            while let Some(message) = stream.next().await {
-                match message {
-                    Ok(m) => got.push(m),
-                    Err(e) if got.is_empty() => return Err(unavailable(&what(), e)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, consumer = %lane.name, "pull request ended early");
-                        break;
+                .messages(),
+        )
+        .await
+        .map_err(|_| unavailable(&what(), "the request could not be sent in time"))?
+        .map_err(|e| unavailable(&what(), e))?;
+        // The server delivers nothing to a request past its expiry. It normally closes the
+        // request with a status at once; when that status does not come, the request is given
+        // up shortly after its expiry, and whatever was delivered before is kept.
+        let deadline = Instant::now() + wait + PULL_MARGIN;
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(m))) => got.push(m),
+                Ok(None) => break,
+                Ok(Some(Err(e))) if got.is_empty() => return Err(unavailable(&what(), e)),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, consumer = %lane.name, "a pull request ended early");
+                    break;
+                }
+                Err(_) => {
+                    if got.is_empty()
+                        && self.inner.client.connection_state()
+                            != async_nats::connection::State::Connected
+                    {
+                        return Err(unavailable(&what(), "not connected to the server"));
                     }
+                    tracing::debug!(consumer = %lane.name, "no end-of-request status: given up after the expiry");
+                    break;
                 }
             }
-            Ok(got)
-        };
-        match tokio::time::timeout(guard, work).await {
-            Ok(result) => result,
-            Err(_) => Err(unavailable(&what(), format!("no answer within {guard:?}"))),
         }
+        Ok(got)
     }
 
     /// One pass over the lanes, starting at a rotating lane, skipping partitions this process
@@ -732,6 +746,7 @@ impl NatsTransport {
                 lock(&inner.leases).remove(&LeaseKey::of(d));
                 let lane = &lease.lanes.lanes[lease.lane];
                 lane.set_busy(busy_for.map(|delay| Instant::now() + delay));
+                inner.wake.notify_waiters();
                 Ok(())
             }
             Ok(Err(e)) => Err(unavailable("settling a delivery", e)),
@@ -1028,7 +1043,7 @@ impl Transport for NatsTransport {
                         );
                     } else {
                         bump(&inner.counters.published);
-                        inner.published.notify_waiters();
+                        inner.wake.notify_waiters();
                     }
                     Ok(())
                 }
@@ -1061,7 +1076,7 @@ impl Transport for NatsTransport {
             let poll = this.inner.config.poll_interval;
             // Bounded: every round returns or sleeps toward the deadline.
             loop {
-                let notified = this.inner.published.notified();
+                let notified = this.inner.wake.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let lanes = this
