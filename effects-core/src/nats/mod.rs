@@ -116,6 +116,10 @@
 //! settled through the connection that fetched it. The conformance suite
 //! (`tests/tests/transport_conformance.rs`) states each difference as a test.
 
+/// The NATS client this transport is built on, for [`NatsTransport::client`] and
+/// [`NatsTransport::jetstream`] (the same version, whatever else the application depends on).
+pub use async_nats;
+
 mod config;
 mod error;
 mod names;
