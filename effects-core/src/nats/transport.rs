@@ -225,8 +225,9 @@ fn recorded_partitions(description: Option<&str>) -> Option<u16> {
     digits.parse().ok()
 }
 
-fn millis(d: Duration) -> Duration {
-    d.max(Duration::from_millis(10))
+/// The consumers' ack wait for a fetch's visibility (NATS reads zero as "the default", 30 s).
+fn ack_wait_for(visibility: Duration) -> Duration {
+    visibility.max(Duration::from_millis(10))
 }
 
 impl NatsTransport {
@@ -452,7 +453,7 @@ impl NatsTransport {
         topic: &str,
         visibility: Duration,
     ) -> Result<Arc<Lanes>, TransportError> {
-        let ack_wait = millis(visibility);
+        let ack_wait = ack_wait_for(visibility);
         let key = (group.to_owned(), topic.to_owned());
         let mut cache = self.inner.lanes.lock().await;
         if let Some(lanes) = cache.get(&key) {
