@@ -540,3 +540,120 @@ async fn subjects_follow_the_documented_mapping() {
         t.subject_for("orders.eu placed", Some("card 7"))
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS.
+
+/// A private CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in
+/// `dir`: (ca, server cert, server key, client cert, client key).
+fn write_pki(dir: &Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "effects NATS test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let server_key = KeyPair::generate().expect("key");
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("server params");
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params
+        .signed_by(&server_key, &ca)
+        .expect("server certificate");
+    let client_key = KeyPair::generate().expect("key");
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "effects worker");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params
+        .signed_by(&client_key, &ca)
+        .expect("client certificate");
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server-key.pem", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client-key.pem", client_key.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write a PEM file");
+        path
+    })
+}
+
+/// Against a private `nats-server` that requires TLS and client certificates: the transport
+/// connects with the private CA and its client certificate and works; without the client
+/// certificate, or without trusting the CA, it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_private_ca() {
+    use effects_core::nats::TlsConfig;
+    let dir = support::temp_dir("nats-tls");
+    let [ca, cert, key, client, client_key] = write_pki(&dir);
+    let arg = |p: &std::path::PathBuf| p.display().to_string();
+    let server = nats_support::PrivateNats::start_with(
+        &dir,
+        vec![
+            "--tlsverify".into(),
+            "--tlscert".into(),
+            arg(&cert),
+            "--tlskey".into(),
+            arg(&key),
+            "--tlscacert".into(),
+            arg(&ca),
+        ],
+    );
+    let config = |tls: TlsConfig| {
+        let mut c = nats_support::test_config(&server.url(), "tls");
+        c.connect_timeout = Duration::from_secs(2);
+        c.tls = Some(tls);
+        c
+    };
+
+    let full = TlsConfig::required()
+        .with_root_certificates(&ca)
+        .with_client_certificate(&client, &client_key);
+    let t = NatsTransport::connect(config(full))
+        .await
+        .expect("mutual TLS with the private CA");
+    t.publish(message("tls#0", Some("k"), b"{}".to_vec()))
+        .await
+        .expect("publish over TLS");
+    let got = t
+        .fetch(request(
+            "g",
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect("fetch over TLS");
+    assert_eq!(got.len(), 1);
+    t.ack(&got[0]).await.expect("ack over TLS");
+
+    let no_client_cert = TlsConfig::required().with_root_certificates(&ca);
+    assert!(
+        NatsTransport::connect(config(no_client_cert))
+            .await
+            .is_err(),
+        "a client without a certificate is refused"
+    );
+    let platform_roots_only = TlsConfig::required().with_client_certificate(&client, &client_key);
+    assert!(
+        NatsTransport::connect(config(platform_roots_only))
+            .await
+            .is_err(),
+        "a server certificate from an unknown CA is refused"
+    );
+}

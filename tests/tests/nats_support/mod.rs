@@ -120,15 +120,22 @@ pub fn free_port() -> u16 {
 pub struct PrivateNats {
     pub port: u16,
     pub dir: PathBuf,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateNats {
     /// Starts it and waits (bounded) until it accepts connections.
     pub fn start(dir: &Path) -> PrivateNats {
+        PrivateNats::start_with(dir, Vec::new())
+    }
+
+    /// Starts it with more command-line arguments (TLS, ...).
+    pub fn start_with(dir: &Path, extra_args: Vec<String>) -> PrivateNats {
         let mut server = PrivateNats {
             port: free_port(),
             dir: dir.to_owned(),
+            extra_args,
             child: None,
         };
         server.launch();
@@ -149,6 +156,7 @@ impl PrivateNats {
             .arg(&store)
             .arg("-l")
             .arg(&log)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
