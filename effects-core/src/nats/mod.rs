@@ -75,7 +75,9 @@
 //! for at most what is still wanted, so a fetch never leases more than `max`. A lane whose
 //! message is in flight in another process is asked with a short expiry
 //! ([`NatsConfig::busy_partition_wait`]); every pull request is read to its end, so no message
-//! is ever sent to a request nobody listens to. Partitions this process holds are not asked. When
+//! is ever sent to a request nobody listens to (when the server's end-of-request status does not
+//! come, the request is given up half a second after its expiry: the server delivers nothing to
+//! an expired request). Partitions this process holds are not asked. When
 //! nothing is there, the fetch looks again every [`NatsConfig::poll_interval`] (at once after a
 //! publish or a settled delivery through the same transport, which may have freed a partition)
 //! until the fetch's wait has passed.
@@ -92,8 +94,8 @@
 //! message, so a retried dead-lettering is stored once), waits for the acknowledgement, then
 //! terminates the original (`TERM`). [`NatsTransport::dead_letters`] reads them back.
 //!
-//! **MaxDeliver.** The server's own `MaxDeliver` would silently stop delivering a message;
-//! instead the consumers deliver without limit and, with [`NatsConfig::max_deliver`] set, the
+//! **MaxDeliver.** The server's own `MaxDeliver` stops delivering a message after that many
+//! attempts and leaves only an advisory behind; instead the consumers deliver without limit and, with [`NatsConfig::max_deliver`] set, the
 //! transport dead-letters a message delivered more often than that with the reason, so a
 //! message is never dropped without a record. The worker's `max_deliveries` does the same one
 //! layer up.
