@@ -330,6 +330,7 @@
 //!
 //! - `sqlite` (default): the embedded store and log transport on SQLite.
 //! - `http` (default): outgoing requests through reqwest.
+//! - `nats`: the NATS JetStream transport ([`nats::NatsTransport`]), for many worker processes.
 //! - `testing`: the snapshot and assertion helpers of [`testing`](crate#4-tests).
 
 #[allow(unused_extern_crates)]
@@ -341,6 +342,8 @@ pub mod executor;
 pub mod handler;
 pub mod http;
 pub mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod relay;
 pub mod request;
 pub mod schema;
