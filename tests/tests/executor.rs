@@ -718,7 +718,8 @@ async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
     let crashing = Arc::new(
         Executor::builder(store.clone(), broker.clone())
             .owner("worker-a")
-            .lease(Duration::from_millis(800))
+            // Long enough that a loaded machine still ticks the relay within it.
+            .lease(Duration::from_secs(2))
             .fault_hook(Arc::new(|point, _| {
                 if point == effects_core::executor::FaultPoint::AfterCommit {
                     panic!("crash after commit");
@@ -748,7 +749,7 @@ async fn the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires() {
     let relay = Relay::new(Arc::clone(&survivor));
     // The lease is still held: the relay must not send the row meanwhile.
     assert_eq!(relay.tick().await.unwrap().claimed, 0);
-    tokio::time::sleep(Duration::from_millis(850)).await;
+    tokio::time::sleep(Duration::from_millis(2_050)).await;
     let report = relay.tick().await.unwrap();
     assert_eq!(report.claimed, 1);
     assert_eq!(report.progress.messages_dispatched, 1);
