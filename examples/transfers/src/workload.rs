@@ -85,9 +85,10 @@ impl Workload {
     /// an overdraft, an unknown account, a payment to oneself, and a re-send of the first
     /// transfer under a new message id.
     ///
-    /// Of the `n`: most take 100–899 from `hot` to `a1`..`a8` in turn; every 16th takes 1 000 or
-    /// more (held and fraud-checked, then approved); every 32nd pays `mule` (fraud-checked,
-    /// then reversed); every 8th moves 10–49 between two `a` accounts.
+    /// Of the `n`: most take 100–899 from `hot` to `a1`..`a8` in turn; every 8th (from the 4th)
+    /// moves 10–49 between two `a` accounts; every 32nd (from the 16th) takes 1 000–1 999 from
+    /// `hot` (held, fraud-checked, approved); every 32nd (from the 32nd) takes 2 000 from `hot`
+    /// to `mule` (held, fraud-checked, reversed).
     pub fn generate(n: usize) -> Workload {
         let n = n.max(1);
         let mut rng = Lcg(0x5EED);

@@ -98,13 +98,11 @@ fn worker_processes_share_the_file() {
     let output = transfers(&["--processes", "2", "--transfers", "24"]);
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     assert!(output.status.success(), "{stderr}\n{stdout}");
-    if let Some(path) = stdout
+    let _cleanup = stdout
         .lines()
         .next()
         .and_then(|l| l.strip_prefix("Transfers on the embedded default: store and log in "))
-    {
-        let _cleanup = TempDatabase(PathBuf::from(path));
-    }
+        .map(|path| TempDatabase(PathBuf::from(path)));
     assert!(
         stdout.contains("through 2 worker processes on the same file"),
         "{stdout}"
