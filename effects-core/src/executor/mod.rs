@@ -82,6 +82,7 @@ pub enum FaultPoint {
 /// when the guarantee it checks is gone. Testing only: never set one in a service.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Mutant {
     /// Runs commit without read validation: no reads, no compare-and-set expectations.
     SkipReadValidation,
