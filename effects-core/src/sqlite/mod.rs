@@ -10,6 +10,13 @@
 //! connections and see the last committed state (WAL snapshots). An in-memory database has a
 //! single connection for everything. Every call runs on tokio's blocking pool.
 //!
+//! Several processes may share one file, and everything stays correct — the key claim, read
+//! validation and leases hold across them — but SQLite does not queue writers fairly: a process
+//! waiting for the write lock polls for it, while a busy process takes it again the moment it
+//! commits, so under a steady load one process can do nearly all the writing while the other
+//! waits. Run one writing process per file on one machine, and move to the PostgreSQL store when
+//! the work needs several processes.
+//!
 //! # Migrations
 //!
 //! The files under `effects-core/migrations/sqlite/` are compiled in and applied in order when
