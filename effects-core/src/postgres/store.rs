@@ -769,8 +769,14 @@ async fn apply_run(
 }
 
 /// Claims pending, ready, due, unleased rows (of one run, or of all), in ready order, following
-/// the ordering rules of [`Store::claim_due`]. Candidates are locked `FOR UPDATE SKIP LOCKED`:
-/// rows another claimant is taking right now are passed over, never waited for.
+/// the ordering rules of [`Store::claim_due`].
+///
+/// Candidates are chosen from the committed state without locks, then only the chosen rows are
+/// locked, `FOR UPDATE SKIP LOCKED` and still due: rows another claimant is taking right now
+/// are passed over, never waited for, and no row is held that is not claimed, so concurrent
+/// relays share the work instead of one locking every candidate. A chosen row that could not be
+/// locked blocks the rows of its run (requests) or partition (messages) behind it, which keeps
+/// the ordering rules; the next candidates are tried instead, for a few rounds.
 async fn claim(
     tx: &Transaction<'_>,
     run_key: Option<&str>,
@@ -779,94 +785,155 @@ async fn claim(
     now: Millis,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     const OP: &str = "claiming outbox rows";
+    const ROUNDS: usize = 4;
     let scan = i64::try_from(limit.saturating_mul(4).saturating_add(64)).unwrap_or(i64::MAX);
     let due = "dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
                AND next_attempt_at_ms <= $1 AND (lease_until_ms IS NULL OR lease_until_ms <= $1)";
-    let candidates = match run_key {
-        Some(key) => {
-            query(
-                tx,
-                OP,
-                &format!(
-                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} AND run_key = $2 \
-                     ORDER BY ready_seq LIMIT $3 FOR UPDATE SKIP LOCKED"
-                ),
-                &[&now, &key, &scan],
-            )
-            .await?
-        }
-        None => {
-            query(
-                tx,
-                OP,
-                &format!(
-                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} \
-                     ORDER BY ready_seq LIMIT $2 FOR UPDATE SKIP LOCKED"
-                ),
-                &[&now, &scan],
-            )
-            .await?
-        }
-    };
-
     let mut claimed: Vec<OutboxRow> = Vec::new();
+    // Rows claimed in an earlier round, or that another claimant holds.
+    let mut passed: Vec<String> = Vec::new();
     let mut requests_taken: HashMap<String, i64> = HashMap::new();
     let mut blocked_runs: HashSet<String> = HashSet::new();
     let mut partition_taken: HashMap<(String, String), i64> = HashMap::new();
     let mut blocked_partitions: HashSet<(String, String)> = HashSet::new();
-    for candidate in &candidates {
-        if claimed.len() >= limit {
-            break;
-        }
-        let RawOutbox { row, ready_seq } = decode_outbox(candidate)?;
-        match row.kind {
-            OutboxKind::Request => {
-                if blocked_runs.contains(&row.run_key) {
-                    continue;
-                }
-                let earlier = query_one(
+    for _ in 0..ROUNDS {
+        let candidates = match run_key {
+            Some(key) => {
+                query(
                     tx,
                     OP,
-                    "SELECT COUNT(*) FROM outbox WHERE run_key = $1 AND kind = 'request' \
-                     AND seq < $2 AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL",
-                    &[&row.run_key, &i64::from(row.seq)],
+                    &format!(
+                        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} AND run_key = $2 \
+                         AND id <> ALL($4) ORDER BY ready_seq LIMIT $3"
+                    ),
+                    &[&now, &key, &scan, &passed],
                 )
-                .await?;
-                let earlier: i64 = get(&earlier, 0, &|| "a count".to_owned())?;
-                let taken = requests_taken.entry(row.run_key.clone()).or_insert(0);
-                if earlier != *taken {
-                    blocked_runs.insert(row.run_key.clone());
-                    continue;
-                }
-                *taken += 1;
+                .await?
             }
-            OutboxKind::Message => {
-                if let Some(pk) = &row.partition_key {
-                    let slot = (row.destination.clone(), pk.clone());
-                    if blocked_partitions.contains(&slot) {
+            None => {
+                query(
+                    tx,
+                    OP,
+                    &format!(
+                        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} AND id <> ALL($3) \
+                         ORDER BY ready_seq LIMIT $2"
+                    ),
+                    &[&now, &scan, &passed],
+                )
+                .await?
+            }
+        };
+        let mut chosen: Vec<OutboxRow> = Vec::new();
+        for candidate in &candidates {
+            if claimed.len() + chosen.len() >= limit {
+                break;
+            }
+            let RawOutbox { row, ready_seq } = decode_outbox(candidate)?;
+            match row.kind {
+                OutboxKind::Request => {
+                    if blocked_runs.contains(&row.run_key) {
                         continue;
                     }
                     let earlier = query_one(
                         tx,
                         OP,
-                        "SELECT COUNT(*) FROM outbox WHERE kind = 'message' \
-                         AND destination = $1 AND partition_key = $2 \
-                         AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
-                         AND ready_seq < $3",
-                        &[&row.destination, pk, &ready_seq],
+                        "SELECT COUNT(*) FROM outbox WHERE run_key = $1 AND kind = 'request' \
+                         AND seq < $2 AND dispatched_at_ms IS NULL \
+                         AND dead_lettered_reason IS NULL",
+                        &[&row.run_key, &i64::from(row.seq)],
                     )
                     .await?;
                     let earlier: i64 = get(&earlier, 0, &|| "a count".to_owned())?;
-                    let taken = partition_taken.entry(slot.clone()).or_insert(0);
+                    let taken = requests_taken.entry(row.run_key.clone()).or_insert(0);
                     if earlier != *taken {
-                        blocked_partitions.insert(slot);
+                        blocked_runs.insert(row.run_key.clone());
                         continue;
                     }
                     *taken += 1;
                 }
+                OutboxKind::Message => {
+                    if let Some(pk) = &row.partition_key {
+                        let slot = (row.destination.clone(), pk.clone());
+                        if blocked_partitions.contains(&slot) {
+                            continue;
+                        }
+                        let earlier = query_one(
+                            tx,
+                            OP,
+                            "SELECT COUNT(*) FROM outbox WHERE kind = 'message' \
+                             AND destination = $1 AND partition_key = $2 \
+                             AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
+                             AND ready_seq < $3",
+                            &[&row.destination, pk, &ready_seq],
+                        )
+                        .await?;
+                        let earlier: i64 = get(&earlier, 0, &|| "a count".to_owned())?;
+                        let taken = partition_taken.entry(slot.clone()).or_insert(0);
+                        if earlier != *taken {
+                            blocked_partitions.insert(slot);
+                            continue;
+                        }
+                        *taken += 1;
+                    }
+                }
+            }
+            chosen.push(row);
+        }
+        if chosen.is_empty() {
+            break;
+        }
+
+        // Lock the chosen rows that nobody else is taking and that are still due, as they are
+        // now.
+        let ids: Vec<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
+        let mut locked: HashMap<String, OutboxRow> = HashMap::new();
+        for row in query(
+            tx,
+            OP,
+            &format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($2) AND {due} \
+                 FOR UPDATE SKIP LOCKED"
+            ),
+            &[&now, &ids],
+        )
+        .await?
+        {
+            let row = decode_outbox(&row)?.row;
+            locked.insert(row.id.clone(), row);
+        }
+        // Groups (a run's requests, a partition's messages) in which a chosen row was taken by
+        // another claimant: nothing behind it may go.
+        let mut missed_runs: HashSet<String> = HashSet::new();
+        let mut missed_partitions: HashSet<(String, String)> = HashSet::new();
+        let mut missed = false;
+        for row in chosen {
+            let run = (row.kind == OutboxKind::Request).then(|| row.run_key.clone());
+            let partition = match (row.kind, &row.partition_key) {
+                (OutboxKind::Message, Some(pk)) => Some((row.destination.clone(), pk.clone())),
+                _ => None,
+            };
+            passed.push(row.id.clone());
+            if run.as_ref().is_some_and(|r| missed_runs.contains(r))
+                || partition
+                    .as_ref()
+                    .is_some_and(|p| missed_partitions.contains(p))
+            {
+                continue;
+            }
+            match locked.remove(&row.id) {
+                Some(fresh) => claimed.push(fresh),
+                None => {
+                    missed = true;
+                    missed_runs.extend(run);
+                    missed_partitions.extend(partition);
+                }
             }
         }
-        claimed.push(row);
+        blocked_runs.extend(missed_runs);
+        blocked_partitions.extend(missed_partitions);
+        if !missed || claimed.len() >= limit {
+            break;
+        }
     }
     if claimed.is_empty() {
         return Ok(claimed);
@@ -876,20 +943,29 @@ async fn claim(
         owner: options.owner.clone(),
         token: get(&token_row, 0, &|| "the lease token".to_owned())?,
     };
-    let until = now.saturating_add(millis(options.lease));
+    // The lease runs from this statement (the server's clock now), not from the start of a
+    // transaction that may have waited for locks.
     let ids: Vec<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
-    execute(
+    let lease_ms = millis(options.lease);
+    let until: HashMap<String, Millis> = query(
         tx,
         OP,
-        "UPDATE outbox SET lease_owner = $2, lease_until_ms = $3, lease_token = $4, \
-         attempts = attempts + 1 WHERE id = ANY($1)",
-        &[&ids, &lease.owner, &until, &lease.token],
+        "UPDATE outbox SET lease_owner = $2, lease_until_ms = effects_now_ms() + $3, \
+         lease_token = $4, attempts = attempts + 1 WHERE id = ANY($1) \
+         RETURNING id, lease_until_ms",
+        &[&ids, &lease.owner, &lease_ms, &lease.token],
     )
-    .await?;
+    .await?
+    .iter()
+    .map(|r| {
+        let what = || "a claimed row".to_owned();
+        Ok((get(r, 0, &what)?, get(r, 1, &what)?))
+    })
+    .collect::<Result<_, StoreError>>()?;
     for row in &mut claimed {
         row.attempts += 1;
         row.lease = Some(lease.clone());
-        row.lease_until = Some(until);
+        row.lease_until = until.get(&row.id).copied();
     }
     Ok(claimed)
 }
