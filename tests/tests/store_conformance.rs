@@ -1477,6 +1477,10 @@ async fn invalid_effects_are_refused_before_any_write<B: Backend>(b: B) {
             "{table}"
         );
     }
+    let broker = b.broker();
+    for topic in ["t", "card-status-changed"] {
+        assert!(broker.messages(topic).await.unwrap().is_empty(), "{topic}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
