@@ -56,12 +56,14 @@
 //! atomic without predicate locks. Reads of several statements (an entity as of a `tx`, the
 //! history) run in `REPEATABLE READ READ ONLY` transactions: one snapshot.
 //!
-//! **Claims** take candidates `FOR UPDATE SKIP LOCKED` in ready order, so relays and workers
-//! never wait for each other's rows, then apply the ordering rules of
-//! [`Store::claim_due`](crate::store::Store::claim_due) against the committed state: a run's
-//! requests in order, and messages with one topic and partition key in the order they became
-//! ready (that order comes from a second counter row, `outbox_ready`, locked the same way, so it
-//! is commit order too). A lease carries a fencing token from a sequence (`lease_token`):
+//! **Claims** choose candidates in ready order from the committed state and apply the ordering
+//! rules of [`Store::claim_due`](crate::store::Store::claim_due) — a run's requests in order,
+//! and messages with one topic and partition key in the order they became ready (that order
+//! comes from a second counter row, `outbox_ready`, locked like the `tx` one, so it is commit
+//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due. Relays
+//! and workers never wait for each other's rows and never hold a row they do not claim, so
+//! several relays share the work; a chosen row another claimant took meanwhile blocks the rest
+//! of its run or partition in this claim, and the next candidates are tried instead. A lease carries a fencing token from a sequence (`lease_token`):
 //! recording a response, marking a row dispatched, rescheduling, dead-lettering and renewing
 //! all require the row to still carry the caller's token. Resolving a row locks its run's row,
 //! so the last two rows of a run resolved at once still complete the run.

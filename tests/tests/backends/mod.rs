@@ -52,7 +52,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Removes what [`Backend::fail_inserts`] added to `table`.
     fn heal(&self, table: &str) -> impl Future<Output = ()> + Send;
 
-    /// Ends the case: drops its database.
+    /// Ends the case: drops its database and removes its directory.
     fn destroy(&self) -> impl Future<Output = ()> + Send;
 
     /// Committed transactions per run key, from the `transactions` table: one row per applied
@@ -167,7 +167,9 @@ impl Backend for Sqlite {
         async {}
     }
 
-    async fn destroy(&self) {}
+    async fn destroy(&self) {
+        let _ = std::fs::remove_dir_all(&*self.dir);
+    }
 
     fn transactions_per_key(&self) -> impl Future<Output = BTreeMap<String, i64>> + Send {
         let conn = self.connection();

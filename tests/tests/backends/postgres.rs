@@ -197,6 +197,7 @@ impl Backend for Postgres {
 
     fn destroy(&self) -> impl Future<Output = ()> + Send {
         let (port, name) = (self.inner.port, self.inner.name.clone());
+        let _ = std::fs::remove_dir_all(&self.inner.dir);
         async move {
             if let Ok(admin) = client(port, "postgres").await {
                 let _ = admin
