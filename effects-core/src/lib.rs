@@ -331,6 +331,9 @@
 //! - `sqlite` (default): the embedded store and log transport on SQLite.
 //! - `http` (default): outgoing requests through reqwest.
 //! - `nats`: the NATS JetStream transport ([`nats::NatsTransport`]), for many worker processes.
+//! - `postgres`: the [`PostgresStore`](postgres::PostgresStore) on PostgreSQL (tokio-postgres,
+//!   deadpool-postgres), for many worker processes on many machines; `postgres-tls` adds TLS to
+//!   the server through rustls.
 //! - `testing`: the snapshot and assertion helpers of [`testing`](crate#4-tests).
 
 #[allow(unused_extern_crates)]
@@ -344,6 +347,8 @@ pub mod http;
 pub mod message;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod relay;
 pub mod request;
 pub mod schema;

@@ -1,10 +1,11 @@
-//! Consistency under concurrency on the embedded default: read validation, compare-and-set
-//! datoms, re-runs on conflict, and idempotency keys that cannot collide.
+//! Consistency under concurrency on the embedded default: random concurrent transfers (property
+//! tested), and idempotency keys that cannot collide. The transfer race, compare-and-set datoms,
+//! read validation, re-runs and business keys — with their mutant checks — are in the store
+//! conformance suite (`store_conformance.rs`), which runs them on SQLite and PostgreSQL.
 //!
-//! Every figure is counted at the source — transactions per key in the store's `transactions`
-//! table (one row per committed run, never deduplicated), handler calls, conflicts reported by
-//! the worker — and each reliability check is run once more against a deliberately broken
-//! executor ([`Mutant`]) to show that it fails without the guarantee.
+//! Every figure is counted at the source: transactions per key in the store's `transactions`
+//! table (one row per committed run, never deduplicated), handler calls, applied runs reported by
+//! the worker.
 
 mod support;
 
@@ -14,14 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use effects_core::executor::{Executor, Mutant, RunError, RunOptions, RunOutcome};
+use effects_core::executor::Executor;
 use effects_core::relay::RelayConfig;
-use effects_core::store::{Conflict, ReadVersion, SqliteStore, Store, Tracked};
+use effects_core::store::{SqliteStore, Store, Tracked};
 use effects_core::transport::{OutgoingMessage, SqliteLog, Transport};
-use effects_core::worker::{LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport};
-use effects_core::{
-    Datom, DatomEffect, Effects, Handler, HandlerDescriptor, LookupRef, MessageEffect,
-};
+use effects_core::worker::{LoadError, LoadWith, Worker, WorkerConfig, WorkerReport};
+use effects_core::{DatomEffect, Effects, Handler, HandlerDescriptor, LookupRef, MessageEffect};
 use proptest::prelude::*;
 use serde::Deserialize;
 use serde_json::json;
@@ -154,18 +153,14 @@ struct Setup {
     executor: Arc<Executor<SqliteStore, SqliteLog>>,
 }
 
-fn setup(db: Option<&Path>, mutant: Option<Mutant>) -> Setup {
+fn setup(db: Option<&Path>) -> Setup {
     let store = match db {
         Some(path) => SqliteStore::open(path).unwrap(),
         None => SqliteStore::in_memory().unwrap(),
     };
     let log = store.log();
-    let mut builder = Executor::builder(store.clone(), log.clone());
-    if let Some(m) = mutant {
-        builder = builder.mutant(m);
-    }
     Setup {
-        executor: Arc::new(builder.build()),
+        executor: Arc::new(Executor::builder(store.clone(), log.clone()).build()),
         store,
         log,
     }
@@ -285,103 +280,6 @@ fn transactions_per_key(path: &Path) -> BTreeMap<String, i64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The transfer race.
-
-const RACE_TRANSFERS: usize = 40;
-const PAYER_START: i64 = 1_000_000;
-
-struct RaceResult {
-    payer: i64,
-    payee: i64,
-    report: WorkerReport,
-    transactions: BTreeMap<String, i64>,
-    handler_calls: usize,
-}
-
-/// 40 transfers of 100 from one account to another through one worker at concurrency 8.
-async fn transfer_race(name: &str, mutant: Option<Mutant>) -> RaceResult {
-    let dir = temp_dir(name);
-    let db = dir.join("store.db");
-    let setup = setup(Some(&db), mutant);
-    seed(&setup, &[("payer", PAYER_START), ("payee", 0)]).await;
-    for i in 0..RACE_TRANSFERS {
-        let request = TransferRequest {
-            id: format!("t{i}"),
-            from: "payer".into(),
-            to: "payee".into(),
-            amount: 100,
-        };
-        publish(&setup.log, &format!("m{i}"), &request).await;
-    }
-    let worker = transfer_worker(&setup, 8);
-    let report = drain(Arc::clone(&worker), &setup.log, Duration::from_secs(60)).await;
-    RaceResult {
-        payer: balance(&setup.store, "payer").await,
-        payee: balance(&setup.store, "payee").await,
-        transactions: transactions_per_key(&db),
-        handler_calls: worker.handler().calls.load(Ordering::Relaxed),
-        report,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_transfer_race_loses_no_update() {
-    let race = transfer_race("race", None).await;
-    let r = &race.report;
-    println!(
-        "FIGURE transfer_race transfers={RACE_TRANSFERS} concurrency=8 applied={} conflicts={} \
-         reruns={} handler_calls={} payer={} payee={}",
-        r.applied, r.conflicts, r.reruns, race.handler_calls, race.payer, race.payee
-    );
-    assert_eq!(race.payer, PAYER_START - 100 * RACE_TRANSFERS as i64);
-    assert_eq!(race.payee, 100 * RACE_TRANSFERS as i64);
-    assert_eq!(race.payer + race.payee, PAYER_START, "money is conserved");
-    // Each transfer applied exactly once: one transaction per business key.
-    for i in 0..RACE_TRANSFERS {
-        let key = effects_core::handler::business_key("transfer", &format!("t{i}"));
-        assert_eq!(race.transactions.get(&key), Some(&1), "{key}");
-    }
-    assert_eq!(
-        race.transactions.len(),
-        RACE_TRANSFERS + 1,
-        "the seed and 40 runs"
-    );
-    assert_eq!(r.applied, RACE_TRANSFERS as u64);
-    assert_eq!(r.dead_lettered, 0);
-    // The race really happened: runs were refused and their handlers called again.
-    assert!(
-        r.conflicts > 0,
-        "no conflict: the race did not happen: {r:?}"
-    );
-    assert_eq!(r.reruns, r.conflicts, "every conflict was re-run");
-    assert_eq!(
-        race.handler_calls as u64,
-        r.applied + r.reruns,
-        "one call per applied run plus one per re-run"
-    );
-}
-
-/// The same race without read validation loses updates: the check above can fail.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mutant_without_read_validation_loses_updates() {
-    let race = transfer_race("race-mutant", Some(Mutant::SkipReadValidation)).await;
-    println!(
-        "FIGURE transfer_race_mutant payer={} payee={} conflicts={}",
-        race.payer, race.payee, race.report.conflicts
-    );
-    assert_eq!(race.report.conflicts, 0);
-    assert_ne!(
-        race.payee,
-        100 * RACE_TRANSFERS as i64,
-        "without read validation concurrent transfers overwrite each other"
-    );
-    // Every transfer reports applied, yet most of them moved nothing: their debits and credits
-    // were computed from balances other runs had already changed.
-    assert_eq!(race.report.applied, RACE_TRANSFERS as u64);
-    assert!(race.payer > PAYER_START - 100 * RACE_TRANSFERS as i64);
-}
-
-// ---------------------------------------------------------------------------------------------
 // Random concurrent transfers.
 
 fn run_random_transfers(balances: &[i64], transfers: &[(usize, usize, i64)]) {
@@ -391,7 +289,7 @@ fn run_random_transfers(balances: &[i64], transfers: &[(usize, usize, i64)]) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let setup = setup(None, None);
+        let setup = setup(None);
         let names: Vec<String> = (0..balances.len()).map(|i| format!("a{i}")).collect();
         let seeded: Vec<(&str, i64)> = names
             .iter()
@@ -534,7 +432,7 @@ async fn keys_of_different_handlers_and_messages_never_collide() {
 
     let dir = temp_dir("key-collisions");
     let db = dir.join("store.db");
-    let setup = setup(Some(&db), None);
+    let setup = setup(Some(&db));
     publish_raw(&setup.log, "t", "c", json!(1)).await;
     publish_raw(&setup.log, "t", "b:c", json!(2)).await;
     let ab = Arc::new(
@@ -581,7 +479,7 @@ async fn keys_of_different_handlers_and_messages_never_collide() {
 async fn one_handler_on_two_topics_that_reuse_a_message_id_applies_both() {
     let dir = temp_dir("two-topics");
     let db = dir.join("store.db");
-    let setup = setup(Some(&db), None);
+    let setup = setup(Some(&db));
     publish_raw(&setup.log, "t1", "m1", json!("first")).await;
     publish_raw(&setup.log, "t2", "m1", json!("second")).await;
     let on_t1 = Arc::new(
@@ -616,403 +514,4 @@ async fn one_handler_on_two_topics_that_reuse_a_message_id_applies_both() {
     let transactions = transactions_per_key(&db);
     assert_eq!(transactions.get("a:t1:m1"), Some(&1));
     assert_eq!(transactions.get("a:t2:m1"), Some(&1));
-}
-
-/// One transfer published twice under two message ids (an upstream that re-sends).
-async fn resent_transfer(
-    name: &str,
-    mutant: Option<Mutant>,
-) -> (WorkerReport, i64, usize, BTreeMap<String, i64>) {
-    let dir = temp_dir(name);
-    let db = dir.join("store.db");
-    let setup = setup(Some(&db), mutant);
-    seed(&setup, &[("payer", 1_000), ("payee", 0)]).await;
-    let request = TransferRequest {
-        id: "t-42".into(),
-        from: "payer".into(),
-        to: "payee".into(),
-        amount: 100,
-    };
-    publish(&setup.log, "m1", &request).await;
-    publish(&setup.log, "m2-resent", &request).await;
-    let worker = transfer_worker(&setup, 1);
-    let report = drain(Arc::clone(&worker), &setup.log, Duration::from_secs(20)).await;
-    (
-        report,
-        balance(&setup.store, "payer").await,
-        worker.handler().calls.load(Ordering::Relaxed),
-        transactions_per_key(&db),
-    )
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_business_key_resent_under_a_new_message_id_is_applied_once() {
-    let (report, payer, calls, transactions) = resent_transfer("resent", None).await;
-    assert_eq!((report.applied, report.duplicates), (1, 1), "{report:?}");
-    assert_eq!(payer, 900, "debited once");
-    assert_eq!(calls, 1, "the re-sent transfer never reached the handler");
-    assert_eq!(transactions.get("transfer:t-42"), Some(&1));
-}
-
-/// Without the duplicate check the re-sent transfer is applied twice: the check above can fail.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutant_without_the_duplicate_check_applies_a_resent_transfer_twice() {
-    let (report, payer, calls, _) =
-        resent_transfer("resent-mutant", Some(Mutant::SkipDuplicateCheck)).await;
-    assert_eq!(report.applied, 2, "{report:?}");
-    assert_eq!(payer, 800, "debited twice");
-    assert_eq!(calls, 2);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Compare-and-set datoms.
-
-/// A balance written only if the account still holds the balance it was computed from.
-#[derive(Datom)]
-#[datom(entity = "account")]
-struct NewBalance {
-    #[datom(id)]
-    id: String,
-    balance: i64,
-    #[datom(expect = "balance")]
-    was: i64,
-}
-
-async fn cas_setup(name: &str, mutant: Option<Mutant>) -> (Setup, std::path::PathBuf) {
-    let dir = temp_dir(name);
-    let db = dir.join("store.db");
-    let setup = setup(Some(&db), mutant);
-    seed(&setup, &[("a1", 1_000)]).await;
-    (setup, db)
-}
-
-fn cas_effects(was: i64, balance: i64) -> Effects {
-    let datom = NewBalance {
-        id: "a1".into(),
-        balance,
-        was,
-    }
-    .into_datom();
-    assert_eq!(datom.expected["account/balance"], json!(was));
-    Effects::from(datom).merge(MessageEffect::new("balance-changed", json!({"id": "a1"})))
-}
-
-#[tokio::test]
-async fn a_stale_compare_and_set_is_a_conflict_and_writes_nothing() {
-    let (setup, db) = cas_setup("cas", None).await;
-    let before = transactions_per_key(&db);
-    let err = setup
-        .executor
-        .run("withdraw:1", cas_effects(900, 800))
-        .await
-        .unwrap_err();
-    let RunError::Conflict { conflict, .. } = err else {
-        panic!("expected a conflict, got {err}");
-    };
-    assert_eq!(
-        *conflict,
-        Conflict::Expected {
-            datom: 0,
-            entity: account("a1"),
-            attribute: "account/balance".into(),
-            expected: Some(json!(900)),
-            found: Some(json!(1_000)),
-        }
-    );
-    assert_eq!(
-        conflict.to_string(),
-        "datoms[0] expected account/balance of [account/id \"a1\"] to be 900 but it is 1000"
-    );
-    // Nothing of the run: no transaction, no run record, no outbox row, no message, no change.
-    assert_eq!(transactions_per_key(&db), before);
-    assert_eq!(setup.store.run("withdraw:1").await.unwrap(), None);
-    assert!(setup.store.outbox("withdraw:1").await.unwrap().is_empty());
-    assert!(
-        setup
-            .log
-            .messages("balance-changed")
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(balance(&setup.store, "a1").await, 1_000);
-
-    // The key is still free: the same key with fresh effects applies.
-    let outcome = setup
-        .executor
-        .run("withdraw:1", cas_effects(1_000, 900))
-        .await
-        .unwrap();
-    assert!(matches!(outcome, RunOutcome::Applied { .. }));
-    assert_eq!(balance(&setup.store, "a1").await, 900);
-    // Expecting no value of an attribute the entity holds is a conflict too.
-    let absent = Effects::from(
-        DatomEffect::assert(account("a1"), [("account/owner", json!("ana"))])
-            .expecting("account/balance", serde_json::Value::Null),
-    );
-    assert!(matches!(
-        setup.executor.run("owner:1", absent).await,
-        Err(RunError::Conflict { .. })
-    ));
-}
-
-/// Without validation the stale compare-and-set overwrites the balance: the check above can fail.
-#[tokio::test]
-async fn mutant_without_read_validation_applies_a_stale_compare_and_set() {
-    let (setup, _) = cas_setup("cas-mutant", Some(Mutant::SkipReadValidation)).await;
-    let outcome = setup
-        .executor
-        .run("withdraw:1", cas_effects(900, 800))
-        .await
-        .unwrap();
-    assert!(matches!(outcome, RunOutcome::Applied { .. }));
-    assert_eq!(balance(&setup.store, "a1").await, 800);
-}
-
-#[tokio::test]
-async fn compare_and_set_expectations_that_disagree_are_refused_before_any_write() {
-    let (setup, db) = cas_setup("cas-disagree", None).await;
-    let before = transactions_per_key(&db);
-    let effects = Effects::from(
-        DatomEffect::assert(account("a1"), [("account/limit", json!(5))])
-            .expecting("account/balance", json!(1_000)),
-    )
-    .merge(
-        DatomEffect::assert(account("a1"), [("account/flag", json!(true))])
-            .expecting("account/balance", json!(7)),
-    );
-    let err = setup.executor.run("both", effects).await.unwrap_err();
-    assert!(matches!(err, RunError::Invalid { .. }), "{err}");
-    assert!(err.to_string().contains("both cannot hold"), "{err}");
-    assert_eq!(transactions_per_key(&db), before);
-}
-
-// ---------------------------------------------------------------------------------------------
-// What read validation does not refuse.
-
-#[tokio::test]
-async fn reads_that_still_hold_are_never_a_conflict() {
-    let (setup, _) = cas_setup("no-false-conflicts", None).await;
-    let other = account("other");
-    setup
-        .executor
-        .run(
-            "open:other",
-            Effects::from(DatomEffect::assert(
-                other.clone(),
-                [("account/balance", json!(5))],
-            )),
-        )
-        .await
-        .unwrap();
-    let read = setup
-        .store
-        .entity(&account("a1"), None)
-        .await
-        .unwrap()
-        .unwrap();
-    let as_of = setup
-        .store
-        .entity(&account("a1"), Some(read.tx))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(as_of.tx, read.tx);
-
-    // Another entity changes; the read one is rewritten with the value it holds (no change).
-    setup
-        .executor
-        .run(
-            "deposit:other",
-            Effects::from(DatomEffect::assert(other, [("account/balance", json!(6))])),
-        )
-        .await
-        .unwrap();
-    setup
-        .executor
-        .run(
-            "same-value",
-            Effects::from(DatomEffect::assert(
-                account("a1"),
-                [("account/balance", json!(1_000))],
-            )),
-        )
-        .await
-        .unwrap();
-
-    for (key, version) in [
-        ("now", ReadVersion::of(&read)),
-        ("as-of", ReadVersion::of(&as_of)),
-    ] {
-        let effects = Effects::from(DatomEffect::assert(
-            LookupRef::new("audit/id", key),
-            [("audit/balance", json!(1_000))],
-        ));
-        let outcome = setup
-            .executor
-            .run_with(key, effects, RunOptions::reading([version]))
-            .await
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        assert!(matches!(outcome, RunOutcome::Applied { .. }), "{key}");
-    }
-
-    // A read of an entity that did not exist holds while it still does not.
-    let ghost = ReadVersion::missing(account("ghost"));
-    let outcome = setup
-        .executor
-        .run_with(
-            "ghost-read",
-            Effects::from(DatomEffect::assert(
-                account("z"),
-                [("account/balance", json!(1))],
-            )),
-            RunOptions::reading([ghost.clone()]),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(outcome, RunOutcome::Applied { .. }));
-    // ... and is a conflict once it exists.
-    setup
-        .executor
-        .run(
-            "create-ghost",
-            Effects::from(DatomEffect::assert(
-                account("ghost"),
-                [("account/balance", json!(1))],
-            )),
-        )
-        .await
-        .unwrap();
-    let err = setup
-        .executor
-        .run_with(
-            "ghost-read-2",
-            Effects::from(DatomEffect::assert(
-                account("z"),
-                [("account/balance", json!(2))],
-            )),
-            RunOptions::reading([ghost]),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, RunError::Conflict { conflict, .. } if matches!(conflict.as_ref(), Conflict::Read { read: None, found: Some(_), .. })),
-        "{err}"
-    );
-}
-
-#[tokio::test]
-async fn any_change_to_a_read_entity_is_a_conflict_even_of_another_attribute() {
-    let (setup, _) = cas_setup("per-entity", None).await;
-    let read = setup
-        .store
-        .entity(&account("a1"), None)
-        .await
-        .unwrap()
-        .unwrap();
-    setup
-        .executor
-        .run(
-            "rename",
-            Effects::from(DatomEffect::assert(
-                account("a1"),
-                [("account/owner", json!("ana"))],
-            )),
-        )
-        .await
-        .unwrap();
-    let err = setup
-        .executor
-        .run_with(
-            "withdraw",
-            Effects::from(DatomEffect::assert(
-                account("a1"),
-                [("account/balance", json!(900))],
-            )),
-            RunOptions::reading([ReadVersion::of(&read)]),
-        )
-        .await
-        .unwrap_err();
-    let RunError::Conflict { conflict, .. } = err else {
-        panic!("expected a conflict")
-    };
-    assert_eq!(
-        *conflict,
-        Conflict::Read {
-            entity: account("a1"),
-            read: Some(read.tx),
-            found: Some(effects_core::Tx(read.tx.0 + 1)),
-        }
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_transfers_between_disjoint_accounts_never_conflict() {
-    let setup = setup(None, None);
-    let mut accounts = Vec::new();
-    for i in 0..16 {
-        accounts.push((format!("p{i}"), 1_000));
-        accounts.push((format!("q{i}"), 0));
-    }
-    let seeded: Vec<(&str, i64)> = accounts.iter().map(|(n, b)| (n.as_str(), *b)).collect();
-    seed(&setup, &seeded).await;
-    for i in 0..16 {
-        let request = TransferRequest {
-            id: format!("t{i}"),
-            from: format!("p{i}"),
-            to: format!("q{i}"),
-            amount: 10,
-        };
-        publish(&setup.log, &format!("m{i}"), &request).await;
-    }
-    let worker = transfer_worker(&setup, 8);
-    let report = drain(Arc::clone(&worker), &setup.log, Duration::from_secs(30)).await;
-    assert_eq!(report.applied, 16);
-    assert_eq!(report.conflicts, 0, "{report:?}");
-    for i in 0..16 {
-        assert_eq!(balance(&setup.store, &format!("q{i}")).await, 10);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redelivery_after_a_rerun_is_still_a_duplicate() {
-    let race_dir = temp_dir("rerun-then-redelivery");
-    let db = race_dir.join("store.db");
-    let setup = setup(Some(&db), None);
-    seed(&setup, &[("payer", 10_000), ("payee", 0)]).await;
-    for i in 0..16 {
-        let request = TransferRequest {
-            id: format!("t{i}"),
-            from: "payer".into(),
-            to: "payee".into(),
-            amount: 10,
-        };
-        publish(&setup.log, &format!("m{i}"), &request).await;
-    }
-    let worker = transfer_worker(&setup, 8);
-    let report = drain(Arc::clone(&worker), &setup.log, Duration::from_secs(30)).await;
-    assert!(report.reruns > 0, "{report:?}");
-
-    // Deliver every message again (as after a lost acknowledgement): all duplicates.
-    let messages = setup.log.messages(TOPIC).await.unwrap();
-    assert_eq!(messages.len(), 16);
-    for m in messages {
-        let delivery = effects_core::transport::Delivery {
-            consumer: "transfer".into(),
-            topic: m.topic,
-            sequence: m.sequence,
-            message_id: m.message_id,
-            partition_key: m.partition_key,
-            headers: m.headers,
-            payload: m.payload,
-            deliveries: 2,
-        };
-        let processed = worker.process(delivery).await;
-        assert!(
-            matches!(processed, Processed::Duplicate { .. }),
-            "{processed:?}"
-        );
-    }
-    assert_eq!(balance(&setup.store, "payee").await, 160);
-    assert!(transactions_per_key(&db).values().all(|n| *n == 1));
 }

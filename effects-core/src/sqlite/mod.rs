@@ -35,4 +35,5 @@ mod store;
 
 pub use self::db::{Blocking, SqliteOptions, Synchronous};
 pub use self::log::{DeadLetter, LoggedMessage, SqliteLog};
-pub use self::store::{Backlog, SqliteStore};
+pub use self::store::SqliteStore;
+pub use crate::store::Backlog;

@@ -13,22 +13,12 @@ use super::db::{Ctx, Db, SqliteOptions};
 use super::log::{SqliteLog, append_message};
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom, Lease,
-    Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport,
-    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    Backlog, ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom,
+    Lease, Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan,
+    PruneReport, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    now_millis,
 };
 use crate::transport::message_headers as publish_headers;
-
-/// What a store still has to do ([`SqliteStore::backlog`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backlog {
-    /// Outbox rows neither dispatched nor dead-lettered.
-    pub pending_rows: u64,
-    /// Outbox rows dead-lettered (kept for operators).
-    pub dead_lettered_rows: u64,
-    /// Runs not done.
-    pub open_runs: u64,
-}
 
 ///
 /// ```

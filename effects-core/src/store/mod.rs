@@ -48,7 +48,7 @@ mod tracked;
 pub use self::tracked::Tracked;
 
 #[cfg(feature = "sqlite")]
-pub use crate::sqlite::{Backlog, Blocking, SqliteOptions, SqliteStore, Synchronous};
+pub use crate::sqlite::{Blocking, SqliteOptions, SqliteStore, Synchronous};
 
 /// A transaction id: the number of the store transaction that applied a run. It increases with
 /// every applied run and is never reused, so "as of `tx`" reads are well defined.
@@ -596,6 +596,18 @@ pub struct PruneOlderThan {
     /// Log messages published longer ago than this that every consumer of their topic has
     /// acknowledged (only stores with a colocated log).
     pub log_published: Option<Duration>,
+}
+
+/// What a store still has to do (the `backlog()` of the SQLite and PostgreSQL stores): for
+/// health checks, and to wait until a process has caught up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Outbox rows neither dispatched nor dead-lettered.
+    pub pending_rows: u64,
+    /// Outbox rows dead-lettered (kept for operators).
+    pub dead_lettered_rows: u64,
+    /// Runs not done.
+    pub open_runs: u64,
 }
 
 /// What pruning removed.

@@ -1,0 +1,114 @@
+//! The store on PostgreSQL (feature `postgres`): datoms, effect runs and the outbox in one
+//! schema, shared by any number of worker processes on any number of machines.
+//!
+//! [`PostgresStore`] gives the same guarantees as the embedded [`SqliteStore`](crate::store::SqliteStore)
+//! (see [`Store`](crate::store::Store)); the store conformance suite runs the same cases
+//! against both. There is no log in the database: [`Store::colocation`](crate::store::Store::colocation)
+//! is `None`, so messages always go out through a separate transport (NATS JetStream, or a
+//! [`SqliteLog`](crate::transport::SqliteLog) file), after the commit, and an outbox row is
+//! marked dispatched only once the broker acknowledged it.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use effects_core::postgres::{PostgresOptions, PostgresStore};
+//!
+//! # async fn start() -> Result<(), effects_core::store::StoreError> {
+//! let store = PostgresStore::connect(PostgresOptions {
+//!     pool_size: 32,
+//!     statement_timeout: Some(Duration::from_secs(10)),
+//!     ..PostgresOptions::new("postgres://effects@db.internal:5432/payments").with_schema("transfers")
+//! })
+//! .await?;
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Concurrency and locking
+//!
+//! Every write is one transaction at `READ COMMITTED` with explicit row locks, taken in one
+//! global order so that commits cannot deadlock each other:
+//!
+//! 1. **Keys.** The batch's idempotency keys, sorted, are claimed by inserting their
+//!    `effect_runs` rows (`ON CONFLICT DO NOTHING`). A key another transaction is committing
+//!    makes this one wait for it, then see it taken: two commits of one key never both succeed.
+//! 2. **Entities.** Every entity the runs read or write, sorted, is locked `FOR UPDATE`. An
+//!    entity that does not exist yet is locked through a transaction-scoped advisory lock on its
+//!    identity, which every transaction creating it takes too: "it did not exist" is a read that
+//!    holds until the commit as well.
+//! 3. **Read validation** then compares each read's version (the entity's `updated_tx`) and each
+//!    compare-and-set expectation with the locked rows: nothing can change them between the
+//!    check and the commit. A run that fails it is refused ([`Commit::Conflict`](crate::store::Commit::Conflict)),
+//!    its key claim withdrawn, and nothing of it written.
+//! 4. **The `tx`.** Only then is the run's `tx` taken from a counter row (`sequences.tx`), which
+//!    stays locked until the transaction commits. The next commit cannot take a `tx` before this
+//!    one has committed, so **`tx` order is commit order**: a reader never sees `tx` 8 without
+//!    7, and "as of `tx`" reads are well defined. The cost: from allocating the `tx` to
+//!    committing (the datom, history and outbox inserts and the commit's WAL flush), commits of
+//!    runs go one at a time across all processes. Keys, reads and entity locks happen before it
+//!    and overlap freely; commit several runs in one transaction
+//!    ([`Executor::run_batch`](crate::executor::Executor::run_batch)) to pay for it once per
+//!    batch.
+//!
+//! `SERIALIZABLE` was not chosen: every commit updates the counter row, so under serializable
+//! snapshot isolation every pair of concurrent commits would conflict and one of them fail;
+//! explicit locks make them wait instead, and make the check-then-commit of read validation
+//! atomic without predicate locks. Reads of several statements (an entity as of a `tx`, the
+//! history) run in `REPEATABLE READ READ ONLY` transactions: one snapshot.
+//!
+//! **Claims** choose candidates in ready order from the committed state and apply the ordering
+//! rules of [`Store::claim_due`](crate::store::Store::claim_due) — a run's requests in order,
+//! and messages with one topic and partition key in the order they became ready (that order
+//! comes from a second counter row, `outbox_ready`, locked like the `tx` one, so it is commit
+//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due. Relays
+//! and workers never wait for each other's rows and never hold a row they do not claim, so
+//! several relays share the work; a chosen row another claimant took meanwhile blocks the rest
+//! of its run or partition in this claim, and the next candidates are tried instead. A lease carries a fencing token from a sequence (`lease_token`):
+//! recording a response, marking a row dispatched, rescheduling, dead-lettering and renewing
+//! all require the row to still carry the caller's token. Resolving a row locks its run's row,
+//! so the last two rows of a run resolved at once still complete the run.
+//!
+//! **Time** is the server's: every lease expiry, retry time, stall and pruning age is computed
+//! with `clock_timestamp()` on the server (the `effects_now_ms()` function of the schema), so
+//! processes whose clocks disagree still agree on who holds a lease.
+//!
+//! **Retries.** A transaction failing with a serialization failure (`40001`) or a deadlock
+//! (`40P01`) runs again from the start on a fresh transaction, after a random backoff of up to
+//! 5 ms doubling to 200 ms, at most [`PostgresOptions::retries`] times. Other errors, a lost
+//! connection included, are returned: nothing of the transaction was written unless the commit
+//! itself was acknowledged, and the caller (the worker, the relay) tries again later, when a
+//! run that did commit is a duplicate.
+//!
+//! # Migrations
+//!
+//! The files under `effects-core/migrations/postgres/` are compiled in and applied when the
+//! store connects, all pending ones in one transaction under an advisory lock (two processes
+//! starting at once take turns), and recorded in the schema's `schema_version` table with their
+//! SHA-256. A schema whose recorded migration differs from the file, or that was migrated by a
+//! newer version of this library, is refused.
+//!
+//! # Options
+//!
+//! [`PostgresOptions`]: the URL (`postgres://user@host:port/db`, or libpq's `key=value` form;
+//! never printed with its password), the schema (created if missing; one per service or test
+//! keeps them apart in one database), the pool size, the connect and pool-wait timeouts, the
+//! server's `statement_timeout` for the store's connections, and the retry bound. Connections
+//! are pooled with deadpool-postgres; one found closed (a restarted server) is replaced on the
+//! next call.
+//!
+//! # TLS
+//!
+//! With the feature `postgres-tls`, [`PostgresOptions::tls`] connects over TLS with rustls (the
+//! ring provider reqwest already uses), verifying the server's certificate against the Mozilla
+//! roots ([`PostgresTls::mozilla_roots`]) or a private CA ([`PostgresTls::with_ca_pem`]); the
+//! connection then fails rather than fall back to plain text. The bridge is the
+//! `tokio-postgres-rustls` crate (it adds `x509-cert` and its DER parser for channel binding).
+
+mod db;
+mod store;
+
+#[cfg(feature = "postgres-tls")]
+pub use self::db::PostgresTls;
+pub use self::db::{PostgresError, PostgresOptions};
+pub use self::store::PostgresStore;
+pub use crate::store::Backlog;

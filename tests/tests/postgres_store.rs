@@ -1,0 +1,217 @@
+//! What only the PostgreSQL store has (feature `postgres`): migrations recorded with their
+//! checksums and checked on connect, schemas that keep stores apart in one database, the
+//! inspection helpers (history, backlog, schema versions), and clear errors for bad options or a
+//! server that is not there. What every store does is in `store_conformance.rs`.
+
+#![cfg(feature = "postgres")]
+
+mod backends;
+mod support;
+
+use std::time::Duration;
+
+use backends::Backend;
+use backends::postgres::Postgres;
+use effects_core::executor::Executor;
+use effects_core::postgres::{PostgresOptions, PostgresStore, PostgresTls};
+use effects_core::store::{Backlog, Store};
+use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect, Op};
+use serde_json::json;
+
+fn card(id: &str) -> LookupRef {
+    LookupRef::new("card/id", id)
+}
+
+fn status(id: &str, s: &str) -> Effects {
+    Effects::from(DatomEffect::assert(card(id), [("card/status", json!(s))]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_recorded_checked_and_serialised() {
+    let db = Postgres::create("pg-migrations").await;
+    backends::run_case(db, |db| async move {
+        // Four processes connecting at once: one migrates, the others wait and find it done.
+        let connects = (0..4).map(|_| PostgresStore::connect(db.options()));
+        let stores: Vec<PostgresStore> = futures_join(connects).await;
+        for store in &stores {
+            assert_eq!(
+                store.schema_versions().await.unwrap(),
+                [(1, "0001_store.sql".to_owned())]
+            );
+        }
+        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 1);
+        drop(stores);
+
+        // A migration edited after it was applied is refused.
+        let recorded: String = db
+            .raw()
+            .query_one("SELECT sha256 FROM schema_version WHERE version = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(recorded.len(), 64);
+        db.exec("UPDATE schema_version SET sha256 = 'x' WHERE version = 1")
+            .await;
+        let err = PostgresStore::connect(db.options()).await.unwrap_err();
+        assert!(
+            err.to_string().contains("was changed after it was applied"),
+            "{err}"
+        );
+        // A schema migrated by a newer version of the library is refused.
+        db.raw()
+            .execute(
+                "UPDATE schema_version SET sha256 = $1 WHERE version = 1",
+                &[&recorded],
+            )
+            .await
+            .unwrap();
+        db.exec(
+            "INSERT INTO schema_version (version, name, sha256, applied_at_ms) \
+             VALUES (99, '0099_future.sql', '', 0)",
+        )
+        .await;
+        let err = PostgresStore::connect(db.options()).await.unwrap_err();
+        assert!(
+            err.to_string().contains("migrated by a newer version"),
+            "{err}"
+        );
+        // Re-applying 0001 on tables that exist fails inside its transaction: nothing
+        // half-done, and the error names the migration and the server's reason.
+        db.exec("DELETE FROM schema_version").await;
+        let err = PostgresStore::connect(db.options()).await.unwrap_err();
+        assert!(err.to_string().contains("migration 1"), "{err}");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 0);
+    })
+    .await;
+}
+
+/// Joins futures without a futures crate: each in a task.
+async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<PostgresStore>
+where
+    F: std::future::Future<Output = Result<PostgresStore, effects_core::store::StoreError>>
+        + Send
+        + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap().expect("connect"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_keep_stores_apart_and_the_helpers_inspect_one() {
+    let db = Postgres::create("pg-schemas").await;
+    backends::run_case(db, |db| async move {
+        let a = PostgresStore::connect(db.options().with_schema("service_a"))
+            .await
+            .unwrap();
+        let b = PostgresStore::connect(db.options().with_schema("service_b"))
+            .await
+            .unwrap();
+        assert_eq!(a.schema(), "service_a");
+        assert!(a.location().contains("service_a"), "{}", a.location());
+        let broker = db.broker();
+        let on_a = Executor::builder(a.clone(), broker.clone()).build();
+        let on_b = Executor::builder(b.clone(), broker.clone()).build();
+        let t1 = on_a.run("k1", status("c1", "active")).await.unwrap().tx();
+        let t2 = on_a.run("k2", status("c1", "blocked")).await.unwrap().tx();
+        // The same key in another schema is another store: applied, with its own tx numbers.
+        let b1 = on_b.run("k1", status("c9", "active")).await.unwrap();
+        assert!(!b1.is_duplicate());
+        assert_eq!(b1.tx(), t1, "each schema counts its own transactions");
+        assert_eq!(b.entity(&card("c1"), None).await.unwrap(), None);
+
+        let history: Vec<_> = a
+            .history(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.tx, d.run_key, d.op, d.value))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (t1, "k1".to_owned(), Op::Assert, json!("active")),
+                (t2, "k2".to_owned(), Op::Retract, json!("active")),
+                (t2, "k2".to_owned(), Op::Assert, json!("blocked")),
+            ]
+        );
+        assert_eq!(a.history(Some(t1)).await.unwrap().len(), 2);
+
+        // A run whose message cannot be published stays in the backlog.
+        support::sql_exec(
+            &db.broker_path(),
+            "CREATE TRIGGER down BEFORE INSERT ON log_messages BEGIN SELECT RAISE(ABORT, 'down'); END;",
+        );
+        on_a.run(
+            "k3",
+            Effects::from(MessageEffect::new("t", json!({"n": 1}))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            a.backlog().await.unwrap(),
+            Backlog {
+                pending_rows: 1,
+                dead_lettered_rows: 0,
+                open_runs: 1,
+            }
+        );
+        assert!(a.dead_letter("k3#0", "operator", None).await.unwrap());
+        assert_eq!(
+            a.backlog().await.unwrap(),
+            Backlog {
+                pending_rows: 0,
+                dead_lettered_rows: 1,
+                open_runs: 0,
+            }
+        );
+        assert_eq!(b.backlog().await.unwrap(), Backlog::default());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_options_and_a_missing_server_are_clear_errors() {
+    for schema in ["Public", "a-b", "x; DROP TABLE outbox", ""] {
+        let err = PostgresStore::connect(
+            PostgresOptions::new("postgres://postgres@127.0.0.1:5432/postgres").with_schema(schema),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("is not accepted"),
+            "{schema}: {err}"
+        );
+    }
+    let err = PostgresStore::connect(PostgresOptions::new("postgres://x:y@[bad"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be parsed"), "{err}");
+    assert!(!err.to_string().contains(":y@"), "no password: {err}");
+
+    // Nothing listens on this port (it was free a moment ago).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = PostgresOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresOptions::new(format!("postgres://app:s3cret@127.0.0.1:{port}/x"))
+    };
+    let debug = format!("{options:?}");
+    assert!(!debug.contains("s3cret"), "{debug}");
+    assert!(debug.contains("app:[redacted]@127.0.0.1"), "{debug}");
+    let err = PostgresStore::connect(options).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("cannot open the database"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+
+    // A CA file that holds no certificate.
+    let err = PostgresTls::with_ca_pem(b"not a certificate").unwrap_err();
+    assert!(err.to_string().contains("no certificate"), "{err}");
+}
