@@ -38,7 +38,7 @@ use effects_tests::harness::figures::{self, CountingResponder, differences, lost
 use effects_tests::harness::process::ChildProcess;
 use effects_tests::harness::redeliver::{Fate, Redeliveries};
 use effects_tests::harness::tally::{
-    ACK_LOST, Events, FETCH, HANDLER, PUBLISH, STALL, STALL_TIMEOUT, Tally,
+    ACK_LOST, Events, FETCH, HANDLER, PUBLISH, REDELIVERY, STALL, STALL_TIMEOUT, Tally,
 };
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer};
@@ -429,7 +429,13 @@ fn soak(runtime: &tokio::runtime::Runtime, o: &Options, dir: &Path) -> Result<bo
     let dead_inputs = figures::sql_i64(&log_db, "SELECT COUNT(*) FROM log_dead_letters")?;
 
     let fetches = events.counts(FETCH);
-    let redelivered = fetches.values().filter(|c| **c > 1).count();
+    let redeliveries = events.counts(REDELIVERY);
+    let was_redelivered =
+        |id: &str| fetches.get(id).is_some_and(|c| *c > 1) || redeliveries.contains_key(id);
+    let redelivered = (0..n)
+        .map(input_message_id)
+        .filter(|id| was_redelivered(id))
+        .count();
     let plan = Redeliveries::new(
         o.lose_acks,
         o.stalls,
@@ -442,10 +448,7 @@ fn soak(runtime: &tokio::runtime::Runtime, o: &Options, dir: &Path) -> Result<bo
         .map(input_message_id)
         .filter(|id| plan.fate(id) != Fate::Normal)
         .collect();
-    let planned_not_redelivered = planned
-        .iter()
-        .filter(|id| fetches.get(*id).copied().unwrap_or(0) < 2)
-        .count();
+    let planned_not_redelivered = planned.iter().filter(|id| !was_redelivered(id)).count();
     let stall_timeouts = events.total(STALL_TIMEOUT);
     let handler_calls = events.counts(HANDLER);
     let uncalled = ids

@@ -21,7 +21,7 @@ use effects_core::transport::{Delivery, FetchRequest, OutgoingMessage, Transport
 use effects_core::worker::{Inputs, LoadError};
 use rusqlite::OptionalExtension;
 
-use super::tally::{ACK_LOST, FETCH, PUBLISH, STALL, STALL_TIMEOUT, Tally};
+use super::tally::{ACK_LOST, FETCH, PUBLISH, REDELIVERY, STALL, STALL_TIMEOUT, Tally};
 
 /// What happens to a message's first delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,6 +228,9 @@ impl<T: Transport> Transport for CountingTransport<T> {
             let deliveries = fetched.await?;
             for d in &deliveries {
                 tally.record(FETCH, &d.message_id);
+                if d.deliveries > 1 {
+                    tally.record(REDELIVERY, &d.message_id);
+                }
             }
             Ok(deliveries)
         }

@@ -19,6 +19,10 @@ pub const HANDLER: &str = "handler";
 pub const PUBLISH: &str = "publish";
 /// A delivery of this message id was fetched.
 pub const FETCH: &str = "fetch";
+/// A delivery of this message id was fetched that the broker counts as a redelivery (its
+/// delivery count above 1): counted even when the process that fetched the earlier delivery
+/// was killed before it could record it.
+pub const REDELIVERY: &str = "redelivery";
 /// The first acknowledgement of this message id was dropped on purpose (a lost ack).
 pub const ACK_LOST: &str = "ack-lost";
 /// The first delivery of this message id stalled past its visibility timeout.
