@@ -331,8 +331,11 @@ async fn duplicate_storm_with_real_redeliveries() {
     let s = storm("storm", N, None).await;
     print_storm("duplicate_storm", &s);
     assert!(s.failed().is_empty(), "{:#?}", s.diffs);
-    assert_eq!(s.planned as u64, N / 5, "20 % chosen for redelivery");
-    assert!(s.redelivered >= s.planned, "each of them redelivered");
+    assert!(
+        s.redelivered as u64 >= N / 5,
+        "20 % redelivered, counted in fetched deliveries: {}",
+        s.redelivered
+    );
     assert!(
         s.stalls > 0,
         "some deliveries really stalled past their visibility"
