@@ -1,187 +1,412 @@
-//! Reliability figures (see RELIABILITY.md): duplicate storms, one key from two tasks, a real
-//! child process killed with SIGKILL at every boundary and restarted, key reuse, bad input.
+//! Reliability figures (see RELIABILITY.md), counted at the source: committed transactions per
+//! run key (the `transactions` table: one row per committed run, never deduplicated), handler
+//! calls (the handler counts them), publish attempts and fetched deliveries (a counting
+//! wrapper around the transport), HTTP attempts (what the wiremock server received). Every
+//! figure is asserted against what is expected, id by id, and for every figure a test below
+//! runs a deliberately broken executor (`Mutant`) and asserts that the same check fails.
 //!
-//! Every test is bounded (timeouts on every wait, fixed sizes) and prints a `FIGURE` line; run
-//! with `-- --nocapture --test-threads 1` to read them in order.
+//! Duplicate storms with real redeliveries through `Worker::run` (lost acknowledgements and
+//! deliveries stalled past their visibility timeout), one key from two tasks and from two
+//! processes, a real child process killed with SIGKILL at every boundary and restarted (with a
+//! fixed owner name and with the default one), key reuse, bad input. Every test is bounded
+//! (fixed sizes, a timeout on every wait) and prints a `FIGURE` line; run with
+//! `-- --nocapture --test-threads 1` to read them in order.
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use effects_core::executor::{Executor, Limits, RunError, RunOptions};
+use effects_core::executor::{Executor, FaultPoint, Limits, Mutant, RunError, RunOptions};
+use effects_core::relay::RelayConfig;
 use effects_core::store::{SqliteOptions, SqliteStore, Synchronous};
-use effects_core::transport::{FetchRequest, OutgoingMessage, SqliteLog, Transport};
-use effects_core::worker::{Processed, Worker};
+use effects_core::transport::{FetchRequest, OutgoingMessage, Transport};
+use effects_core::worker::{Processed, Worker, WorkerConfig};
 use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect};
+use effects_tests::harness::book::{
+    self, BOOKED, BookHandler, HANDLER_NAME, INPUTS, RECEIPTS, Requests, input_message_id, run_key,
+    transfer_id,
+};
+use effects_tests::harness::child::{WorkerArgs, fault_name};
+use effects_tests::harness::figures::{self, HttpAttempts, differences};
+use effects_tests::harness::process::ChildProcess;
+use effects_tests::harness::redeliver::{
+    CountingTransport, Fate, Redeliveries, StallFirstDelivery,
+};
+use effects_tests::harness::tally::{
+    ACK_LOST, Events, FETCH, HANDLER, PUBLISH, STALL, STALL_TIMEOUT, Tally,
+};
 use serde_json::json;
-use support::{BlockHandler, sql_i64, temp_dir};
+use support::{BlockHandler, PrivateDir, eventually, http_client, sql_i64};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const CHILD: &str = env!("CARGO_BIN_EXE_effects-crash-child");
+const CRASH_CHILD: &str = env!("CARGO_BIN_EXE_effects-crash-child");
+const SAME_KEY_CHILD: &str = env!("CARGO_BIN_EXE_effects-same-key-child");
 
-// ---------------------------------------------------------------------------------------------
-// Duplicate storm.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_storm() {
-    const N: usize = 2_000;
-    let dir = temp_dir("storm");
-    let db = dir.join("store.db");
-    // Durability is not what this test measures; NORMAL keeps 2 000 commits quick on CI disks.
-    let options = SqliteOptions {
+/// `synchronous = NORMAL`: for the tests about idempotency, not durability (commits survive a
+/// killed process either way; the crash tests use the default, FULL).
+fn normal() -> SqliteOptions {
+    SqliteOptions {
         synchronous: Synchronous::Normal,
         ..SqliteOptions::default()
-    };
-    let store = SqliteStore::open_with(&db, &options).unwrap();
-    let log = store.log();
-    let executor = Arc::new(Executor::builder(store.clone(), log.clone()).build());
-    let worker = Arc::new(Worker::new(Arc::clone(&executor), BlockHandler::default()));
-    let started = Instant::now();
+    }
+}
 
-    for i in 0..N {
-        let card = json!({"id": format!("c{i}"), "customer_id": "u1", "status": "active"});
-        log.publish(OutgoingMessage {
-            id: format!("in-{i}"),
-            topic: "cards-to-block".into(),
-            partition_key: None,
-            headers: BTreeMap::new(),
-            payload: card.to_string().into_bytes(),
-        })
-        .await
-        .unwrap();
-    }
-    let mut deliveries = Vec::with_capacity(N);
-    // Bounded: N messages, at most N fetches.
-    for _ in 0..N {
-        if deliveries.len() == N {
-            break;
-        }
-        let batch = log
-            .fetch(FetchRequest {
-                consumer: "block".into(),
-                topic: "cards-to-block".into(),
-                max: 500,
-                visibility: Duration::from_secs(600),
-                wait: Duration::ZERO,
-            })
-            .await
-            .unwrap();
-        assert!(
-            !batch.is_empty(),
-            "the log returned fewer than {N} messages"
-        );
-        deliveries.extend(batch);
-    }
+fn sizes(sets: BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, usize> {
+    sets.into_iter().map(|(k, v)| (k, v.len())).collect()
+}
 
-    // 20% are delivered twice: half of them concurrently with the first delivery (two tasks at
-    // once), half again after the first was processed (a lost acknowledgement).
-    let concurrent = |i: usize| i % 10 == 0;
-    let later = |i: usize| i % 10 == 5;
-    let permits = Arc::new(tokio::sync::Semaphore::new(8));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, d) in deliveries.iter().enumerate() {
-        let copies = if concurrent(i) { 2 } else { 1 };
-        for _ in 0..copies {
-            let (worker, d, permits) = (Arc::clone(&worker), d.clone(), Arc::clone(&permits));
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await.unwrap();
-                worker.process(d).await
-            });
-        }
-    }
-    let mut outcomes: Vec<Processed> = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        outcomes.push(done.unwrap());
-    }
-    for (i, d) in deliveries.iter().enumerate() {
-        if later(i) {
-            outcomes.push(worker.process(d.clone()).await);
-        }
-    }
-    let elapsed = started.elapsed();
+/// A server on loopback answering 200 to every POST.
+async fn http_server() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
+        .mount(&server)
+        .await;
+    server
+}
 
-    let applied = outcomes
-        .iter()
-        .filter(|o| matches!(o, Processed::Applied { .. }))
-        .count();
-    let duplicates = outcomes
-        .iter()
-        .filter(|o| matches!(o, Processed::Duplicate { .. }))
-        .count();
-    let redelivered = (0..N).filter(|i| concurrent(*i) || later(*i)).count();
-    let txs = sql_i64(&db, "SELECT COUNT(*) FROM transactions");
-    let datoms = sql_i64(&db, "SELECT COUNT(*) FROM datoms");
-    let published = log.messages("card-status-changed").await.unwrap();
-    let unique: HashSet<&str> = published.iter().map(|m| m.message_id.as_str()).collect();
-    let dispatched_rows = sql_i64(
-        &db,
-        "SELECT COUNT(*) FROM outbox WHERE dispatched_at_ms IS NOT NULL",
+/// Per-path checks: every listed path got exactly the expected attempts, and all the attempts
+/// at a path carried one idempotency key, `<run key>#0`.
+fn http_differences(
+    http: &HttpAttempts,
+    inputs: impl Iterator<Item = u64> + Clone,
+    attempts: impl Fn(u64) -> usize,
+) -> (Vec<String>, Vec<String>) {
+    let paths: Vec<(u64, String)> = inputs
+        .map(|i| (i, format!("/notify/{}", transfer_id(i))))
+        .collect();
+    let by_path: BTreeMap<&str, u64> = paths.iter().map(|(i, p)| (p.as_str(), *i)).collect();
+    let counted = differences(
+        "HTTP attempts",
+        paths.iter().map(|(_, p)| p.as_str()),
+        &http.attempts(),
+        |p| by_path.get(p).map_or(0, |i| attempts(*i)),
     );
-    let lost = N - unique.len();
-    let unacked = log.unacknowledged("block", "cards-to-block").await.unwrap();
-    println!(
-        "FIGURE duplicate_storm: messages_in={N} redelivered={redelivered} \
-         (concurrently={}) deliveries={} datoms_applied={datoms} expected={N} runs_applied={applied} \
-         duplicates_absorbed={duplicates} messages_dispatched={} lost={lost} unacked_inputs={unacked} \
-         elapsed_ms={}",
-        (0..N).filter(|i| concurrent(*i)).count(),
-        outcomes.len(),
-        unique.len(),
-        elapsed.as_millis()
-    );
-    assert_eq!(redelivered, N / 5);
-    assert_eq!(outcomes.len(), N + redelivered);
-    assert_eq!(applied, N);
-    assert_eq!(duplicates, redelivered);
-    assert_eq!(txs, N as i64, "one transaction per message, never two");
-    assert_eq!(datoms, N as i64, "datoms applied == expected");
-    assert_eq!(unique.len(), N, "every message dispatched");
-    assert_eq!(published.len(), N, "and deduplicated by id");
-    assert_eq!(dispatched_rows, N as i64);
-    assert_eq!(unacked, 0, "every input acknowledged");
+    let mut keys = Vec::new();
+    for (i, path) in &paths {
+        let expected: BTreeSet<String> = [format!("{}#0", run_key(*i))].into();
+        if let Some(a) = http.by_path.get(path) {
+            if a.keys != expected {
+                keys.push(format!(
+                    "idempotency keys at {path}: {:?}, expected {expected:?}",
+                    a.keys
+                ));
+            }
+        }
+    }
+    (counted, keys)
 }
 
 // ---------------------------------------------------------------------------------------------
-// One key, two tasks.
+// Duplicate storm, redelivered for real.
+
+/// What a storm counted, and how it differed from what is expected, by figure.
+#[derive(Debug, Default)]
+struct Storm {
+    inputs: u64,
+    deliveries: usize,
+    redelivered: usize,
+    planned: usize,
+    lost_acks: usize,
+    stalls: usize,
+    stall_timeouts: usize,
+    handler_calls: usize,
+    transactions: usize,
+    http_attempts: usize,
+    booked: usize,
+    elapsed: Duration,
+    diffs: BTreeMap<&'static str, Vec<String>>,
+}
+
+impl Storm {
+    fn failed(&self) -> Vec<&str> {
+        self.diffs
+            .iter()
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// `n` inputs through `Worker::run` (8 at once), each booking one transfer: a datom, an HTTP
+/// request, a message. 10 % lose their first acknowledgement and 10 % stall on their first
+/// delivery until the redelivery was acknowledged (at most 2 at once; a stall that finds no
+/// slot loses its first ack instead): 20 % are redelivered by the log once their 2 s
+/// visibility passes.
+async fn storm(name: &str, n: u64, mutant: Option<Mutant>) -> Storm {
+    let dir = PrivateDir::new(name);
+    let db = dir.join("store.db");
+    let store = SqliteStore::open_with(&db, &normal()).unwrap();
+    let server = http_server().await;
+    let tally = Tally::in_memory();
+    let plan = Arc::new(Redeliveries::new(
+        10,
+        10,
+        2,
+        Duration::from_secs(30),
+        db.clone(),
+        tally.clone(),
+    ));
+    let transport = CountingTransport::new(store.log(), Arc::clone(&plan));
+    let mut builder =
+        Executor::builder(store.clone(), transport.clone()).http(http_client(&server.uri(), 3));
+    if let Some(m) = mutant {
+        builder = builder.mutant(m);
+    }
+    let executor = Arc::new(builder.build());
+    let worker = Arc::new(
+        Worker::new(
+            Arc::clone(&executor),
+            BookHandler {
+                tally: tally.clone(),
+                requests: Requests::Every(1),
+            },
+        )
+        .with_config(WorkerConfig {
+            concurrency: 8,
+            fetch_wait: Duration::from_millis(50),
+            visibility: Duration::from_secs(2),
+            relay: Some(RelayConfig {
+                interval: Duration::from_millis(50),
+                ..RelayConfig::default()
+            }),
+            ..WorkerConfig::default()
+        })
+        .load_with(StallFirstDelivery::new(Arc::clone(&plan))),
+    );
+    book::seed(transport.inner(), 0..n, false).await.unwrap();
+
+    let started = Instant::now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let worker = Arc::clone(&worker);
+        async move {
+            worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    eventually(
+        "every input acknowledged and nothing pending",
+        Duration::from_secs(240),
+        || {
+            let (log, store) = (transport.inner().clone(), store.clone());
+            async move {
+                let unacked = log.unacknowledged(HANDLER_NAME, INPUTS).await.unwrap();
+                let backlog = store.backlog().await.unwrap();
+                unacked == 0 && backlog.pending_rows == 0 && backlog.open_runs == 0
+            }
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the worker stops")
+        .unwrap();
+    let elapsed = started.elapsed();
+
+    let events = tally.events();
+    let ids: Vec<String> = (0..n).map(transfer_id).collect();
+    let keys: Vec<String> = (0..n).map(run_key).collect();
+    let fetches = events.counts(FETCH);
+    let planned: Vec<String> = (0..n)
+        .map(input_message_id)
+        .filter(|m| plan.fate(m) != Fate::Normal)
+        .collect();
+    let txs = figures::transactions_per_key(&db).unwrap();
+    let http = HttpAttempts::of(&server.received_requests().await.unwrap());
+    let booked = sizes(figures::message_ids_by_transfer(&db, BOOKED).unwrap());
+
+    let mut diffs = BTreeMap::new();
+    diffs.insert(
+        "transactions per key",
+        differences("transactions", keys.iter().map(String::as_str), &txs, |_| 1),
+    );
+    // A stalled first delivery reaches the handler after its redelivery did: two calls, one
+    // run. A lost ack's redelivery finds the run and never calls the handler.
+    diffs.insert(
+        "handler calls per input",
+        differences(
+            "handler calls",
+            ids.iter().map(String::as_str),
+            &events.counts(HANDLER),
+            |id| {
+                let message = input_message_id(book::number(id).unwrap_or(u64::MAX));
+                if events.count(STALL, &message) > 0 {
+                    2
+                } else {
+                    1
+                }
+            },
+        ),
+    );
+    let (http_counted, http_keys) = http_differences(&http, 0..n, |_| 1);
+    diffs.insert("HTTP attempts per request", http_counted);
+    diffs.insert("idempotency keys per request", http_keys);
+    diffs.insert(
+        "messages per input",
+        differences(BOOKED, ids.iter().map(String::as_str), &booked, |_| 1),
+    );
+    diffs.insert(
+        "redelivered",
+        planned
+            .iter()
+            .filter(|m| fetches.get(*m).copied().unwrap_or(0) < 2)
+            .map(|m| format!("{m} was planned for redelivery but fetched once"))
+            .collect(),
+    );
+    let unacked = transport
+        .inner()
+        .unacknowledged(HANDLER_NAME, INPUTS)
+        .await
+        .unwrap();
+    let (pending, dead) = figures::outbox_left(&db).unwrap();
+    diffs.insert(
+        "left over",
+        [
+            (
+                "inputs unacknowledged",
+                i64::try_from(unacked).unwrap_or(i64::MAX),
+            ),
+            ("outbox rows pending", pending),
+            ("outbox rows dead-lettered", dead),
+            (
+                "stalls that gave up",
+                i64::try_from(events.total(STALL_TIMEOUT)).unwrap_or(0),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(what, v)| format!("{what}: {v}"))
+        .collect(),
+    );
+    Storm {
+        inputs: n,
+        deliveries: events.total(FETCH),
+        redelivered: fetches.values().filter(|c| **c > 1).count(),
+        planned: planned.len(),
+        lost_acks: events.total(ACK_LOST),
+        stalls: events.total(STALL),
+        stall_timeouts: events.total(STALL_TIMEOUT),
+        handler_calls: events.total(HANDLER),
+        transactions: txs.values().sum(),
+        http_attempts: http.total(),
+        booked: booked.values().sum(),
+        elapsed,
+        diffs,
+    }
+}
+
+fn print_storm(name: &str, s: &Storm) {
+    println!(
+        "FIGURE {name}: inputs={} deliveries={} redelivered={} (planned {}: first acks lost {}, \
+         stalled past the visibility timeout {}, stalls gave up {}) handler_calls={} \
+         transactions={} http_attempts={} messages={} failed_checks={:?} elapsed_ms={}",
+        s.inputs,
+        s.deliveries,
+        s.redelivered,
+        s.planned,
+        s.lost_acks,
+        s.stalls,
+        s.stall_timeouts,
+        s.handler_calls,
+        s.transactions,
+        s.http_attempts,
+        s.booked,
+        s.failed(),
+        s.elapsed.as_millis()
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_key_from_two_tasks() {
+async fn duplicate_storm_with_real_redeliveries() {
+    const N: u64 = 1_000;
+    let s = storm("storm", N, None).await;
+    print_storm("duplicate_storm", &s);
+    assert!(s.failed().is_empty(), "{:#?}", s.diffs);
+    assert!(
+        s.redelivered as u64 >= N / 5,
+        "20 % redelivered, counted in fetched deliveries: {}",
+        s.redelivered
+    );
+    assert!(
+        s.stalls > 0,
+        "some deliveries really stalled past their visibility"
+    );
+    assert!(s.lost_acks > 0, "some acknowledgements were really lost");
+}
+
+/// Without the duplicate check every redelivery applies again: the same checks fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_skip_duplicate_check_fails_the_storm() {
+    let s = storm("storm-mutant", 300, Some(Mutant::SkipDuplicateCheck)).await;
+    print_storm("duplicate_storm_mutant", &s);
+    for figure in [
+        "transactions per key",
+        "handler calls per input",
+        "HTTP attempts per request",
+        "idempotency keys per request",
+        "messages per input",
+    ] {
+        assert!(
+            !s.diffs[figure].is_empty(),
+            "the mutant must fail `{figure}`: {:#?}",
+            s.diffs
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One key, two tasks in one process.
+
+struct SameKey {
+    keys: usize,
+    applied: usize,
+    duplicates: usize,
+    both_applied: usize,
+    transactions: Vec<String>,
+    messages: Vec<String>,
+}
+
+fn balance(i: usize) -> Effects {
+    Effects::from(DatomEffect::assert(
+        LookupRef::new("account/id", format!("a{i}")),
+        [("account/balance", json!(i))],
+    ))
+    .merge(MessageEffect::new(
+        "balances",
+        json!({"id": format!("a{i}")}),
+    ))
+}
+
+async fn two_tasks(name: &str, mutant: Option<Mutant>) -> SameKey {
     const KEYS: usize = 500;
-    let dir = temp_dir("same-key-figure");
+    let dir = PrivateDir::new(name);
     let db = dir.join("store.db");
-    let options = SqliteOptions {
-        synchronous: Synchronous::Normal,
-        ..SqliteOptions::default()
-    };
-    let store = SqliteStore::open_with(&db, &options).unwrap();
-    let executor = Arc::new(Executor::builder(store.clone(), store.log()).build());
-    let effects = |i: usize| {
-        Effects::from(DatomEffect::assert(
-            LookupRef::new("account/id", format!("a{i}")),
-            [("account/balance", json!(i))],
-        ))
-        .merge(MessageEffect::new("balances", json!({"i": i})))
-    };
-    let (mut applied, mut duplicates, mut both) = (0, 0, 0);
+    let store = SqliteStore::open_with(&db, &normal()).unwrap();
+    let mut builder = Executor::builder(store.clone(), store.log());
+    if let Some(m) = mutant {
+        builder = builder.mutant(m);
+    }
+    let executor = Arc::new(builder.build());
+    let (mut applied, mut duplicates, mut both_applied) = (0, 0, 0);
     for i in 0..KEYS {
-        let key = format!("k{i}");
         let a = tokio::spawn({
-            let (executor, key, e) = (Arc::clone(&executor), key.clone(), effects(i));
-            async move { executor.run(key, e).await }
+            let executor = Arc::clone(&executor);
+            async move { executor.run(format!("k{i}"), balance(i)).await }
         });
         let b = tokio::spawn({
-            let (executor, e) = (Arc::clone(&executor), effects(i));
-            async move { executor.run(key, e).await }
+            let executor = Arc::clone(&executor);
+            async move { executor.run(format!("k{i}"), balance(i)).await }
         });
         let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
-        assert_eq!(a.tx(), b.tx());
         for o in [a, b] {
             if o.is_duplicate() {
                 duplicates += 1;
@@ -190,312 +415,717 @@ async fn same_key_from_two_tasks() {
             }
         }
         if !a.is_duplicate() && !b.is_duplicate() {
-            both += 1;
+            both_applied += 1;
         }
     }
-    let txs = sql_i64(&db, "SELECT COUNT(*) FROM transactions");
-    let messages = sql_i64(&db, "SELECT COUNT(*) FROM log_messages");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("k{i}")).collect();
+    let accounts: Vec<String> = (0..KEYS).map(|i| format!("a{i}")).collect();
+    SameKey {
+        keys: KEYS,
+        applied,
+        duplicates,
+        both_applied,
+        transactions: differences(
+            "transactions",
+            keys.iter().map(String::as_str),
+            &figures::transactions_per_key(&db).unwrap(),
+            |_| 1,
+        ),
+        messages: differences(
+            "messages",
+            accounts.iter().map(String::as_str),
+            &sizes(figures::message_ids_by_transfer(&db, "balances").unwrap()),
+            |_| 1,
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_from_two_tasks() {
+    let s = two_tasks("same-key-tasks", None).await;
     println!(
-        "FIGURE same_key_two_tasks: keys={KEYS} runs={} applied={applied} duplicates={duplicates} \
-         both_applied={both} transactions={txs} messages={messages}",
-        KEYS * 2
+        "FIGURE same_key_two_tasks: keys={} runs={} applied={} duplicates={} both_applied={} \
+         keys_with_other_than_one_transaction={} accounts_with_other_than_one_message={}",
+        s.keys,
+        s.keys * 2,
+        s.applied,
+        s.duplicates,
+        s.both_applied,
+        s.transactions.len(),
+        s.messages.len()
     );
-    assert_eq!(applied, KEYS);
-    assert_eq!(duplicates, KEYS);
-    assert_eq!(both, 0);
-    assert_eq!(txs, KEYS as i64);
-    assert_eq!(messages, KEYS as i64);
+    assert!(s.transactions.is_empty(), "{:?}", s.transactions);
+    assert!(s.messages.is_empty(), "{:?}", s.messages);
+    assert_eq!(
+        (s.applied, s.duplicates, s.both_applied),
+        (s.keys, s.keys, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_skip_duplicate_check_fails_same_key_from_two_tasks() {
+    let s = two_tasks("same-key-tasks-mutant", Some(Mutant::SkipDuplicateCheck)).await;
+    println!(
+        "FIGURE same_key_two_tasks_mutant: keys={} both_applied={} transaction_differences={} \
+         message_differences={}",
+        s.keys,
+        s.both_applied,
+        s.transactions.len(),
+        s.messages.len()
+    );
+    assert_eq!(s.transactions.len(), s.keys, "every key applied twice");
+    assert_eq!(s.messages.len(), s.keys, "every message sent twice");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same keys from two processes on one file.
+
+struct TwoProcesses {
+    keys: u64,
+    applied: [usize; 2],
+    same_tx: usize,
+    errors: Vec<String>,
+    applied_per_key: Vec<String>,
+    transactions: Vec<String>,
+    messages: Vec<String>,
+    elapsed: Duration,
+}
+
+fn two_processes(name: &str, mutant: Option<Mutant>) -> TwoProcesses {
+    const KEYS: u64 = 1_000;
+    let dir = PrivateDir::new(name);
+    let db = dir.join("store.db");
+    drop(SqliteStore::open(&db).expect("create the store"));
+    let mut args = vec![
+        "--db".to_owned(),
+        db.display().to_string(),
+        "--keys".to_owned(),
+        KEYS.to_string(),
+    ];
+    if let Some(m) = mutant {
+        args.extend([
+            "--mutant".to_owned(),
+            effects_tests::harness::child::mutant_name(m).to_owned(),
+        ]);
+    }
+    let program = PathBuf::from(SAME_KEY_CHILD);
+    let mut children: Vec<ChildProcess> = ["A", "B"]
+        .iter()
+        .map(|n| ChildProcess::spawn(&format!("process {n}"), &program, &args).unwrap())
+        .collect();
+    for c in &mut children {
+        c.wait_for("READY", Duration::from_secs(60)).unwrap();
+    }
+    let started = Instant::now();
+    for c in &mut children {
+        c.say("GO").unwrap();
+    }
+    // outcome[key][process] = (applied, tx)
+    let mut outcome: BTreeMap<u64, Vec<(bool, String)>> = BTreeMap::new();
+    let mut errors = Vec::new();
+    let mut applied = [0usize; 2];
+    for (p, c) in children.iter_mut().enumerate() {
+        c.wait_for("DONE", Duration::from_secs(180)).unwrap();
+        for line in c.seen() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            match parts.as_slice() {
+                ["K", i, what, tx] => {
+                    let i: u64 = i.parse().unwrap();
+                    let was_applied = *what == "applied";
+                    if was_applied {
+                        applied[p] += 1;
+                    }
+                    outcome
+                        .entry(i)
+                        .or_default()
+                        .push((was_applied, (*tx).to_owned()));
+                }
+                ["ERR", ..] => errors.push(line.clone()),
+                _ => {}
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    for c in children {
+        let status = c.stop(Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "a child failed: {status}");
+    }
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("same:{i}")).collect();
+    let accounts: Vec<String> = (0..KEYS).map(|i| format!("a{i}")).collect();
+    let applied_per_key = (0..KEYS)
+        .filter_map(|i| {
+            let o = outcome.get(&i).map(Vec::as_slice).unwrap_or_default();
+            let n = o.iter().filter(|(a, _)| *a).count();
+            (o.len() != 2 || n != 1).then(|| {
+                format!(
+                    "key same:{i}: {} outcomes, {n} applied (expected 2 and 1)",
+                    o.len()
+                )
+            })
+        })
+        .collect();
+    TwoProcesses {
+        keys: KEYS,
+        applied,
+        same_tx: outcome
+            .values()
+            .filter(|o| o.len() == 2 && o[0].1 == o[1].1)
+            .count(),
+        errors,
+        applied_per_key,
+        transactions: differences(
+            "transactions",
+            keys.iter().map(String::as_str),
+            &figures::transactions_per_key(&db).unwrap(),
+            |_| 1,
+        ),
+        messages: differences(
+            "messages",
+            accounts.iter().map(String::as_str),
+            &sizes(figures::message_ids_by_transfer(&db, "balances").unwrap()),
+            |_| 1,
+        ),
+        elapsed,
+    }
+}
+
+fn print_two_processes(name: &str, s: &TwoProcesses) {
+    println!(
+        "FIGURE {name}: keys={} runs={} applied_by_a={} applied_by_b={} both_report_one_tx={} \
+         errors={} keys_not_applied_exactly_once={} keys_with_other_than_one_transaction={} \
+         accounts_with_other_than_one_message={} elapsed_ms={}",
+        s.keys,
+        s.keys * 2,
+        s.applied[0],
+        s.applied[1],
+        s.same_tx,
+        s.errors.len(),
+        s.applied_per_key.len(),
+        s.transactions.len(),
+        s.messages.len(),
+        s.elapsed.as_millis()
+    );
+}
+
+#[test]
+fn same_keys_from_two_processes() {
+    let s = two_processes("same-key-processes", None);
+    print_two_processes("same_keys_two_processes", &s);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(s.applied_per_key.is_empty(), "{:?}", s.applied_per_key);
+    assert!(s.transactions.is_empty(), "{:?}", s.transactions);
+    assert!(s.messages.is_empty(), "{:?}", s.messages);
+    assert_eq!(s.same_tx as u64, s.keys, "both processes report the one tx");
+}
+
+#[test]
+fn mutant_skip_duplicate_check_fails_same_keys_from_two_processes() {
+    let s = two_processes(
+        "same-key-processes-mutant",
+        Some(Mutant::SkipDuplicateCheck),
+    );
+    print_two_processes("same_keys_two_processes_mutant", &s);
+    assert_eq!(
+        s.applied_per_key.len() as u64,
+        s.keys,
+        "both applied every key"
+    );
+    assert_eq!(s.transactions.len() as u64, s.keys);
+    assert_eq!(s.messages.len() as u64, s.keys);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Crash at every boundary: a real child process, SIGKILL, restart.
 
-const INPUTS: usize = 5;
+const INPUTS_N: u64 = 5;
 
-struct ChildProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// A stable name (`child`): the restarted process reclaims the dead one's leases at once.
+    Fixed,
+    /// The default, unique per process: the restarted process waits for them to expire.
+    Default,
 }
 
-impl ChildProcess {
-    fn spawn(args: &[String]) -> ChildProcess {
-        let mut child = Command::new(CHILD)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the crash child");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildProcess {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
+struct Crash {
+    point: FaultPoint,
+    separate: bool,
+    owner: Owner,
+    mutant: Option<Mutant>,
+}
 
-    /// The first line starting with `prefix`, within `timeout`.
-    fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(line) => self.seen.push(line),
-                Err(_) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!(
-                        "no `{prefix}` from the child within {timeout:?}; it said {:?}",
-                        self.seen
-                    );
-                }
-            }
-        }
-    }
+/// What was counted when the child was killed, and at the end.
+#[derive(Debug, Default)]
+struct Counted {
+    transactions: BTreeMap<String, usize>,
+    handler: BTreeMap<String, usize>,
+    publishes: BTreeMap<String, usize>,
+    http: HttpAttempts,
+}
 
-    fn kill_9(mut self) {
-        // `Child::kill` sends SIGKILL on Unix: no destructor, no flush, no rollback.
-        self.child.kill().expect("SIGKILL the child");
-        let status = self.child.wait().expect("reap the child");
-        assert!(!status.success());
-    }
-
-    fn wait_success(mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the child") {
-                assert!(status.success(), "the child exited with {status}");
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the child did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+impl Counted {
+    async fn now(db: &std::path::Path, events: &std::path::Path, server: &MockServer) -> Counted {
+        let e = Events::read_dir(events).unwrap_or_default();
+        Counted {
+            transactions: figures::transactions_per_key(db).unwrap(),
+            handler: e.counts(HANDLER),
+            publishes: e.counts(PUBLISH),
+            http: HttpAttempts::of(&server.received_requests().await.unwrap()),
         }
     }
 }
 
-fn child_args(db: &Path, broker: Option<&PathBuf>, http: &str, fault: Option<&str>) -> Vec<String> {
-    let mut args = vec![
-        "--db".to_owned(),
-        db.display().to_string(),
-        "--http".to_owned(),
-        http.to_owned(),
-        "--owner".to_owned(),
-        "child".to_owned(),
-    ];
-    if let Some(b) = broker {
-        args.extend(["--broker".to_owned(), b.display().to_string()]);
-    }
-    if let Some(f) = fault {
-        args.extend(["--fault".to_owned(), f.to_owned()]);
-    }
-    args
+struct CrashFigures {
+    fault: String,
+    at_crash: Counted,
+    after: Counted,
+    resumed: Option<Duration>,
+    restart: Duration,
+    done: String,
+    diffs: BTreeMap<&'static str, Vec<String>>,
 }
 
-async fn crash_and_restart(point: &str, external: bool) {
-    let dir = temp_dir(&format!(
-        "crash-{point}-{}",
-        if external { "ext" } else { "inline" }
-    ));
+impl CrashFigures {
+    fn failed(&self) -> Vec<&str> {
+        self.diffs
+            .iter()
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// Five inputs (`in-0` .. `in-4`, one at a time); per input one datom (two attributes), one
+/// HTTP request, one `transfer-booked` message and, from the after-requests hook, one receipt.
+/// The child is killed the first time it reaches `point` (while processing `in-0`), then
+/// started again without the fault and waited for until every input is acknowledged and
+/// nothing is pending.
+async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
+    let dir = PrivateDir::new(name);
     let db = dir.join("store.db");
-    let broker = external.then(|| dir.join("broker.db"));
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
-        .mount(&server)
-        .await;
-
-    // Seed the inputs where the child consumes them.
+    let broker = c.separate.then(|| dir.join("broker.db"));
+    let out_db = broker.clone().unwrap_or_else(|| db.clone());
+    let events = dir.join("events");
+    let server = http_server().await;
     {
         let store = SqliteStore::open(&db).unwrap();
         let log = match &broker {
-            Some(b) => SqliteLog::open(b).unwrap(),
+            Some(b) => SqliteStore::open(b).unwrap().log(),
             None => store.log(),
         };
-        for i in 0..INPUTS {
-            log.publish(OutgoingMessage {
-                id: format!("in-{i}"),
-                topic: "transfers".into(),
-                partition_key: Some(format!("t{i}")),
-                headers: BTreeMap::new(),
-                payload: json!({"id": format!("t{i}")}).to_string().into_bytes(),
-            })
-            .await
-            .unwrap();
+        book::seed(&log, 0..INPUTS_N, true).await.unwrap();
+    }
+    let args = |fault: Option<FaultPoint>| {
+        let mut a = WorkerArgs::new(db.clone());
+        a.broker = broker.clone();
+        a.http = Some(server.uri());
+        a.events = Some(events.clone());
+        a.owner = (c.owner == Owner::Fixed).then(|| "child".to_owned());
+        a.mutant = c.mutant;
+        a.fault = fault;
+        a.to_args()
+    };
+    let program = PathBuf::from(CRASH_CHILD);
+
+    let mut first = ChildProcess::spawn("the first child", &program, &args(Some(c.point))).unwrap();
+    let fault = first
+        .wait_for("FAULT", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        first.kill_9().unwrap(),
+        "the child was still at the fault point when killed"
+    );
+    let at_crash = Counted::now(&db, &events, &server).await;
+
+    let restarted = Instant::now();
+    let mut second = ChildProcess::spawn("the restarted child", &program, &args(None)).unwrap();
+    // How long the interrupted run's rows wait after the restart: at once when the restarted
+    // process reclaims the dead one's leases (same owner name), or until they expire.
+    let key0 = run_key(0);
+    let mut resumed = None;
+    if c.point != FaultPoint::BeforeCommit {
+        // Bounded: 60 s of polls 10 ms apart.
+        while restarted.elapsed() < Duration::from_secs(60) {
+            if figures::pending_rows_of_run(&db, &key0).unwrap() == 0 {
+                resumed = Some(restarted.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    let done = second
+        .wait_for("DONE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let restart = restarted.elapsed();
+    let status = second.wait(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "the restarted child exited with {status}");
+    let after = Counted::now(&db, &events, &server).await;
 
-    let started = Instant::now();
-    let mut first = ChildProcess::spawn(&child_args(
-        &db,
-        broker.as_ref(),
-        &server.uri(),
-        Some(point),
-    ));
-    let fault = first.wait_for("FAULT", Duration::from_secs(30));
-    first.kill_9();
-    let txs_at_crash = sql_i64(&db, "SELECT COUNT(*) FROM transactions");
-    let requests_at_crash = server.received_requests().await.unwrap().len();
-
-    let mut second = ChildProcess::spawn(&child_args(&db, broker.as_ref(), &server.uri(), None));
-    let done = second.wait_for("DONE", Duration::from_secs(60));
-    second.wait_success(Duration::from_secs(10));
-    let elapsed = started.elapsed();
-
-    // Nothing lost, nothing applied twice.
-    let out_db = broker.clone().unwrap_or_else(|| db.clone());
-    let txs = sql_i64(&db, "SELECT COUNT(*) FROM transactions");
-    let datoms = sql_i64(&db, "SELECT COUNT(*) FROM datoms");
-    let runs_done = sql_i64(
-        &db,
-        "SELECT COUNT(*) FROM effect_runs WHERE status = 'done'",
+    // What is expected, id by id.
+    let keys: Vec<String> = (0..INPUTS_N).map(run_key).collect();
+    let ids: Vec<String> = (0..INPUTS_N).map(transfer_id).collect();
+    let committed_at_crash = c.point != FaultPoint::BeforeCommit;
+    let http_at_crash = matches!(
+        c.point,
+        FaultPoint::AfterHttpBeforeRecord | FaultPoint::AfterPublishBeforeMark
     );
-    let pending = sql_i64(
-        &db,
-        "SELECT COUNT(*) FROM outbox WHERE dispatched_at_ms IS NULL",
+    let published_at_crash: Vec<String> = at_crash.publishes.keys().cloned().collect();
+    let mut diffs = BTreeMap::new();
+    diffs.insert(
+        "transactions when killed",
+        differences(
+            "transactions",
+            keys.iter().map(String::as_str),
+            &at_crash.transactions,
+            |k| usize::from(committed_at_crash && k == key0),
+        ),
     );
-    let booked = sql_i64(
-        &out_db,
-        "SELECT COUNT(DISTINCT message_id) FROM log_messages WHERE topic = 'transfer-booked'",
+    diffs.insert(
+        "handler calls when killed",
+        differences(
+            "handler calls",
+            ids.iter().map(String::as_str),
+            &at_crash.handler,
+            |id| usize::from(id == "t0"),
+        ),
     );
-    let booked_rows = sql_i64(
-        &out_db,
-        "SELECT COUNT(*) FROM log_messages WHERE topic = 'transfer-booked'",
+    diffs.insert(
+        "HTTP attempts when killed",
+        http_differences(&at_crash.http, 0..INPUTS_N, |i| {
+            usize::from(http_at_crash && i == 0)
+        })
+        .0,
     );
-    let receipts = sql_i64(
-        &out_db,
-        "SELECT COUNT(*) FROM log_messages WHERE topic = 'transfer-receipts'",
+    let expected_published = usize::from(c.point == FaultPoint::AfterPublishBeforeMark);
+    let republished = published_at_crash.first().cloned().unwrap_or_default();
+    diffs.insert(
+        "publish attempts when killed",
+        if published_at_crash.len() == expected_published
+            && published_at_crash
+                .iter()
+                .all(|id| id.starts_with(&format!("{key0}#")))
+        {
+            Vec::new()
+        } else {
+            vec![format!(
+                "published when killed: {published_at_crash:?}, expected {expected_published} \
+                 message of {key0}"
+            )]
+        },
     );
-    let unacked = SqliteLog::open(&out_db)
-        .unwrap()
-        .unacknowledged("transfer", "transfers")
-        .await
-        .unwrap();
-
-    // Every HTTP attempt of one request carried the same key.
-    let received = server.received_requests().await.unwrap();
-    let mut keys_by_path: BTreeMap<String, HashSet<String>> = BTreeMap::new();
-    for r in &received {
-        let key = r
-            .headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("<none>")
-            .to_owned();
-        keys_by_path
-            .entry(r.url.path().to_owned())
-            .or_default()
-            .insert(key);
-    }
-    let same_key = keys_by_path.iter().all(|(path, keys)| {
-        let i = path.trim_start_matches("/notify/t");
-        keys.len() == 1 && keys.contains(&format!("transfer:transfers:in-{i}#0"))
+    diffs.insert(
+        "transactions per key",
+        differences(
+            "transactions",
+            keys.iter().map(String::as_str),
+            &after.transactions,
+            |_| 1,
+        ),
+    );
+    diffs.insert(
+        "handler calls per input",
+        differences(
+            "handler calls",
+            ids.iter().map(String::as_str),
+            &after.handler,
+            |id| {
+                if c.point == FaultPoint::BeforeCommit && id == "t0" {
+                    2
+                } else {
+                    1
+                }
+            },
+        ),
+    );
+    let (http_counted, http_keys) = http_differences(&after.http, 0..INPUTS_N, |i| {
+        if c.point == FaultPoint::AfterHttpBeforeRecord && i == 0 {
+            2
+        } else {
+            1
+        }
     });
-    let retried = received.len() - keys_by_path.len();
+    diffs.insert("HTTP attempts per request", http_counted);
+    diffs.insert("idempotency keys per request", http_keys);
+    let booked = sizes(figures::message_ids_by_transfer(&out_db, BOOKED).unwrap());
+    let receipts = sizes(figures::message_ids_by_transfer(&out_db, RECEIPTS).unwrap());
+    diffs.insert(
+        "messages per input",
+        differences(BOOKED, ids.iter().map(String::as_str), &booked, |_| 1),
+    );
+    diffs.insert(
+        "receipts per input",
+        differences(RECEIPTS, ids.iter().map(String::as_str), &receipts, |_| 1),
+    );
+    // Inline, messages are written by the commit and never reach `publish`; through a separate
+    // file each is published once, and the one published when the child died twice.
+    let logged: BTreeSet<String> = figures::message_ids_by_transfer(&out_db, BOOKED)
+        .unwrap()
+        .into_values()
+        .chain(
+            figures::message_ids_by_transfer(&out_db, RECEIPTS)
+                .unwrap()
+                .into_values(),
+        )
+        .flatten()
+        .collect();
+    diffs.insert(
+        "publish attempts per message",
+        if c.separate {
+            differences(
+                "publish attempts",
+                logged.iter().map(String::as_str),
+                &after.publishes,
+                |id| if id == republished { 2 } else { 1 },
+            )
+        } else {
+            differences(
+                "publish attempts",
+                std::iter::empty(),
+                &after.publishes,
+                |_| 0,
+            )
+        },
+    );
+    // Per input (run key, whatever message ids a run gave its messages): two messages each,
+    // one more for the one published when the child died.
+    let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, n) in &after.publishes {
+        let key = id.split('#').next().unwrap_or(id);
+        let key = key.split('~').next().unwrap_or(key);
+        *per_key.entry(key.to_owned()).or_default() += n;
+    }
+    diffs.insert(
+        "publish attempts per input",
+        differences(
+            "publish attempts",
+            keys.iter().map(String::as_str),
+            &per_key,
+            |k| match (c.separate, republished.starts_with(&format!("{k}#"))) {
+                (false, _) => 0,
+                (true, false) => 2,
+                (true, true) => 3,
+            },
+        ),
+    );
+    let unacked = figures::unacknowledged(&out_db, HANDLER_NAME, INPUTS).unwrap();
+    let (pending, dead) = figures::outbox_left(&db).unwrap();
+    diffs.insert(
+        "left over",
+        [
+            ("inputs unacknowledged", unacked),
+            ("outbox rows pending", pending),
+            ("outbox rows dead-lettered", dead),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(what, v)| format!("{what}: {v}"))
+        .collect(),
+    );
+    CrashFigures {
+        fault,
+        at_crash,
+        after,
+        resumed,
+        restart,
+        done,
+        diffs,
+    }
+}
 
+async fn crash_case(point: FaultPoint, separate: bool, owner: Owner) {
+    let transport = if separate { "separate" } else { "inline" };
+    let owner_name = match owner {
+        Owner::Fixed => "fixed-owner",
+        Owner::Default => "default-owner",
+    };
+    let name = format!("crash-{}-{transport}-{owner_name}", fault_name(point));
+    let f = crash_and_restart(
+        &name,
+        Crash {
+            point,
+            separate,
+            owner,
+            mutant: None,
+        },
+    )
+    .await;
+    let total = |m: &BTreeMap<String, usize>| m.values().sum::<usize>();
     println!(
-        "FIGURE crash point={point} transport={} fault=`{fault}` txs_at_crash={txs_at_crash} \
-         http_at_crash={requests_at_crash} messages_in={INPUTS} runs_applied={txs} \
-         datoms_applied={datoms} expected={} runs_done={runs_done} messages_dispatched={booked} \
-         (log rows {booked_rows}) receipts={receipts} pending={pending} unacked_inputs={unacked} \
-         http_requests={} http_paths={} http_retries={retried} same_key_on_retry={same_key} \
-         restart=`{done}` elapsed_ms={}",
-        if external { "separate-file" } else { "inline" },
-        INPUTS * 2,
-        received.len(),
-        keys_by_path.len(),
-        elapsed.as_millis()
+        "FIGURE crash point={} transport={transport} owner={owner_name} fault=`{}` \
+         when_killed: transactions={} handler_calls={} http_attempts={} publish_attempts={} \
+         after_restart: transactions={} handler_calls={} http_attempts={} publish_attempts={} \
+         restart_to_interrupted_run_dispatched_ms={} restart_to_done_ms={} restarted=`{}` \
+         failed_checks={:?}",
+        fault_name(point),
+        f.fault,
+        total(&f.at_crash.transactions),
+        total(&f.at_crash.handler),
+        f.at_crash.http.total(),
+        total(&f.at_crash.publishes),
+        total(&f.after.transactions),
+        total(&f.after.handler),
+        f.after.http.total(),
+        total(&f.after.publishes),
+        f.resumed
+            .map_or_else(|| "-".to_owned(), |d| d.as_millis().to_string()),
+        f.restart.as_millis(),
+        f.done,
+        f.failed()
     );
-    match point {
-        "before_commit" => assert_eq!(txs_at_crash, 0, "the killed transaction must roll back"),
-        _ => assert_eq!(txs_at_crash, 1, "the first run had committed"),
-    }
-    assert_eq!(txs, INPUTS as i64, "each input applied exactly once");
-    assert_eq!(datoms, (INPUTS * 2) as i64, "two attributes per transfer");
-    assert_eq!(runs_done, INPUTS as i64);
-    assert_eq!(pending, 0);
-    assert_eq!(booked, INPUTS as i64, "every message dispatched");
-    assert_eq!(booked_rows, INPUTS as i64, "and never twice");
-    assert_eq!(receipts, INPUTS as i64, "after-requests ran once per run");
-    assert_eq!(unacked, 0, "every input acknowledged");
-    assert_eq!(keys_by_path.len(), INPUTS, "every request sent");
-    assert!(
-        same_key,
-        "retries carry the same idempotency key: {keys_by_path:?}"
-    );
-    if point == "after_http_before_record" {
-        assert_eq!(
-            retried, 1,
-            "the unrecorded request is sent again, with its key"
-        );
-    } else {
-        assert_eq!(retried, 0);
-    }
+    assert!(f.failed().is_empty(), "{:#?}", f.diffs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_before_commit_inline() {
-    crash_and_restart("before_commit", false).await;
+    crash_case(FaultPoint::BeforeCommit, false, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_commit_inline() {
-    crash_and_restart("after_commit", false).await;
+    crash_case(FaultPoint::AfterCommit, false, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_http_before_record_inline() {
-    crash_and_restart("after_http_before_record", false).await;
+    crash_case(FaultPoint::AfterHttpBeforeRecord, false, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_before_commit_separate_broker() {
-    crash_and_restart("before_commit", true).await;
+    crash_case(FaultPoint::BeforeCommit, true, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_commit_separate_broker() {
-    crash_and_restart("after_commit", true).await;
+    crash_case(FaultPoint::AfterCommit, true, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_http_before_record_separate_broker() {
-    crash_and_restart("after_http_before_record", true).await;
+    crash_case(FaultPoint::AfterHttpBeforeRecord, true, Owner::Fixed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_publish_before_mark_separate_broker() {
-    crash_and_restart("after_publish_before_mark", true).await;
+    crash_case(FaultPoint::AfterPublishBeforeMark, true, Owner::Fixed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_commit_inline_default_owner() {
+    crash_case(FaultPoint::BeforeCommit, false, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_commit_inline_default_owner() {
+    crash_case(FaultPoint::AfterCommit, false, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_http_before_record_inline_default_owner() {
+    crash_case(FaultPoint::AfterHttpBeforeRecord, false, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_commit_separate_broker_default_owner() {
+    crash_case(FaultPoint::BeforeCommit, true, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_commit_separate_broker_default_owner() {
+    crash_case(FaultPoint::AfterCommit, true, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_http_before_record_separate_broker_default_owner() {
+    crash_case(FaultPoint::AfterHttpBeforeRecord, true, Owner::Default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_publish_before_mark_separate_broker_default_owner() {
+    crash_case(FaultPoint::AfterPublishBeforeMark, true, Owner::Default).await;
+}
+
+/// Without the duplicate check the restarted child applies the redelivered input again: every
+/// figure counted at the source shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_skip_duplicate_check_fails_the_crash_checks() {
+    let f = crash_and_restart(
+        "crash-mutant-duplicate",
+        Crash {
+            point: FaultPoint::AfterCommit,
+            separate: true,
+            owner: Owner::Fixed,
+            mutant: Some(Mutant::SkipDuplicateCheck),
+        },
+    )
+    .await;
+    println!(
+        "FIGURE crash_mutant_skip_duplicate_check failed_checks={:?}",
+        f.failed()
+    );
+    for figure in [
+        "transactions per key",
+        "handler calls per input",
+        "HTTP attempts per request",
+        "idempotency keys per request",
+        "messages per input",
+        "receipts per input",
+        "publish attempts per input",
+    ] {
+        assert!(
+            !f.diffs[figure].is_empty(),
+            "the mutant must fail `{figure}`: {:#?}",
+            f.diffs
+        );
+    }
+}
+
+/// Marking a message dispatched before publishing it loses the message when the process dies
+/// in between: the lost-message checks catch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_mark_before_publish_fails_the_lost_message_check() {
+    let f = crash_and_restart(
+        "crash-mutant-mark",
+        Crash {
+            point: FaultPoint::AfterPublishBeforeMark,
+            separate: true,
+            owner: Owner::Fixed,
+            mutant: Some(Mutant::MarkBeforePublish),
+        },
+    )
+    .await;
+    println!(
+        "FIGURE crash_mutant_mark_before_publish failed_checks={:?} diffs={:?}",
+        f.failed(),
+        f.diffs
+    );
+    let lost: Vec<&String> = ["messages per input", "receipts per input"]
+        .iter()
+        .flat_map(|k| &f.diffs[k])
+        .filter(|d| d.contains("counted 0"))
+        .collect();
+    assert_eq!(lost.len(), 1, "one message lost: {:#?}", f.diffs);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Key reuse and bad input.
 
-#[tokio::test]
-async fn key_reuse_is_refused() {
+struct Reuse {
+    refused: usize,
+    transactions: Vec<String>,
+    wrong: i64,
+}
+
+async fn key_reuse(name: &str, mutant: Option<Mutant>) -> Reuse {
     const KEYS: usize = 100;
-    let dir = temp_dir("key-reuse-figure");
+    let dir = PrivateDir::new(name);
     let db = dir.join("store.db");
-    let store = SqliteStore::open_with(
-        &db,
-        &SqliteOptions {
-            synchronous: Synchronous::Normal,
-            ..SqliteOptions::default()
-        },
-    )
-    .unwrap();
-    let executor = Executor::builder(store.clone(), store.log()).build();
+    let store = SqliteStore::open_with(&db, &normal()).unwrap();
+    let mut builder = Executor::builder(store.clone(), store.log());
+    if let Some(m) = mutant {
+        builder = builder.mutant(m);
+    }
+    let executor = builder.build();
     let pay = |i: usize, amount: i64| {
         Effects::from(DatomEffect::assert(
             LookupRef::new("payment/id", format!("p{i}")),
@@ -511,31 +1141,59 @@ async fn key_reuse_is_refused() {
     }
     let mut refused = 0;
     for i in 0..KEYS {
-        match executor.run(format!("pay:{i}"), pay(i, 999)).await {
-            Err(RunError::KeyReuse { .. }) => refused += 1,
-            other => panic!("expected KeyReuse, got {other:?}"),
+        if let Err(RunError::KeyReuse { .. }) = executor.run(format!("pay:{i}"), pay(i, 999)).await
+        {
+            refused += 1;
         }
     }
-    let txs = sql_i64(&db, "SELECT COUNT(*) FROM transactions");
-    let wrong = sql_i64(
-        &db,
-        "SELECT COUNT(*) FROM entity_attributes WHERE attribute = 'payment/amount' AND value = '999'",
-    );
-    let messages = sql_i64(&db, "SELECT COUNT(*) FROM log_messages");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("pay:{i}")).collect();
+    Reuse {
+        refused,
+        transactions: differences(
+            "transactions",
+            keys.iter().map(String::as_str),
+            &figures::transactions_per_key(&db).unwrap(),
+            |_| 1,
+        ),
+        wrong: sql_i64(
+            &db,
+            "SELECT COUNT(*) FROM entity_attributes WHERE attribute = 'payment/amount' AND value = '999'",
+        ),
+    }
+}
+
+#[tokio::test]
+async fn key_reuse_is_refused() {
+    let r = key_reuse("key-reuse", None).await;
     println!(
-        "FIGURE key_reuse: keys={KEYS} reuses={KEYS} refused={refused} applied_by_reuse={} \
-         wrong_amounts={wrong} messages={messages}",
-        txs - KEYS as i64
+        "FIGURE key_reuse: keys=100 reuses=100 refused={} keys_with_other_than_one_transaction={} \
+         wrong_amounts={}",
+        r.refused,
+        r.transactions.len(),
+        r.wrong
     );
-    assert_eq!(refused, KEYS);
-    assert_eq!(txs, KEYS as i64);
-    assert_eq!(wrong, 0);
-    assert_eq!(messages, KEYS as i64);
+    assert_eq!(r.refused, 100);
+    assert!(r.transactions.is_empty(), "{:?}", r.transactions);
+    assert_eq!(r.wrong, 0);
+}
+
+#[tokio::test]
+async fn mutant_skip_duplicate_check_fails_key_reuse() {
+    let r = key_reuse("key-reuse-mutant", Some(Mutant::SkipDuplicateCheck)).await;
+    println!(
+        "FIGURE key_reuse_mutant: refused={} keys_with_other_than_one_transaction={} wrong_amounts={}",
+        r.refused,
+        r.transactions.len(),
+        r.wrong
+    );
+    assert_eq!(r.refused, 0);
+    assert_eq!(r.transactions.len(), 100);
+    assert_eq!(r.wrong, 100);
 }
 
 #[tokio::test]
 async fn bad_input_is_refused_before_any_write() {
-    let dir = temp_dir("bad-input-figure");
+    let dir = PrivateDir::new("bad-input");
     let db = dir.join("store.db");
     let store = SqliteStore::open(&db).unwrap();
     let log = store.log();
@@ -660,6 +1318,10 @@ async fn bad_input_is_refused_before_any_write() {
             dead += 1;
         }
     }
+    let handler_calls = worker
+        .handler()
+        .calls
+        .load(std::sync::atomic::Ordering::Relaxed);
     let written: i64 = [
         "transactions",
         "effect_runs",
@@ -673,11 +1335,16 @@ async fn bad_input_is_refused_before_any_write() {
     let unacked = log.unacknowledged("block", "cards-to-block").await.unwrap();
     println!(
         "FIGURE bad_input: executor_cases={total} refused={refused} undecodable={} \
-         dead_lettered_and_acked={dead} unacked={unacked} rows_written={written}",
+         dead_lettered_and_acked={dead} handler_calls={handler_calls} unacked={unacked} \
+         rows_written={written}",
         payloads.len()
     );
     assert_eq!(refused, total);
     assert_eq!(dead, payloads.len());
+    assert_eq!(
+        handler_calls, 0,
+        "no undecodable payload reached the handler"
+    );
     assert_eq!(unacked, 0);
     assert_eq!(written, 0);
 }

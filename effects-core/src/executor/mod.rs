@@ -90,6 +90,35 @@ pub enum Mutant {
     SkipDuplicateCheck,
     /// Claimed rows are never renewed: a claimant working longer than its lease loses it.
     NoLeaseRenewal,
+    /// A message row is marked dispatched before it is published (the fault point
+    /// `AfterPublishBeforeMark` then sits between the mark and the publish): a crash there
+    /// loses the message.
+    MarkBeforePublish,
+}
+
+impl Mutant {
+    /// Every mutant.
+    pub const ALL: &'static [Mutant] = &[
+        Mutant::SkipReadValidation,
+        Mutant::SkipDuplicateCheck,
+        Mutant::NoLeaseRenewal,
+        Mutant::MarkBeforePublish,
+    ];
+
+    /// Its name on a command line: `skip-read-validation`, ...
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mutant::SkipReadValidation => "skip-read-validation",
+            Mutant::SkipDuplicateCheck => "skip-duplicate-check",
+            Mutant::NoLeaseRenewal => "no-lease-renewal",
+            Mutant::MarkBeforePublish => "mark-before-publish",
+        }
+    }
+
+    /// The mutant with this [`Mutant::name`].
+    pub fn from_name(name: &str) -> Option<Mutant> {
+        Mutant::ALL.iter().copied().find(|m| m.name() == name)
+    }
 }
 
 /// A fault-injection hook: called with the point and the key or row id. Testing only.
@@ -951,7 +980,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     datom.expected.clear();
                 }
             }
-            Some(Mutant::NoLeaseRenewal) => {}
+            Some(Mutant::NoLeaseRenewal | Mutant::MarkBeforePublish) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1344,12 +1373,18 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     headers: publish_headers(&row.headers, &row.run_key, row.tx),
                     payload: row.payload.clone().into_bytes(),
                 };
+                let mark_first = self.mutant == Some(Mutant::MarkBeforePublish);
+                if mark_first && self.store.mark_dispatched(&row.id, &lease).await? {
+                    progress.messages_dispatched += 1;
+                    self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
+                }
                 let published = self
                     .transport
                     .publish(message)
                     .instrument(info_span!("effects.publish", id = %row.id, key = %row.run_key, tx = row.tx.0))
                     .await;
                 match published {
+                    Ok(()) if mark_first => {}
                     Ok(()) => {
                         self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
                         if self.store.mark_dispatched(&row.id, &lease).await? {

@@ -307,8 +307,30 @@ fn sha256_hex(text: &str) -> String {
     out
 }
 
+/// Whether every migration is recorded with its checksum, read without taking the write lock:
+/// a process opening a database that is up to date must not wait behind another process that
+/// is writing without pause.
+fn up_to_date(conn: &Connection) -> bool {
+    let read = || -> rusqlite::Result<Vec<(i64, String)>> {
+        let mut stmt =
+            conn.prepare("SELECT version, sha256 FROM schema_version ORDER BY version")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+    };
+    read().is_ok_and(|applied| {
+        applied.len() == MIGRATIONS.len()
+            && applied
+                .iter()
+                .zip(MIGRATIONS)
+                .all(|((v, sha), m)| *v == m.version && *sha == sha256_hex(m.sql))
+    })
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     const OP: &str = "applying migrations";
+    if up_to_date(conn) {
+        return Ok(());
+    }
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_version (
              version       INTEGER PRIMARY KEY,

@@ -535,23 +535,12 @@ pub fn count_runs(path: &Path) -> Result<BTreeMap<String, u64>, Error> {
 
 /// The name of a mutant on the command line of a worker process.
 pub fn mutant_flag(mutant: Mutant) -> &'static str {
-    match mutant {
-        Mutant::SkipReadValidation => "skip-read-validation",
-        Mutant::SkipDuplicateCheck => "skip-duplicate-check",
-        Mutant::NoLeaseRenewal => "no-lease-renewal",
-        _ => "unknown",
-    }
+    mutant.name()
 }
 
 /// The mutant a worker process was started with.
 pub fn parse_mutant(flag: &str) -> Option<Mutant> {
-    [
-        Mutant::SkipReadValidation,
-        Mutant::SkipDuplicateCheck,
-        Mutant::NoLeaseRenewal,
-    ]
-    .into_iter()
-    .find(|m| mutant_flag(*m) == flag)
+    Mutant::from_name(flag)
 }
 
 /// Starts `count` worker processes on the store and waits for them all (at most the workers'

@@ -120,3 +120,39 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A private directory for one test, removed when the test passes and kept (its path printed)
+/// when it fails, for inspection.
+#[derive(Debug)]
+pub struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// A fresh directory under the target's tmp dir.
+    pub fn new(name: &str) -> PrivateDir {
+        PrivateDir {
+            path: temp_dir(name),
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
