@@ -334,17 +334,25 @@
 //! - `postgres`: the [`PostgresStore`](postgres::PostgresStore) on PostgreSQL (tokio-postgres,
 //!   deadpool-postgres), for many worker processes on many machines; `postgres-tls` adds TLS to
 //!   the server through rustls.
-//! - `testing`: the snapshot and assertion helpers of [`testing`](crate#4-tests).
+//! - `testing`: the snapshot and assertion helpers of [`testing`](crate#4-tests), and the test
+//!   harness (`testing::harness`: a handler through the real executor on a temporary store).
+//! - `metrics` (default): counters, gauges and histograms through the `metrics` facade; see
+//!   [`metrics`] for the names.
+//! - `catalogue`: the handler catalogue as JSON Schema and a Mermaid diagram
+//!   (`catalogue::Catalogue`).
 
 #[allow(unused_extern_crates)]
 extern crate self as effects_core;
 
+#[cfg(feature = "catalogue")]
+pub mod catalogue;
 pub mod datom;
 pub mod effects;
 pub mod executor;
 pub mod handler;
 pub mod http;
 pub mod message;
+pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]

@@ -27,6 +27,8 @@
 //! assert_effects_eq!(greet(""), Empty);
 //! ```
 
+pub mod harness;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 

@@ -876,6 +876,7 @@ where
                 }
                 Err(RunError::Conflict { conflict, .. }) => {
                     self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::conflict(name);
                     if self
                         .config
                         .reruns
@@ -892,6 +893,7 @@ where
                         // its own, and nothing of the refused run was written.
                         reruns += 1;
                         self.counters.reruns.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::rerun(name);
                         let delay = self.config.reruns.delay(reruns);
                         tracing::debug!(%conflict, reruns, ?delay, "conflict: running the handler again on fresh inputs");
                         tokio::time::sleep(delay).await;
@@ -924,6 +926,7 @@ where
 
     /// Step 5: acknowledge, dead-letter or give back.
     async fn settle(&self, delivery: &Delivery, processed: &Processed) {
+        crate::metrics::delivery_settled(H::DESCRIPTOR.name, processed);
         let transport = self.executor.transport();
         let result = match processed {
             Processed::Applied { .. } => {

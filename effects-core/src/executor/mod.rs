@@ -742,7 +742,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     ) -> Result<RunOutcome, RunError> {
         let key = key.into();
         let span = info_span!("effects.run", key = %key, tx = field::Empty);
-        async {
+        let result = async {
             let run = {
                 let _validate = info_span!("effects.validate", key = %key).entered();
                 self.prepare(
@@ -771,7 +771,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             self.after_commit(&summary, commit).await
         }
         .instrument(span)
-        .await
+        .await;
+        crate::metrics::run_finished(&result);
+        result
     }
 
     /// Runs many keys in ONE store transaction: one commit instead of one per run. Each item
@@ -824,6 +826,10 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     results[*i] = Some(self.after_commit(run, commit).instrument(span).await);
                 }
             }
+            results
+                .iter()
+                .flatten()
+                .for_each(crate::metrics::run_finished);
             Ok(results
                 .into_iter()
                 .map(|r| {
@@ -1214,11 +1220,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 return Ok(false);
             }
         };
+        let started = Instant::now();
         let mut result = self
             .http
             .send(&row.id, &request)
             .instrument(info_span!("effects.http", id = %row.id, endpoint = %row.destination))
             .await;
+        crate::metrics::request_sent(&row.destination, started.elapsed(), &result);
         self.fault(FaultPoint::AfterHttpBeforeRecord, &row.id);
         crate::http::redact_result(&mut result, |name| {
             self.http.is_secret_header(&request.endpoint, name)
@@ -1274,6 +1282,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             progress.requests_sent += 1;
         } else {
             progress.dead_lettered += 1;
+            crate::metrics::dead_lettered(crate::store::DeadLetterKind::Request);
         }
         Ok(false)
     }
@@ -1406,6 +1415,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                             let reason = format!("gave up after {} attempts: {error}", row.attempts);
                             if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {
                                 progress.dead_lettered += 1;
+                                crate::metrics::dead_lettered(crate::store::DeadLetterKind::Message);
                             } else {
                                 progress.pending += 1;
                             }

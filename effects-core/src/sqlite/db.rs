@@ -97,6 +97,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_fencing.sql",
         sql: include_str!("../../migrations/sqlite/0003_fencing.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_dead_letter_retries.sql",
+        sql: include_str!("../../migrations/sqlite/0004_dead_letter_retries.sql"),
+    },
 ];
 
 pub(crate) struct Db {

@@ -30,6 +30,7 @@
 //! (`db.rs`: connections, options, migrations); neither imports the other's internals.
 
 mod db;
+mod inspect;
 mod log;
 mod store;
 

@@ -43,8 +43,14 @@ use crate::datom::{LookupRef, Op};
 use crate::http::HttpResponse;
 use crate::request::RequestEffect;
 
+mod inspect;
 mod tracked;
 
+pub use self::inspect::{
+    BacklogReport, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind, EntityHistory,
+    InputDeadLetter, Inspect, OutboxEntry, RecordedOutcome, RetryOutcome, RetryRecord,
+    RetryRequest, RunDetail, RunQuery, RunState, RunSummary,
+};
 pub use self::tracked::Tracked;
 
 #[cfg(feature = "sqlite")]

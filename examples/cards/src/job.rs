@@ -1,4 +1,5 @@
-//! The main job of the `cards` binary: the card-blocking service end to end on one SQLite file,
+//! The main job of the `cards` binary (and of the tests of the `effects` CLI, which run it to
+//! make a real store file): the card-blocking service end to end on one SQLite file,
 //! with no servers.
 //!
 //! 1. Open the embedded store and the log transport in one database file.
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cards::{
+use crate::{
     BlockAllHandler, BlockAllInput, BlockHandler, Card, CardStatus, CardsBlockedNotify, Customer,
     StatusChanged,
 };
@@ -36,13 +37,13 @@ use serde_json::json;
 use tokio::sync::watch;
 
 /// The errors of the job: the store's, the log's, or a worker that did not finish in time.
-pub(crate) type JobError = Box<dyn Error + Send + Sync>;
+pub type JobError = Box<dyn Error + Send + Sync>;
 
 /// The idempotency key of the seed run.
-pub(crate) const SEED_KEY: &str = "seed:cards-demo";
+pub const SEED_KEY: &str = "seed:cards-demo";
 
 /// The message whose first acknowledgement is lost: it is delivered twice.
-pub(crate) const DELIVERED_TWICE: &str = "m1";
+pub const DELIVERED_TWICE: &str = "m1";
 
 /// How long a delivery stays leased to a worker: the lost acknowledgement's message comes back
 /// after this.
@@ -68,7 +69,7 @@ struct BlockAllRequest {
 
 /// Which handler a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
+pub enum Target {
     /// `block`, one card.
     Block,
     /// `block_all`, every card of a customer.
@@ -77,19 +78,19 @@ pub(crate) enum Target {
 
 /// A request the job publishes, as an upstream service would.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Request {
+pub struct Request {
     /// The broker message id; the run's idempotency key is `handler:id`.
-    pub(crate) message_id: &'static str,
+    pub message_id: &'static str,
     /// The handler that consumes it.
-    pub(crate) target: Target,
+    pub target: Target,
     /// The payload, as published (not necessarily valid JSON).
-    pub(crate) payload: &'static str,
+    pub payload: &'static str,
     /// What it shows.
-    pub(crate) purpose: &'static str,
+    pub purpose: &'static str,
 }
 
 /// The requests for `block`, in the order they are published.
-pub(crate) const BLOCK_REQUESTS: [Request; 4] = [
+pub const BLOCK_REQUESTS: [Request; 4] = [
     Request {
         message_id: DELIVERED_TWICE,
         target: Target::Block,
@@ -117,7 +118,7 @@ pub(crate) const BLOCK_REQUESTS: [Request; 4] = [
 ];
 
 /// The request for `block_all`, published once the `block` requests are done.
-pub(crate) const BLOCK_ALL_REQUEST: Request = Request {
+pub const BLOCK_ALL_REQUEST: Request = Request {
     message_id: "n1",
     target: Target::BlockAll,
     payload: r#"{"customer_id": "u1"}"#,
@@ -125,7 +126,7 @@ pub(crate) const BLOCK_ALL_REQUEST: Request = Request {
 };
 
 /// The seeded customer.
-pub(crate) fn customer() -> Customer {
+pub fn customer() -> Customer {
     Customer {
         id: "u1".into(),
         name: "Ana".into(),
@@ -133,7 +134,7 @@ pub(crate) fn customer() -> Customer {
 }
 
 /// The seeded cards: three active, one blocked already.
-pub(crate) fn cards() -> Vec<Card> {
+pub fn cards() -> Vec<Card> {
     [
         ("c1", CardStatus::Active),
         ("c2", CardStatus::Active),
@@ -215,7 +216,7 @@ async fn load_customer_cards(
 /// Everything else goes to the real log, and the log still lives in the store's database, so
 /// runs publish their messages in the transaction that applies their datoms.
 #[derive(Clone, Debug)]
-pub(crate) struct LosesFirstAck {
+pub struct LosesFirstAck {
     log: SqliteLog,
     message_id: &'static str,
 }
@@ -273,58 +274,58 @@ impl Transport for LosesFirstAck {
 
 /// What happened to one delivery, as the worker reported it.
 #[derive(Clone, Debug)]
-pub(crate) struct Delivered {
+pub struct Delivered {
     /// The handler that ran (or would have run).
-    pub(crate) handler: &'static str,
+    pub handler: &'static str,
     /// The broker message id.
-    pub(crate) message_id: String,
+    pub message_id: String,
     /// The run's idempotency key, `handler:message-id`.
-    pub(crate) key: String,
+    pub key: String,
     /// Which delivery of the message this was (1 for the first).
-    pub(crate) delivery: u32,
+    pub delivery: u32,
     /// The outcome.
-    pub(crate) processed: Processed,
+    pub processed: Processed,
 }
 
 /// A run applied in the store, with what it wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct AppliedRun {
+pub struct AppliedRun {
     /// The idempotency key.
-    pub(crate) key: String,
+    pub key: String,
     /// Its transaction.
-    pub(crate) tx: Tx,
+    pub tx: Tx,
     /// Entries it added to the datom history.
-    pub(crate) datoms: usize,
+    pub datoms: usize,
     /// Messages it published.
-    pub(crate) messages: usize,
+    pub messages: usize,
 }
 
 /// Everything the job did, read back from the workers, the store and the log.
 #[derive(Debug)]
-pub(crate) struct Report {
+pub struct Report {
     /// The database file.
-    pub(crate) database: PathBuf,
+    pub database: PathBuf,
     /// The seed run.
-    pub(crate) seed: AppliedRun,
+    pub seed: AppliedRun,
     /// Every delivery, in the order the workers finished them.
-    pub(crate) deliveries: Vec<Delivered>,
+    pub deliveries: Vec<Delivered>,
     /// The runs the workers applied, in `tx` order.
-    pub(crate) runs: Vec<AppliedRun>,
+    pub runs: Vec<AppliedRun>,
     /// Each worker's counts, after it stopped.
-    pub(crate) workers: Vec<(&'static str, WorkerReport)>,
+    pub workers: Vec<(&'static str, WorkerReport)>,
     /// The dead letters of both workers, from the log.
-    pub(crate) dead_letters: Vec<DeadLetter>,
+    pub dead_letters: Vec<DeadLetter>,
     /// The whole datom history, from the store.
-    pub(crate) history: Vec<HistoryDatom>,
+    pub history: Vec<HistoryDatom>,
     /// The messages the runs published, from the log, in log order.
-    pub(crate) published: Vec<LoggedMessage>,
+    pub published: Vec<LoggedMessage>,
     /// The cards as they are now, with the last transaction that changed each.
-    pub(crate) cards: Vec<(Card, Tx)>,
+    pub cards: Vec<(Card, Tx)>,
 }
 
 impl Report {
     /// The deliveries found to be duplicates, with the original run's `tx`.
-    pub(crate) fn duplicates(&self) -> impl Iterator<Item = (&Delivered, Tx)> {
+    pub fn duplicates(&self) -> impl Iterator<Item = (&Delivered, Tx)> {
         self.deliveries.iter().filter_map(|d| match d.processed {
             Processed::Duplicate { tx } => Some((d, tx)),
             _ => None,
@@ -333,7 +334,7 @@ impl Report {
 }
 
 /// A database path that does not exist yet, in the system's temporary directory.
-pub(crate) fn fresh_database_path() -> PathBuf {
+pub fn fresh_database_path() -> PathBuf {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -342,7 +343,7 @@ pub(crate) fn fresh_database_path() -> PathBuf {
 
 /// Runs the whole job on a new database at `database` (which must not exist yet) and reports
 /// what happened.
-pub(crate) async fn run(database: &Path) -> Result<Report, JobError> {
+pub async fn run(database: &Path) -> Result<Report, JobError> {
     if database.exists() {
         return Err(format!(
             "{} already exists: the job seeds a fresh database; give a new path, or none",

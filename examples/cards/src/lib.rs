@@ -4,11 +4,16 @@
 //! card blocked, the message that says its status changed, one notification for the customer —
 //! and the executor does the rest.
 
+pub mod job;
+
+use effects_core::catalogue::Catalogue;
+use effects_core::catalogue::schemars::JsonSchema;
 use effects_core::{Datom, Empty, Message, effect_handler, effects};
 use serde::{Deserialize, Serialize};
 
 /// A card's lifecycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 #[serde(rename_all = "snake_case")]
 pub enum CardStatus {
     /// In use.
@@ -20,7 +25,8 @@ pub enum CardStatus {
 }
 
 /// A payment card.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 pub struct Card {
     /// The card's id.
     pub id: String,
@@ -47,7 +53,8 @@ impl Card {
 }
 
 /// A customer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 pub struct Customer {
     /// The customer's id.
     pub id: String,
@@ -58,6 +65,8 @@ pub struct Customer {
 /// The datom that records a card's new status.
 #[derive(Clone, Debug, PartialEq, Eq, Datom)]
 #[datom(entity = "card")]
+#[derive(JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 pub struct BlockedCard {
     /// The card.
     #[datom(id)]
@@ -78,6 +87,8 @@ impl From<&Card> for BlockedCard {
 /// Published when a card's status changes; keyed by card so one card's changes stay in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[message(topic = "card-status-changed")]
+#[derive(JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 pub struct StatusChanged {
     /// The card.
     #[message(key)]
@@ -111,6 +122,8 @@ impl From<Card> for StatusChanged {
 /// Asks the notification service to tell a customer their cards were blocked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[message(topic = "cards-blocked-notify")]
+#[derive(JsonSchema)]
+#[schemars(crate = "effects_core::catalogue::schemars")]
 pub struct CardsBlockedNotify {
     /// The customer.
     #[message(key)]
@@ -168,4 +181,16 @@ pub fn block_all(customer: &Customer, cards: &[Card]) -> effects![BlockAll] {
         .cards_blocked_notify(CardsBlockedNotify::from(customer))
         .build();
     cards.iter().map(block).fold(notify, BlockAll::merge).into()
+}
+
+/// The service's catalogue: its handlers, the schemas they may return, and the JSON Schemas of
+/// its payload types (`cards describe` prints it).
+pub fn catalogue() -> Catalogue {
+    Catalogue::new()
+        .handler::<BlockHandler>()
+        .handler::<BlockAllHandler>()
+        .input::<Card>()
+        .payload::<BlockedCard>()
+        .payload::<StatusChanged>()
+        .payload::<CardsBlockedNotify>()
 }

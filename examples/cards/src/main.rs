@@ -4,14 +4,13 @@
 //! ```text
 //! cargo run -p cards               # a fresh database in the temporary directory
 //! cargo run -p cards -- cards.db   # or at a path that does not exist yet
+//! cargo run -p cards -- describe --format mermaid|json   # the handler catalogue
 //! ```
 //!
 //! It seeds a customer and her cards, feeds block requests to the `block` and `block_all`
 //! workers through the log — one delivered twice, one malformed, one for a card that is blocked
 //! already — shuts the workers down, and prints what was applied, what was a duplicate, what was
-//! dead-lettered, the datom history and the messages the runs published. See [`job`].
-
-mod job;
+//! dead-lettered, the datom history and the messages the runs published. See [`cards::job`].
 
 use std::error::Error;
 use std::fmt;
@@ -21,7 +20,7 @@ use std::process::ExitCode;
 use effects_core::transport::HEADER_TX;
 use effects_core::worker::Processed;
 
-use crate::job::{BLOCK_ALL_REQUEST, BLOCK_REQUESTS, Report, Target};
+use cards::job::{BLOCK_ALL_REQUEST, BLOCK_REQUESTS, Report, Target};
 
 fn main() -> ExitCode {
     match run() {
@@ -39,10 +38,18 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
-    let mut args = std::env::args_os().skip(1);
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "describe") {
+        let rest: Vec<String> = args
+            .skip(1)
+            .map(|a| a.into_string().map_err(|_| "arguments must be UTF-8"))
+            .collect::<Result<_, _>>()?;
+        print!("{}", describe(&rest)?);
+        return Ok(());
+    }
     let database = args
         .next()
-        .map_or_else(job::fresh_database_path, PathBuf::from);
+        .map_or_else(cards::job::fresh_database_path, PathBuf::from);
     if args.next().is_some() {
         return Err("usage: cards [DATABASE], where DATABASE does not exist yet".into());
     }
@@ -50,9 +57,30 @@ fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(job::run(&database))?;
+    let report = runtime.block_on(cards::job::run(&database))?;
     print!("{}", Printout(&report));
     Ok(())
+}
+
+/// `describe [--format mermaid|json]`: the handler catalogue, as a Mermaid diagram (the
+/// default) or as JSON Schema.
+fn describe(args: &[String]) -> Result<String, Box<dyn Error + Send + Sync>> {
+    const USAGE: &str = "usage: cards describe [--format mermaid|json]";
+    let format = match args {
+        [] => "mermaid",
+        [flag, format] if flag == "--format" => format.as_str(),
+        [flag] if flag.starts_with("--format=") => &flag["--format=".len()..],
+        _ => return Err(USAGE.into()),
+    };
+    let catalogue = cards::catalogue();
+    match format {
+        "mermaid" => Ok(catalogue.to_mermaid()),
+        "json" => Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&catalogue.to_json())?
+        )),
+        other => Err(format!("unknown format `{other}`: {USAGE}").into()),
+    }
 }
 
 /// The report as aligned plain text.
@@ -285,7 +313,7 @@ mod tests {
     use serde_json::json;
 
     use super::Printout;
-    use crate::job::{self, AppliedRun};
+    use cards::job::{self, AppliedRun};
 
     /// A database path for one test, removed (with its WAL files) when dropped.
     struct TempDatabase(PathBuf);
