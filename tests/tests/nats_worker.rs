@@ -210,10 +210,27 @@ async fn workers_on_nats_apply_each_message_once() {
     assert_eq!(lost, 0, "every message applied");
     assert_eq!(doubled, 0, "no message applied twice");
     assert_eq!(handler_calls, N, "the handler ran once per message");
-    assert_eq!(redelivered.len(), ABANDONED);
+    // Each abandoned lease came back after the ack wait and was applied from a redelivery. A
+    // message may be delivered once more than that (a lease that lapsed while a loaded machine
+    // was busy): such a delivery must then be a `Duplicate`, never a second application.
+    for id in &abandoned {
+        let mine: Vec<&(String, Processed, u32, u64)> =
+            seen.iter().filter(|s| &s.0 == id).collect();
+        assert!(
+            mine.iter()
+                .any(|s| s.2 >= 2 && matches!(s.1, Processed::Applied { .. })),
+            "abandoned {id} applied from a redelivery: {mine:?}"
+        );
+    }
     assert!(
-        redelivered.iter().all(|&d| d >= 2),
-        "the abandoned leases came back after the ack wait: {redelivered:?}"
+        redelivered.len() >= ABANDONED,
+        "every abandoned lease redelivered: {redelivered:?}"
+    );
+    assert!(
+        others
+            .iter()
+            .all(|o| matches!(o.1, Processed::Duplicate { .. })),
+        "any extra delivery is a duplicate: {others:?}"
     );
     assert_eq!(outputs.len(), N, "one output per message");
     assert!(outputs.values().all(|&n| n == 1), "each output once");
