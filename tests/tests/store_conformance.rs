@@ -84,6 +84,7 @@ conformance!(
     the_relay_finishes_what_a_crashed_run_left_once_the_lease_expires,
     two_relays_never_send_one_row_twice,
     leases_fence_a_claimant_that_lost_its_rows,
+    marking_several_rows_fences_each_and_completes_their_runs,
     a_claimant_that_works_past_its_lease_renews_it_and_nothing_is_sent_twice,
     mutant_without_renewal_sends_requests_twice,
     pruning_removes_only_old_finished_work,
@@ -1035,6 +1036,79 @@ fn claim_options(owner: &str, lease: Duration) -> ClaimOptions {
         publish_inline: false,
         before_commit: None,
     }
+}
+
+/// `mark_dispatched_many` (how the executor marks the messages of a batch): each row is marked
+/// only under the lease that holds it, the answer says which were, and a run is done once its
+/// last row is marked, in the same call or a later one.
+async fn marking_several_rows_fences_each_and_completes_their_runs<B: Backend>(b: B) {
+    let store = b.open().await;
+    let executor = Executor::builder(store.clone(), b.broker())
+        .owner("committer")
+        .fault_hook(crash_after_commit())
+        .build();
+    let executor = Arc::new(executor);
+    let messages = |key: &str, n: usize| -> Effects {
+        (0..n)
+            .map(|i| MessageEffect::new("marked", json!({"key": key, "i": i})).with_key(key))
+            .collect()
+    };
+    for (key, n) in [("two", 2), ("one", 1)] {
+        let executor = Arc::clone(&executor);
+        let effects = messages(key, n);
+        let crashed = tokio::spawn(async move { executor.run(key, effects).await }).await;
+        assert!(crashed.unwrap_err().is_panic(), "crashed after the commit");
+    }
+    let lease_of = async |key: &str, seq: usize| -> Lease {
+        store.outbox(key).await.unwrap()[seq]
+            .lease
+            .clone()
+            .expect("claimed at commit")
+    };
+    let (two0, two1, one0) = (
+        lease_of("two", 0).await,
+        lease_of("two", 1).await,
+        lease_of("one", 0).await,
+    );
+    let impostor = Lease {
+        owner: "impostor".into(),
+        token: two1.token,
+    };
+    let marked = store
+        .mark_dispatched_many(vec![
+            ("two#0".into(), two0.clone()),
+            ("two#1".into(), impostor),
+            ("one#0".into(), one0),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(marked, [true, false, true]);
+    assert_eq!(
+        store.run("one").await.unwrap().unwrap().status,
+        RunStatus::Done
+    );
+    let two = store.run("two").await.unwrap().unwrap();
+    assert_eq!(two.status, RunStatus::MessagesPending, "one row is left");
+    let rows = store.outbox("two").await.unwrap();
+    assert!(!rows[0].is_pending() && rows[1].is_pending(), "{rows:?}");
+
+    // Marked already: refused; the rightful holder: marked, and the run is done.
+    let marked = store
+        .mark_dispatched_many(vec![("two#0".into(), two0), ("two#1".into(), two1)])
+        .await
+        .unwrap();
+    assert_eq!(marked, [false, true]);
+    assert_eq!(
+        store.run("two").await.unwrap().unwrap().status,
+        RunStatus::Done
+    );
+    assert!(
+        store
+            .mark_dispatched_many(Vec::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// The store's fencing on its own: once a lease expired and another claimant took the rows, the

@@ -1354,6 +1354,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             let mut blocked: HashSet<(String, String)> = HashSet::new();
             let mut held_back: Vec<String> = Vec::new();
             let mut renewed = Instant::now();
+            // Published rows are marked together, every `MARK_BATCH` and at the end: one
+            // transaction for the messages of a batch of runs instead of one per message.
+            let mut to_mark: Vec<(String, Lease)> = Vec::new();
             for (i, row) in rows.iter().enumerate() {
                 let partition = row
                     .partition_key
@@ -1396,11 +1399,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     Ok(()) if mark_first => {}
                     Ok(()) => {
                         self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                        if self.store.mark_dispatched(&row.id, &lease).await? {
-                            progress.messages_dispatched += 1;
-                        } else {
-                            tracing::warn!(id = %row.id, "lease lost: published, but another claimant marks the row");
-                            progress.pending += 1;
+                        to_mark.push((row.id.clone(), lease));
+                        if to_mark.len() >= MARK_BATCH {
+                            self.mark_published(&mut to_mark, &mut progress).await?;
                         }
                     }
                     Err(e) => {
@@ -1433,6 +1434,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     }
                 }
             }
+            self.mark_published(&mut to_mark, &mut progress).await?;
             if !held_back.is_empty() {
                 progress.pending += held_back.len();
                 self.store.release(held_back, &self.config.owner).await?;
@@ -1442,7 +1444,34 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         .instrument(span)
         .await
     }
+
+    /// Marks the published rows of `to_mark` dispatched (emptying it). A row whose lease was
+    /// lost meanwhile stays pending: its new claimant publishes it again under the same id.
+    async fn mark_published(
+        &self,
+        to_mark: &mut Vec<(String, Lease)>,
+        progress: &mut Progress,
+    ) -> Result<(), StoreError> {
+        if to_mark.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(to_mark);
+        let ids: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+        let marked = self.store.mark_dispatched_many(rows).await?;
+        for (id, marked) in ids.iter().zip(marked) {
+            if marked {
+                progress.messages_dispatched += 1;
+            } else {
+                tracing::warn!(%id, "lease lost: published, but another claimant marks the row");
+                progress.pending += 1;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// How many published messages are marked dispatched in one store call.
+const MARK_BATCH: usize = 128;
 
 /// The lease under which a row was handed to this claimant.
 fn claimed_lease(row: &OutboxRow) -> Result<Lease, StoreError> {

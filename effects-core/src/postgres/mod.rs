@@ -32,10 +32,11 @@
 //! 1. **Keys.** The batch's idempotency keys, sorted, are claimed by inserting their
 //!    `effect_runs` rows (`ON CONFLICT DO NOTHING`). A key another transaction is committing
 //!    makes this one wait for it, then see it taken: two commits of one key never both succeed.
-//! 2. **Entities.** Every entity the runs read or write, sorted, is locked `FOR UPDATE`. An
-//!    entity that does not exist yet is locked through a transaction-scoped advisory lock on its
-//!    identity, which every transaction creating it takes too: "it did not exist" is a read that
-//!    holds until the commit as well.
+//! 2. **Entities.** Every entity the runs read or write, sorted, is locked through a
+//!    transaction-scoped advisory lock on its identity, then `FOR UPDATE` if it exists. Every
+//!    transaction creating or changing an entity holds its advisory lock, so "it did not exist"
+//!    is a read that holds until the commit as well. The lock statements are pipelined (sent
+//!    together, run by the server in order): two round trips for any number of entities.
 //! 3. **Read validation** then compares each read's version (the entity's `updated_tx`) and each
 //!    compare-and-set expectation with the locked rows: nothing can change them between the
 //!    check and the commit. A run that fails it is refused ([`Commit::Conflict`](crate::store::Commit::Conflict)),

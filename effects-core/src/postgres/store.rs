@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use futures_util::future::try_join_all;
 use serde_json::Value;
 use tokio_postgres::Row;
 
@@ -323,67 +324,93 @@ async fn next_counter(tx: &Transaction<'_>, name: &str, count: usize) -> Result<
     Ok(last - count + 1)
 }
 
-/// The entity's row id and version (`updated_tx`), if it exists, locked for the rest of the
-/// transaction. An identity that does not exist is locked through an advisory lock instead,
-/// which every transaction creating it holds too, so that "it does not exist" also holds until
-/// the transaction ends.
-async fn lock_entity(
+/// What a commit knows of the entities it locked: by (identity, identity value), the row id
+/// and version (`updated_tx`), or `None` while it does not exist. Kept up to date as the
+/// commit's runs create and change entities, so nothing locked is read twice.
+type Known = HashMap<(String, String), Option<(i64, i64)>>;
+
+/// Locks entities for the rest of the transaction and records their row id and version in
+/// `known`. Each identity is locked through a transaction-scoped advisory lock, which every
+/// transaction creating or changing it holds too, so that "it does not exist" also holds until
+/// the transaction ends; an entity that exists is locked `FOR UPDATE` as well. `entities` come
+/// sorted (the global lock order). The statements are pipelined: the server runs them in
+/// order, the client waits for two round trips (the advisory locks, then the rows).
+async fn lock_entities(
     tx: &Transaction<'_>,
-    identity: &str,
-    identity_value: &str,
-) -> Result<Option<(i64, i64)>, StoreError> {
+    entities: &[(&str, &str)],
+    known: &mut Known,
+) -> Result<(), StoreError> {
     const OP: &str = "locking entities";
-    const SELECT: &str = "SELECT id, updated_tx FROM entities \
-                          WHERE identity = $1 AND identity_value = $2 FOR UPDATE";
-    let found = query_opt(tx, OP, SELECT, &[&identity, &identity_value]).await?;
-    let found = match found {
-        Some(row) => Some(row),
-        None => {
-            query(
-                tx,
-                OP,
-                "SELECT pg_advisory_xact_lock($1, hashtext($2 || ' ' || $3))",
-                &[&ENTITY_LOCK_CLASS, &identity, &identity_value],
-            )
-            .await?;
-            // Created and committed by another transaction while this one waited.
-            query_opt(tx, OP, SELECT, &[&identity, &identity_value]).await?
-        }
-    };
-    let what = || format!("entity `{identity}` {identity_value}");
-    found
-        .map(|row| Ok((get(&row, 0, &what)?, get(&row, 1, &what)?)))
-        .transpose()
+    let entities: Vec<(&str, &str)> = entities
+        .iter()
+        .copied()
+        .filter(|(i, v)| !known.contains_key(&((*i).to_owned(), (*v).to_owned())))
+        .collect();
+    if entities.is_empty() {
+        return Ok(());
+    }
+    let advisory = entities.iter().map(|(identity, value)| async move {
+        query(
+            tx,
+            OP,
+            "SELECT pg_advisory_xact_lock($1, hashtext($2 || ' ' || $3))",
+            &[&ENTITY_LOCK_CLASS, identity, value],
+        )
+        .await
+    });
+    let rows = entities.iter().map(|(identity, value)| async move {
+        query_opt(
+            tx,
+            OP,
+            "SELECT id, updated_tx FROM entities \
+             WHERE identity = $1 AND identity_value = $2 FOR UPDATE",
+            &[identity, value],
+        )
+        .await
+    });
+    // Every advisory lock before any row lock, whatever the statement cache holds.
+    try_join_all(advisory).await?;
+    let rows = try_join_all(rows).await?;
+    for ((identity, value), row) in entities.iter().zip(rows) {
+        let what = || format!("entity `{identity}` {value}");
+        let found = row
+            .map(|row| Ok::<_, StoreError>((get(&row, 0, &what)?, get(&row, 1, &what)?)))
+            .transpose()?;
+        known.insert(((*identity).to_owned(), (*value).to_owned()), found);
+    }
+    Ok(())
 }
 
-/// The entity's row id and version, without locking (the caller holds its lock).
-async fn entity_version(
-    tx: &Transaction<'_>,
+/// A locked entity's row id and version, from `known`.
+fn locked_entity(
+    known: &Known,
     identity: &str,
-    identity_value: &str,
+    value: &str,
 ) -> Result<Option<(i64, i64)>, StoreError> {
-    let row = query_opt(
-        tx,
-        "validating reads",
-        "SELECT id, updated_tx FROM entities WHERE identity = $1 AND identity_value = $2",
-        &[&identity, &identity_value],
-    )
-    .await?;
-    let what = || format!("entity `{identity}` {identity_value}");
-    row.map(|row| Ok((get(&row, 0, &what)?, get(&row, 1, &what)?)))
-        .transpose()
+    known
+        .get(&(identity.to_owned(), value.to_owned()))
+        .copied()
+        .ok_or_else(|| {
+            corrupt(
+                format!("entity `{identity}` {value}"),
+                "used before it was locked",
+            )
+        })
 }
 
 /// Read validation, against the state before the run: the first read whose entity changed
 /// since, or the first expected value of a compare-and-set datom that does not hold. Every
-/// entity involved is locked ([`lock_entity`]) before this runs, so nothing can change between
+/// entity involved is locked ([`lock_entities`]) before this runs, so nothing can change between
 /// this check and the commit.
-async fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Conflict>, StoreError> {
+async fn check_reads(
+    tx: &Transaction<'_>,
+    run: &NewRun,
+    known: &Known,
+) -> Result<Option<Conflict>, StoreError> {
     const OP: &str = "validating reads";
     for read in &run.reads {
-        let found = entity_version(tx, &read.entity.attribute, &read.identity_value)
-            .await?
-            .map(|(_, v)| Tx(v));
+        let found =
+            locked_entity(known, &read.entity.attribute, &read.identity_value)?.map(|(_, v)| Tx(v));
         if found != read.tx {
             return Ok(Some(Conflict::Read {
                 entity: read.entity.clone(),
@@ -396,7 +423,7 @@ async fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Confli
         if datom.expected.is_empty() {
             continue;
         }
-        let entity = entity_version(tx, &datom.identity, &datom.identity_value).await?;
+        let entity = locked_entity(known, &datom.identity, &datom.identity_value)?;
         for (attribute, expected) in &datom.expected {
             let current: Option<String> = match entity {
                 None => None,
@@ -437,10 +464,15 @@ async fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Confli
 // ---------------------------------------------------------------------------------------------
 // Writing runs.
 
-async fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Result<(), StoreError> {
+async fn apply_datom(
+    tx: &Transaction<'_>,
+    txid: i64,
+    datom: &NewDatom,
+    known: &mut Known,
+) -> Result<(), StoreError> {
     const OP: &str = "applying datoms";
-    // The entity is locked already (`lock_entity`, before the tx was allocated).
-    let existing = entity_version(tx, &datom.identity, &datom.identity_value).await?;
+    // The entity is locked already (`lock_entities`, before the tx was allocated).
+    let existing = locked_entity(known, &datom.identity, &datom.identity_value)?;
     let (entity, is_new) = match existing {
         Some((id, _)) => (id, false),
         // Nothing to retract, and no entity to create.
@@ -454,45 +486,99 @@ async fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Resul
                 &[&datom.identity, &datom.identity_value, &txid],
             )
             .await?;
-            (get(&row, 0, &|| "a new entity".to_owned())?, true)
+            let id = get(&row, 0, &|| "a new entity".to_owned())?;
+            known.insert(
+                (datom.identity.clone(), datom.identity_value.clone()),
+                Some((id, txid)),
+            );
+            (id, true)
         }
     };
-    let mut changed = false;
+    // The current values of the named attributes, in one statement. An entity created by this
+    // datom has none yet, and one datom names each attribute once (a later datom on the same
+    // entity finds it existing).
+    let mut current: HashMap<String, String> = HashMap::new();
+    if !is_new {
+        let names: Vec<&str> = datom.attributes.iter().map(|(a, _)| a.as_str()).collect();
+        let rows = query(
+            tx,
+            OP,
+            "SELECT attribute, value FROM entity_attributes \
+             WHERE entity_id = $1 AND attribute = ANY($2)",
+            &[&entity, &names],
+        )
+        .await?;
+        for row in rows {
+            let what = || format!("an attribute of entity {entity}");
+            current.insert(get(&row, 0, &what)?, get(&row, 1, &what)?);
+        }
+    }
+    let mut writes: Vec<DatomWrite<'_>> = Vec::new();
     for (attribute, value) in &datom.attributes {
-        // An entity created by this datom has no attributes yet, and one datom names each
-        // attribute once (a later datom on the same entity finds it existing).
-        let current: Option<String> = if is_new {
-            None
-        } else {
-            query_opt(
-                tx,
-                OP,
-                "SELECT value FROM entity_attributes WHERE entity_id = $1 AND attribute = $2",
-                &[&entity, attribute],
-            )
-            .await?
-            .map(|r| get(&r, 0, &|| format!("attribute `{attribute}`")))
-            .transpose()?
-        };
-        let history = async |value: &str, added: bool| -> Result<(), StoreError> {
-            execute(
-                tx,
-                OP,
-                "INSERT INTO datoms (tx, entity_id, attribute, value, added) \
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[&txid, &entity, attribute, &value, &added],
-            )
-            .await
-            .map(|_| ())
-        };
+        let current = current.get(attribute);
         match datom.op {
-            Op::Assert if current.as_deref() == Some(value.as_str()) => {}
+            Op::Assert if current == Some(value) => {}
             Op::Assert => {
-                if let Some(old) = &current {
-                    history(old, false).await?;
+                if let Some(old) = current {
+                    writes.push(DatomWrite::History(attribute, old.clone(), false));
                 }
-                history(value, true).await?;
-                changed = true;
+                writes.push(DatomWrite::History(attribute, value.clone(), true));
+                writes.push(DatomWrite::Set(attribute, value));
+            }
+            Op::Retract if current == Some(value) => {
+                writes.push(DatomWrite::History(attribute, value.clone(), false));
+                writes.push(DatomWrite::Remove(attribute));
+            }
+            Op::Retract => {}
+        }
+    }
+    let changed = !writes.is_empty();
+    if changed && !is_new {
+        writes.push(DatomWrite::Version);
+    }
+    // Pipelined, run by the server in this order (history rows get their ids in order).
+    try_join_all(writes.iter().map(|write| write.execute(tx, txid, entity))).await?;
+    if changed && !is_new {
+        known.insert(
+            (datom.identity.clone(), datom.identity_value.clone()),
+            Some((entity, txid)),
+        );
+    }
+    Ok(())
+}
+
+/// One write of a datom (see [`apply_datom`]).
+enum DatomWrite<'a> {
+    /// A history row: attribute, value, added.
+    History(&'a str, String, bool),
+    /// The attribute's current value.
+    Set(&'a str, &'a str),
+    /// The attribute retracted.
+    Remove(&'a str),
+    /// The entity's version: this tx.
+    Version,
+}
+
+impl DatomWrite<'_> {
+    async fn execute(
+        &self,
+        tx: &Transaction<'_>,
+        txid: i64,
+        entity: i64,
+    ) -> Result<u64, StoreError> {
+        const OP: &str = "applying datoms";
+        match self {
+            DatomWrite::History(attribute, value, added) => {
+                execute(
+                    tx,
+                    OP,
+                    "INSERT INTO datoms (tx, entity_id, attribute, value, added) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&txid, &entity, attribute, value, added],
+                )
+                .await
+            }
+            DatomWrite::Set(attribute, value) => {
                 execute(
                     tx,
                     OP,
@@ -501,32 +587,28 @@ async fn apply_datom(tx: &Transaction<'_>, txid: i64, datom: &NewDatom) -> Resul
                      DO UPDATE SET value = excluded.value, tx = excluded.tx",
                     &[&entity, attribute, value, &txid],
                 )
-                .await?;
+                .await
             }
-            Op::Retract if current.as_deref() == Some(value.as_str()) => {
-                history(value, false).await?;
-                changed = true;
+            DatomWrite::Remove(attribute) => {
                 execute(
                     tx,
                     OP,
                     "DELETE FROM entity_attributes WHERE entity_id = $1 AND attribute = $2",
                     &[&entity, attribute],
                 )
-                .await?;
+                .await
             }
-            Op::Retract => {}
+            DatomWrite::Version => {
+                execute(
+                    tx,
+                    OP,
+                    "UPDATE entities SET updated_tx = $1 WHERE id = $2",
+                    &[&txid, &entity],
+                )
+                .await
+            }
         }
     }
-    if changed && !is_new {
-        execute(
-            tx,
-            OP,
-            "UPDATE entities SET updated_tx = $1 WHERE id = $2",
-            &[&txid, &entity],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -595,14 +677,14 @@ async fn lock_run(tx: &Transaction<'_>, key: &str) -> Result<Option<RunRecord>, 
 /// Claims a run's key: inserts its row with placeholder values, filled in when the run is
 /// applied (or deleted again if it is refused). A key committed by another transaction is left
 /// alone (`false`); one being committed by another transaction waits for it to end.
-async fn claim_key(tx: &Transaction<'_>, key: &str, now: Millis) -> Result<bool, StoreError> {
+async fn claim_key(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
     let inserted = execute(
         tx,
         "claiming a key",
         "INSERT INTO effect_runs (key, effects_sha256, tx, status, outbox_count, created_at_ms, \
-         updated_at_ms) VALUES ($1, '', 0, 'requests_pending', 0, $2, $2) \
-         ON CONFLICT (key) DO NOTHING",
-        &[&key, &now],
+         updated_at_ms) VALUES ($1, '', 0, 'requests_pending', 0, effects_now_ms(), \
+         effects_now_ms()) ON CONFLICT (key) DO NOTHING",
+        &[&key],
     )
     .await?;
     Ok(inserted > 0)
@@ -616,31 +698,32 @@ async fn commit_runs_tx(
     runs: &[NewRun],
     options: &ClaimOptions,
 ) -> Result<Vec<Commit>, StoreError> {
-    let now = now(tx).await?;
-    let keys: BTreeSet<&str> = runs.iter().map(|r| r.key.as_str()).collect();
-    let mut claimed: HashSet<&str> = HashSet::new();
-    for key in keys {
-        if claim_key(tx, key, now).await? {
-            claimed.insert(key);
-        }
-    }
-    let entities: BTreeSet<(&str, &str)> = runs
+    let keys: Vec<&str> = runs
+        .iter()
+        .map(|r| r.key.as_str())
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
+        .collect();
+    // Pipelined: the server claims the keys one after the other, in this order.
+    let (now, claims) = tokio::try_join!(
+        now(tx),
+        try_join_all(keys.iter().map(|key| claim_key(tx, key)))
+    )?;
+    let mut claimed: HashSet<&str> = keys
+        .iter()
+        .zip(claims)
+        .filter(|(_, claimed)| *claimed)
+        .map(|(key, _)| *key)
+        .collect();
+    let entities: Vec<(&str, &str)> = runs
         .iter()
         .filter(|r| claimed.contains(r.key.as_str()))
-        .flat_map(|r| {
-            r.reads
-                .iter()
-                .map(|read| (read.entity.attribute.as_str(), read.identity_value.as_str()))
-                .chain(
-                    r.datoms
-                        .iter()
-                        .map(|d| (d.identity.as_str(), d.identity_value.as_str())),
-                )
-        })
+        .flat_map(run_entities)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
-    for (identity, value) in entities {
-        lock_entity(tx, identity, value).await?;
-    }
+    let mut known = Known::new();
+    lock_entities(tx, &entities, &mut known).await?;
     let mut out = Vec::with_capacity(runs.len());
     for run in runs {
         if !claimed.remove(run.key.as_str()) {
@@ -651,7 +734,7 @@ async fn commit_runs_tx(
                 }
                 // An earlier item of this batch with the same key was refused: claim it now.
                 None => {
-                    if !claim_key(tx, &run.key, now).await? {
+                    if !claim_key(tx, &run.key).await? {
                         let existing = load_run(tx, &run.key).await?.ok_or_else(|| {
                             corrupt(
                                 format!("effect run `{}`", run.key),
@@ -661,16 +744,15 @@ async fn commit_runs_tx(
                         out.push(Commit::Existing(existing));
                         continue;
                     }
-                    for read in &run.reads {
-                        lock_entity(tx, &read.entity.attribute, &read.identity_value).await?;
-                    }
-                    for datom in &run.datoms {
-                        lock_entity(tx, &datom.identity, &datom.identity_value).await?;
-                    }
+                    let mine: Vec<(&str, &str)> = run_entities(run)
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    lock_entities(tx, &mine, &mut known).await?;
                 }
             }
         }
-        out.push(apply_run(tx, run, options, now).await?);
+        out.push(apply_run(tx, run, options, now, &mut known).await?);
     }
     if let Some(hook) = &options.before_commit {
         hook();
@@ -678,14 +760,27 @@ async fn commit_runs_tx(
     Ok(out)
 }
 
+/// The entities a run reads or writes, as (identity, identity value).
+fn run_entities(run: &NewRun) -> impl Iterator<Item = (&str, &str)> {
+    run.reads
+        .iter()
+        .map(|read| (read.entity.attribute.as_str(), read.identity_value.as_str()))
+        .chain(
+            run.datoms
+                .iter()
+                .map(|d| (d.identity.as_str(), d.identity_value.as_str())),
+        )
+}
+
 async fn apply_run(
     tx: &Transaction<'_>,
     run: &NewRun,
     options: &ClaimOptions,
     now: Millis,
+    known: &mut Known,
 ) -> Result<Commit, StoreError> {
     const OP: &str = "committing a run";
-    if let Some(conflict) = check_reads(tx, run).await? {
+    if let Some(conflict) = check_reads(tx, run, known).await? {
         execute(
             tx,
             OP,
@@ -696,16 +791,6 @@ async fn apply_run(
         return Ok(Commit::Conflict(conflict));
     }
     let txid = next_counter(tx, "tx", 1).await?;
-    execute(
-        tx,
-        OP,
-        "INSERT INTO transactions (tx, run_key, committed_at_ms) VALUES ($1, $2, $3)",
-        &[&txid, &run.key, &now],
-    )
-    .await?;
-    for datom in &run.datoms {
-        apply_datom(tx, txid, datom).await?;
-    }
 
     let has_requests = run.outbox.iter().any(|r| r.kind == OutboxKind::Request);
     let status = if has_requests {
@@ -716,25 +801,6 @@ async fn apply_run(
         RunStatus::Done
     };
     let outbox_count = i64::try_from(run.outbox.len()).unwrap_or(i64::MAX);
-    execute(
-        tx,
-        OP,
-        "UPDATE effect_runs SET effects_sha256 = $2, tx = $3, status = $4, after_requests = $5, \
-         outbox_count = $6, created_at_ms = $7, updated_at_ms = $7, completed_at_ms = $8 \
-         WHERE key = $1",
-        &[
-            &run.key,
-            &run.effects_sha256,
-            &txid,
-            &status.as_str(),
-            &run.after_requests,
-            &outbox_count,
-            &now,
-            &(status == RunStatus::Done).then_some(now),
-        ],
-    )
-    .await?;
-
     // Ready rows get an order: requests always, messages only when the run has no requests
     // (otherwise they wait for `finish_requests`).
     let ready_count = run
@@ -742,19 +808,64 @@ async fn apply_run(
         .iter()
         .filter(|r| !has_requests || r.kind == OutboxKind::Request)
         .count();
-    let mut ready = if ready_count > 0 {
-        next_counter(tx, "outbox_ready", ready_count).await?
-    } else {
-        0
+
+    // Independent statements, pipelined: the server runs them in this order while the client
+    // waits for their answers together (the datoms' own statements follow one another).
+    let transaction = async {
+        execute(
+            tx,
+            OP,
+            "INSERT INTO transactions (tx, run_key, committed_at_ms) VALUES ($1, $2, $3)",
+            &[&txid, &run.key, &now],
+        )
+        .await
     };
-    for row in &run.outbox {
-        if !has_requests || row.kind == OutboxKind::Request {
-            insert_outbox(tx, &run.key, txid, row, Some(ready), now).await?;
-            ready += 1;
-        } else {
-            insert_outbox(tx, &run.key, txid, row, None, now).await?;
+    let datoms = async {
+        for datom in &run.datoms {
+            apply_datom(tx, txid, datom, known).await?;
         }
-    }
+        Ok::<(), StoreError>(())
+    };
+    let record = async {
+        execute(
+            tx,
+            OP,
+            "UPDATE effect_runs SET effects_sha256 = $2, tx = $3, status = $4, \
+             after_requests = $5, outbox_count = $6, created_at_ms = $7, updated_at_ms = $7, \
+             completed_at_ms = $8 WHERE key = $1",
+            &[
+                &run.key,
+                &run.effects_sha256,
+                &txid,
+                &status.as_str(),
+                &run.after_requests,
+                &outbox_count,
+                &now,
+                &(status == RunStatus::Done).then_some(now),
+            ],
+        )
+        .await
+    };
+    let first_ready = async {
+        if ready_count > 0 {
+            next_counter(tx, "outbox_ready", ready_count).await
+        } else {
+            Ok(0)
+        }
+    };
+    let (_, (), _, first_ready) = tokio::try_join!(transaction, datoms, record, first_ready)?;
+
+    let mut ready = first_ready;
+    let rows = run.outbox.iter().map(|row| {
+        let ready_seq = if !has_requests || row.kind == OutboxKind::Request {
+            ready += 1;
+            Some(ready - 1)
+        } else {
+            None
+        };
+        insert_outbox(tx, &run.key, txid, row, ready_seq, now)
+    });
+    try_join_all(rows).await?;
     let claimed = if run.outbox.is_empty() {
         Vec::new()
     } else {
@@ -1495,10 +1606,55 @@ impl Store for PostgresStore {
                         return Ok(false);
                     };
                     let key: String = get(&key, 0, &|| format!("outbox row `{id}`"))?;
-                    lock_run(tx, &key).await?;
-                    let now = now(tx).await?;
+                    // Pipelined, run in this order.
+                    let (_, now) = tokio::try_join!(lock_run(tx, &key), now(tx))?;
                     complete_if_done(tx, &key, now).await?;
                     Ok(true)
+                })
+            })
+            .await
+        }
+    }
+
+    fn mark_dispatched_many(
+        &self,
+        rows: Vec<(String, Lease)>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move {
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            db.transaction("marking rows dispatched", Isolation::Write, |tx| {
+                let rows = rows.clone();
+                Box::pin(async move {
+                    const OP: &str = "marking rows dispatched";
+                    // Pipelined: the updates in order, then the runs' rows in one order (see
+                    // `lock_run`), each completed if that was its last pending row.
+                    let updates = rows.iter().map(|(id, lease)| async move {
+                        query_opt(
+                            tx,
+                            OP,
+                            "UPDATE outbox SET dispatched_at_ms = effects_now_ms(), \
+                             lease_owner = NULL, lease_until_ms = NULL, lease_token = NULL, \
+                             last_error = NULL WHERE id = $1 AND dispatched_at_ms IS NULL \
+                             AND lease_token = $2 AND lease_owner = $3 RETURNING run_key",
+                            &[id, &lease.token, &lease.owner],
+                        )
+                        .await
+                    });
+                    let (found, now) = tokio::try_join!(try_join_all(updates), now(tx))?;
+                    let mut marked = Vec::with_capacity(rows.len());
+                    let mut keys = BTreeSet::new();
+                    for ((id, _), key) in rows.iter().zip(found) {
+                        marked.push(key.is_some());
+                        if let Some(key) = key {
+                            keys.insert(get::<String>(&key, 0, &|| format!("outbox row `{id}`"))?);
+                        }
+                    }
+                    try_join_all(keys.iter().map(|key| lock_run(tx, key))).await?;
+                    try_join_all(keys.iter().map(|key| complete_if_done(tx, key, now))).await?;
+                    Ok(marked)
                 })
             })
             .await

@@ -1470,6 +1470,37 @@ impl Store for SqliteStore {
         })
     }
 
+    fn mark_dispatched_many(
+        &self,
+        rows: Vec<(String, Lease)>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        self.db.write("marking rows dispatched", move |tx| {
+            const OP: &str = "marking rows dispatched";
+            let now = now_millis();
+            let mut marked = Vec::with_capacity(rows.len());
+            let mut keys = std::collections::BTreeSet::new();
+            for (id, lease) in &rows {
+                let key: Option<String> = tx
+                    .prepare_cached(
+                        "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
+                         lease_until_ms = NULL, lease_token = NULL, last_error = NULL \
+                         WHERE id = ?1 AND dispatched_at_ms IS NULL AND lease_token = ?3 \
+                         AND lease_owner = ?4 RETURNING run_key",
+                    )
+                    .ctx(OP)?
+                    .query_row(params![id, now, lease.token, lease.owner], |r| r.get(0))
+                    .optional()
+                    .ctx(OP)?;
+                marked.push(key.is_some());
+                keys.extend(key);
+            }
+            for key in &keys {
+                complete_if_done(tx, key, now)?;
+            }
+            Ok(marked)
+        })
+    }
+
     fn dead_letter(
         &self,
         id: &str,

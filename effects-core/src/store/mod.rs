@@ -763,6 +763,23 @@ pub trait Store: Send + Sync + 'static {
         lease: &Lease,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Marks several rows dispatched, each as [`mark_dispatched`](Store::mark_dispatched)
+    /// would (refused, `false` at its index, unless its lease still holds it), in as few
+    /// transactions as the store can: the executor marks the messages it published for a batch
+    /// of runs together. The default marks them one by one.
+    fn mark_dispatched_many(
+        &self,
+        rows: Vec<(String, Lease)>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(rows.len());
+            for (id, lease) in &rows {
+                out.push(self.mark_dispatched(id, lease).await?);
+            }
+            Ok(out)
+        }
+    }
+
     /// Gives up on a row for good, with the reason. With a lease (a claimant giving up),
     /// refused (`Ok(false)`) unless the lease still holds the row; without one (an operator),
     /// refused while anyone holds an unexpired lease on it. Refused too if the row is already

@@ -171,6 +171,13 @@ impl<S: Store> Store for Tracked<S> {
         self.store.mark_dispatched(id, lease)
     }
 
+    fn mark_dispatched_many(
+        &self,
+        rows: Vec<(String, Lease)>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        self.store.mark_dispatched_many(rows)
+    }
+
     fn dead_letter(
         &self,
         id: &str,
