@@ -38,13 +38,14 @@
 
 mod validate;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use tracing::{Instrument, field, info_span};
 
 pub use self::validate::{Limits, ValidationError, effects_sha256};
@@ -821,9 +822,54 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         });
                     }
                 };
+                // Runs with only messages to send (no requests) send them together: published
+                // in waves across the runs and marked in one store call. The others go one by
+                // one.
+                let mut together: Vec<(usize, &RunSummary, Tx, usize)> = Vec::new();
+                let mut rows = Vec::new();
                 for ((i, run), commit) in summaries.iter().zip(commits) {
-                    let span = info_span!("effects.run", key = %run.key, tx = field::Empty);
-                    results[*i] = Some(self.after_commit(run, commit).instrument(span).await);
+                    match commit {
+                        Commit::Applied {
+                            tx,
+                            status,
+                            claimed,
+                            published_inline,
+                        } if status != RunStatus::RequestsPending => {
+                            self.fault(FaultPoint::AfterCommit, &run.key);
+                            together.push((*i, run, tx, published_inline));
+                            rows.extend(claimed);
+                        }
+                        commit => {
+                            let span = info_span!("effects.run", key = %run.key, tx = field::Empty);
+                            results[*i] =
+                                Some(self.after_commit(run, commit).instrument(span).await);
+                        }
+                    }
+                }
+                let mut sent = self.send_messages_by_run(rows).await;
+                for (i, run, tx, published_inline) in together {
+                    results[i] = Some(match &mut sent {
+                        Ok(by_run) => {
+                            let mut progress = Progress {
+                                messages_dispatched: published_inline,
+                                ..Progress::default()
+                            };
+                            progress.add(by_run.remove(&run.key).unwrap_or_default());
+                            progress.pending = run
+                                .outbox_len
+                                .saturating_sub(progress.messages_dispatched)
+                                .saturating_sub(progress.dead_lettered);
+                            Ok(RunOutcome::Applied { tx, progress })
+                        }
+                        Err(e) => Err(RunError::Incomplete {
+                            key: run.key.clone(),
+                            tx,
+                            source: StoreError::Database {
+                                operation: "dispatching a batch's messages",
+                                source: e.to_string().into(),
+                            },
+                        }),
+                    });
                 }
             }
             results
@@ -1346,98 +1392,133 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     /// topic and partition key are released (they must not overtake it); other partitions go on.
     async fn send_messages(&self, rows: Vec<OutboxRow>) -> Result<Progress, StoreError> {
         let mut progress = Progress::default();
+        for (_, p) in self.send_messages_by_run(rows).await? {
+            progress.add(p);
+        }
+        Ok(progress)
+    }
+
+    /// Publishes claimed message rows and marks them dispatched; what happened to them, by run
+    /// key.
+    async fn send_messages_by_run(
+        &self,
+        rows: Vec<OutboxRow>,
+    ) -> Result<HashMap<String, Progress>, StoreError> {
+        let mut progress: HashMap<String, Progress> = HashMap::new();
         if rows.is_empty() {
             return Ok(progress);
         }
         let span = info_span!("effects.messages", count = rows.len());
         async {
             let mut blocked: HashSet<(String, String)> = HashSet::new();
-            let mut held_back: Vec<String> = Vec::new();
+            let mut held_back: Vec<&OutboxRow> = Vec::new();
             let mut renewed = Instant::now();
             // Published rows are marked together, every `MARK_BATCH` and at the end: one
             // transaction for the messages of a batch of runs instead of one per message.
-            let mut to_mark: Vec<(String, Lease)> = Vec::new();
-            for (i, row) in rows.iter().enumerate() {
-                let partition = row
-                    .partition_key
-                    .as_ref()
-                    .map(|pk| (row.destination.clone(), pk.clone()));
-                if partition.as_ref().is_some_and(|p| blocked.contains(p)) {
-                    held_back.push(row.id.clone());
-                    continue;
-                }
-                if self
-                    .keep_leases(&rows[i..], &mut renewed)
-                    .await?
-                    .contains(&row.id)
-                {
-                    progress.pending += 1;
-                    if let Some(p) = partition {
-                        blocked.insert(p);
+            let mut to_mark: Vec<(&OutboxRow, Lease)> = Vec::new();
+            let mark_first = self.mutant == Some(Mutant::MarkBeforePublish);
+            let mut next = 0;
+            while next < rows.len() {
+                let lost = self.keep_leases(&rows[next..], &mut renewed).await?;
+                // A wave: the next rows, at most one per topic and partition key (a keyed
+                // message waits for the one before it), published at once.
+                let mut wave: Vec<(&OutboxRow, Lease)> = Vec::new();
+                let mut in_wave: HashSet<(String, String)> = HashSet::new();
+                while next < rows.len() && wave.len() < PUBLISH_WAVE {
+                    let row = &rows[next];
+                    let partition = row
+                        .partition_key
+                        .as_ref()
+                        .map(|pk| (row.destination.clone(), pk.clone()));
+                    if partition.as_ref().is_some_and(|p| in_wave.contains(p)) {
+                        break;
                     }
-                    continue;
+                    next += 1;
+                    if partition.as_ref().is_some_and(|p| blocked.contains(p)) {
+                        held_back.push(row);
+                        continue;
+                    }
+                    if lost.contains(&row.id) {
+                        of(&mut progress, row).pending += 1;
+                        blocked.extend(partition);
+                        continue;
+                    }
+                    in_wave.extend(partition);
+                    wave.push((row, claimed_lease(row)?));
                 }
-                let lease = claimed_lease(row)?;
-                let message = OutgoingMessage {
-                    id: row.id.clone(),
-                    topic: row.destination.clone(),
-                    partition_key: row.partition_key.clone(),
-                    headers: publish_headers(&row.headers, &row.run_key, row.tx),
-                    payload: row.payload.clone().into_bytes(),
-                };
-                let mark_first = self.mutant == Some(Mutant::MarkBeforePublish);
-                if mark_first && self.store.mark_dispatched(&row.id, &lease).await? {
-                    progress.messages_dispatched += 1;
-                    self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                }
-                let published = self
-                    .transport
-                    .publish(message)
-                    .instrument(info_span!("effects.publish", id = %row.id, key = %row.run_key, tx = row.tx.0))
-                    .await;
-                match published {
-                    Ok(()) if mark_first => {}
-                    Ok(()) => {
-                        self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                        to_mark.push((row.id.clone(), lease));
-                        if to_mark.len() >= MARK_BATCH {
-                            self.mark_published(&mut to_mark, &mut progress).await?;
+                if mark_first {
+                    for (row, lease) in &wave {
+                        if self.store.mark_dispatched(&row.id, lease).await? {
+                            of(&mut progress, row).messages_dispatched += 1;
+                            self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
                         }
                     }
-                    Err(e) => {
-                        let error = e.to_string();
-                        if self
-                            .config
-                            .retry
-                            .max_attempts
-                            .is_some_and(|max| row.attempts >= max)
-                        {
-                            tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
-                            let reason = format!("gave up after {} attempts: {error}", row.attempts);
-                            if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {
-                                progress.dead_lettered += 1;
-                                crate::metrics::dead_lettered(crate::store::DeadLetterKind::Message);
-                            } else {
-                                progress.pending += 1;
+                }
+                let published = join_all(wave.iter().map(|(row, _)| {
+                    let message = OutgoingMessage {
+                        id: row.id.clone(),
+                        topic: row.destination.clone(),
+                        partition_key: row.partition_key.clone(),
+                        headers: publish_headers(&row.headers, &row.run_key, row.tx),
+                        payload: row.payload.clone().into_bytes(),
+                    };
+                    self.transport
+                        .publish(message)
+                        .instrument(info_span!("effects.publish", id = %row.id, key = %row.run_key, tx = row.tx.0))
+                }))
+                .await;
+                for ((row, lease), published) in wave.into_iter().zip(published) {
+                    let partition = row
+                        .partition_key
+                        .as_ref()
+                        .map(|pk| (row.destination.clone(), pk.clone()));
+                    match published {
+                        Ok(()) if mark_first => {}
+                        Ok(()) => {
+                            self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
+                            to_mark.push((row, lease));
+                            if to_mark.len() >= MARK_BATCH {
+                                self.mark_published(&mut to_mark, &mut progress).await?;
                             }
-                            continue;
                         }
-                        let delay = self.config.retry.delay(row.attempts);
-                        tracing::warn!(id = %row.id, %error, ?delay, "publish failed: retrying later");
-                        self.store
-                            .retry_later(&row.id, &lease, &error, delay)
-                            .await?;
-                        progress.pending += 1;
-                        if let Some(p) = partition {
-                            blocked.insert(p);
+                        Err(e) => {
+                            let error = e.to_string();
+                            if self
+                                .config
+                                .retry
+                                .max_attempts
+                                .is_some_and(|max| row.attempts >= max)
+                            {
+                                tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
+                                let reason = format!("gave up after {} attempts: {error}", row.attempts);
+                                if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {
+                                    of(&mut progress, row).dead_lettered += 1;
+                                    crate::metrics::dead_lettered(crate::store::DeadLetterKind::Message);
+                                } else {
+                                    of(&mut progress, row).pending += 1;
+                                }
+                                continue;
+                            }
+                            let delay = self.config.retry.delay(row.attempts);
+                            tracing::warn!(id = %row.id, %error, ?delay, "publish failed: retrying later");
+                            self.store
+                                .retry_later(&row.id, &lease, &error, delay)
+                                .await?;
+                            of(&mut progress, row).pending += 1;
+                            if let Some(p) = partition {
+                                blocked.insert(p);
+                            }
                         }
                     }
                 }
             }
             self.mark_published(&mut to_mark, &mut progress).await?;
             if !held_back.is_empty() {
-                progress.pending += held_back.len();
-                self.store.release(held_back, &self.config.owner).await?;
+                for row in &held_back {
+                    of(&mut progress, row).pending += 1;
+                }
+                let ids = held_back.iter().map(|r| r.id.clone()).collect();
+                self.store.release(ids, &self.config.owner).await?;
             }
             Ok(progress)
         }
@@ -1449,29 +1530,43 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     /// lost meanwhile stays pending: its new claimant publishes it again under the same id.
     async fn mark_published(
         &self,
-        to_mark: &mut Vec<(String, Lease)>,
-        progress: &mut Progress,
+        to_mark: &mut Vec<(&OutboxRow, Lease)>,
+        progress: &mut HashMap<String, Progress>,
     ) -> Result<(), StoreError> {
         if to_mark.is_empty() {
             return Ok(());
         }
         let rows = std::mem::take(to_mark);
-        let ids: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
-        let marked = self.store.mark_dispatched_many(rows).await?;
-        for (id, marked) in ids.iter().zip(marked) {
+        let marked = self
+            .store
+            .mark_dispatched_many(
+                rows.iter()
+                    .map(|(row, lease)| (row.id.clone(), lease.clone()))
+                    .collect(),
+            )
+            .await?;
+        for ((row, _), marked) in rows.iter().zip(marked) {
             if marked {
-                progress.messages_dispatched += 1;
+                of(progress, row).messages_dispatched += 1;
             } else {
-                tracing::warn!(%id, "lease lost: published, but another claimant marks the row");
-                progress.pending += 1;
+                tracing::warn!(id = %row.id, "lease lost: published, but another claimant marks the row");
+                of(progress, row).pending += 1;
             }
         }
         Ok(())
     }
 }
 
+/// The progress of `row`'s run.
+fn of<'p>(progress: &'p mut HashMap<String, Progress>, row: &OutboxRow) -> &'p mut Progress {
+    progress.entry(row.run_key.clone()).or_default()
+}
+
 /// How many published messages are marked dispatched in one store call.
 const MARK_BATCH: usize = 128;
+
+/// How many messages (of distinct partitions) are published at once.
+const PUBLISH_WAVE: usize = 64;
 
 /// The lease under which a row was handed to this claimant.
 fn claimed_lease(row: &OutboxRow) -> Result<Lease, StoreError> {

@@ -222,12 +222,22 @@ const OUTBOX_COLUMNS: &str = "id, run_key, seq, kind, destination, partition_key
      tx, attempts, next_attempt_at_ms, last_error, dispatched_at_ms, dead_lettered_reason, ready_seq, \
      lease_owner, lease_until_ms, lease_token";
 
-struct RawOutbox {
-    row: OutboxRow,
-    ready_seq: Option<i64>,
-}
+/// How many rows must go before a claim candidate: the run's earlier pending requests (for a
+/// request), or the earlier pending messages of its topic and partition key (for a keyed
+/// message); 0 for a message without a key. Read with the candidates, in one statement.
+const EARLIER: &str = "CASE \
+     WHEN kind = 'request' THEN (SELECT COUNT(*) FROM outbox e WHERE e.run_key = outbox.run_key \
+        AND e.kind = 'request' AND e.seq < outbox.seq AND e.dispatched_at_ms IS NULL \
+        AND e.dead_lettered_reason IS NULL) \
+     WHEN partition_key IS NOT NULL THEN (SELECT COUNT(*) FROM outbox e \
+        WHERE e.kind = 'message' AND e.destination = outbox.destination \
+        AND e.partition_key = outbox.partition_key AND e.dispatched_at_ms IS NULL \
+        AND e.dead_lettered_reason IS NULL AND e.ready_seq < outbox.ready_seq) \
+     ELSE 0 END";
+/// The column of [`EARLIER`] after [`OUTBOX_COLUMNS`].
+const EARLIER_COLUMN: usize = 18;
 
-fn decode_outbox(r: &Row) -> Result<RawOutbox, StoreError> {
+fn decode_outbox(r: &Row) -> Result<OutboxRow, StoreError> {
     let id: String = get(r, 0, &|| "an outbox row".to_owned())?;
     let what = format!("outbox row `{id}`");
     let w = || what.clone();
@@ -240,29 +250,26 @@ fn decode_outbox(r: &Row) -> Result<RawOutbox, StoreError> {
     let headers: String = get(r, 6, &w)?;
     let lease_owner: Option<String> = get(r, 15, &w)?;
     let lease_token: Option<i64> = get(r, 17, &w)?;
-    Ok(RawOutbox {
-        row: OutboxRow {
-            run_key: get(r, 1, &w)?,
-            seq: to_u32(get(r, 2, &w)?, &what, "seq")?,
-            kind,
-            destination: get(r, 4, &w)?,
-            partition_key: get(r, 5, &w)?,
-            headers: serde_json::from_str(&headers)
-                .map_err(|e| corrupt(what.clone(), format!("headers: {e}")))?,
-            payload: get(r, 7, &w)?,
-            tx: Tx(get(r, 8, &w)?),
-            attempts: to_u32(get(r, 9, &w)?, &what, "attempts")?,
-            next_attempt_at: get(r, 10, &w)?,
-            last_error: get(r, 11, &w)?,
-            dispatched_at: get(r, 12, &w)?,
-            dead_lettered: get(r, 13, &w)?,
-            lease: lease_owner
-                .zip(lease_token)
-                .map(|(owner, token)| Lease { owner, token }),
-            lease_until: get(r, 16, &w)?,
-            id,
-        },
-        ready_seq: get(r, 14, &w)?,
+    Ok(OutboxRow {
+        run_key: get(r, 1, &w)?,
+        seq: to_u32(get(r, 2, &w)?, &what, "seq")?,
+        kind,
+        destination: get(r, 4, &w)?,
+        partition_key: get(r, 5, &w)?,
+        headers: serde_json::from_str(&headers)
+            .map_err(|e| corrupt(what.clone(), format!("headers: {e}")))?,
+        payload: get(r, 7, &w)?,
+        tx: Tx(get(r, 8, &w)?),
+        attempts: to_u32(get(r, 9, &w)?, &what, "attempts")?,
+        next_attempt_at: get(r, 10, &w)?,
+        last_error: get(r, 11, &w)?,
+        dispatched_at: get(r, 12, &w)?,
+        dead_lettered: get(r, 13, &w)?,
+        lease: lease_owner
+            .zip(lease_token)
+            .map(|(owner, token)| Lease { owner, token }),
+        lease_until: get(r, 16, &w)?,
+        id,
     })
 }
 
@@ -752,7 +759,26 @@ async fn commit_runs_tx(
                 }
             }
         }
-        out.push(apply_run(tx, run, options, now, &mut known).await?);
+        out.push(apply_run(tx, run, now, &mut known).await?);
+    }
+    // The applied runs' ready rows, claimed together in ready order, each run's handed back
+    // with its commit.
+    let applied: Vec<&str> = runs
+        .iter()
+        .zip(&out)
+        .filter(|(run, commit)| matches!(commit, Commit::Applied { .. }) && !run.outbox.is_empty())
+        .map(|(run, _)| run.key.as_str())
+        .collect();
+    if !applied.is_empty() {
+        let mut by_run: HashMap<String, Vec<OutboxRow>> = HashMap::new();
+        for row in claim(tx, Some(&applied), usize::MAX, options, now).await? {
+            by_run.entry(row.run_key.clone()).or_default().push(row);
+        }
+        for (run, commit) in runs.iter().zip(out.iter_mut()) {
+            if let Commit::Applied { claimed, .. } = commit {
+                *claimed = by_run.remove(&run.key).unwrap_or_default();
+            }
+        }
     }
     if let Some(hook) = &options.before_commit {
         hook();
@@ -775,7 +801,6 @@ fn run_entities(run: &NewRun) -> impl Iterator<Item = (&str, &str)> {
 async fn apply_run(
     tx: &Transaction<'_>,
     run: &NewRun,
-    options: &ClaimOptions,
     now: Millis,
     known: &mut Known,
 ) -> Result<Commit, StoreError> {
@@ -866,20 +891,16 @@ async fn apply_run(
         insert_outbox(tx, &run.key, txid, row, ready_seq, now)
     });
     try_join_all(rows).await?;
-    let claimed = if run.outbox.is_empty() {
-        Vec::new()
-    } else {
-        claim(tx, Some(&run.key), usize::MAX, options, now).await?
-    };
+    // Its ready rows are claimed with those of the rest of the batch (`commit_runs_tx`).
     Ok(Commit::Applied {
         tx: Tx(txid),
         status,
-        claimed,
+        claimed: Vec::new(),
         published_inline: 0,
     })
 }
 
-/// Claims pending, ready, due, unleased rows (of one run, or of all), in ready order, following
+/// Claims pending, ready, due, unleased rows (of some runs, or of all), in ready order, following
 /// the ordering rules of [`Store::claim_due`].
 ///
 /// Candidates are chosen from the committed state without locks, then only the chosen rows are
@@ -890,7 +911,7 @@ async fn apply_run(
 /// the ordering rules; the next candidates are tried instead, for a few rounds.
 async fn claim(
     tx: &Transaction<'_>,
-    run_key: Option<&str>,
+    run_keys: Option<&[&str]>,
     limit: usize,
     options: &ClaimOptions,
     now: Millis,
@@ -908,16 +929,16 @@ async fn claim(
     let mut partition_taken: HashMap<(String, String), i64> = HashMap::new();
     let mut blocked_partitions: HashSet<(String, String)> = HashSet::new();
     for _ in 0..ROUNDS {
-        let candidates = match run_key {
-            Some(key) => {
+        let candidates = match run_keys {
+            Some(keys) => {
                 query(
                     tx,
                     OP,
                     &format!(
-                        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} AND run_key = $2 \
-                         AND id <> ALL($4) ORDER BY ready_seq LIMIT $3"
+                        "SELECT {OUTBOX_COLUMNS}, {EARLIER} FROM outbox WHERE {due} \
+                         AND run_key = ANY($2) AND id <> ALL($4) ORDER BY ready_seq LIMIT $3"
                     ),
-                    &[&now, &key, &scan, &passed],
+                    &[&now, &keys, &scan, &passed],
                 )
                 .await?
             }
@@ -926,8 +947,8 @@ async fn claim(
                     tx,
                     OP,
                     &format!(
-                        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {due} AND id <> ALL($3) \
-                         ORDER BY ready_seq LIMIT $2"
+                        "SELECT {OUTBOX_COLUMNS}, {EARLIER} FROM outbox WHERE {due} \
+                         AND id <> ALL($3) ORDER BY ready_seq LIMIT $2"
                     ),
                     &[&now, &scan, &passed],
                 )
@@ -939,22 +960,15 @@ async fn claim(
             if claimed.len() + chosen.len() >= limit {
                 break;
             }
-            let RawOutbox { row, ready_seq } = decode_outbox(candidate)?;
+            let row = decode_outbox(candidate)?;
+            let earlier: i64 = get(candidate, EARLIER_COLUMN, &|| {
+                format!("outbox row `{}`", row.id)
+            })?;
             match row.kind {
                 OutboxKind::Request => {
                     if blocked_runs.contains(&row.run_key) {
                         continue;
                     }
-                    let earlier = query_one(
-                        tx,
-                        OP,
-                        "SELECT COUNT(*) FROM outbox WHERE run_key = $1 AND kind = 'request' \
-                         AND seq < $2 AND dispatched_at_ms IS NULL \
-                         AND dead_lettered_reason IS NULL",
-                        &[&row.run_key, &i64::from(row.seq)],
-                    )
-                    .await?;
-                    let earlier: i64 = get(&earlier, 0, &|| "a count".to_owned())?;
                     let taken = requests_taken.entry(row.run_key.clone()).or_insert(0);
                     if earlier != *taken {
                         blocked_runs.insert(row.run_key.clone());
@@ -968,17 +982,6 @@ async fn claim(
                         if blocked_partitions.contains(&slot) {
                             continue;
                         }
-                        let earlier = query_one(
-                            tx,
-                            OP,
-                            "SELECT COUNT(*) FROM outbox WHERE kind = 'message' \
-                             AND destination = $1 AND partition_key = $2 \
-                             AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL \
-                             AND ready_seq < $3",
-                            &[&row.destination, pk, &ready_seq],
-                        )
-                        .await?;
-                        let earlier: i64 = get(&earlier, 0, &|| "a count".to_owned())?;
                         let taken = partition_taken.entry(slot.clone()).or_insert(0);
                         if earlier != *taken {
                             blocked_partitions.insert(slot);
@@ -1009,7 +1012,7 @@ async fn claim(
         )
         .await?
         {
-            let row = decode_outbox(&row)?.row;
+            let row = decode_outbox(&row)?;
             locked.insert(row.id.clone(), row);
         }
         // Groups (a run's requests, a partition's messages) in which a chosen row was taken by
@@ -1049,30 +1052,31 @@ async fn claim(
     if claimed.is_empty() {
         return Ok(claimed);
     }
-    let token_row = query_one(tx, OP, "SELECT nextval('lease_token')", &[]).await?;
-    let lease = Lease {
-        owner: options.owner.clone(),
-        token: get(&token_row, 0, &|| "the lease token".to_owned())?,
-    };
-    // The lease runs from this statement (the server's clock now), not from the start of a
-    // transaction that may have waited for locks.
+    // One new token for the whole claim. The lease runs from this statement (the server's clock
+    // now), not from the start of a transaction that may have waited for locks.
     let ids: Vec<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
     let lease_ms = millis(options.lease);
-    let until: HashMap<String, Millis> = query(
+    let mut token = None;
+    let mut until: HashMap<String, Millis> = HashMap::new();
+    for r in query(
         tx,
         OP,
-        "UPDATE outbox SET lease_owner = $2, lease_until_ms = effects_now_ms() + $3, \
-         lease_token = $4, attempts = attempts + 1 WHERE id = ANY($1) \
-         RETURNING id, lease_until_ms",
-        &[&ids, &lease.owner, &lease_ms, &lease.token],
+        "WITH claim AS (SELECT nextval('lease_token') AS token) \
+         UPDATE outbox SET lease_owner = $2, lease_until_ms = effects_now_ms() + $3, \
+         lease_token = claim.token, attempts = attempts + 1 FROM claim WHERE id = ANY($1) \
+         RETURNING id, lease_until_ms, lease_token",
+        &[&ids, &options.owner, &lease_ms],
     )
     .await?
-    .iter()
-    .map(|r| {
+    {
         let what = || "a claimed row".to_owned();
-        Ok((get(r, 0, &what)?, get(r, 1, &what)?))
-    })
-    .collect::<Result<_, StoreError>>()?;
+        until.insert(get(&r, 0, &what)?, get(&r, 1, &what)?);
+        token = Some(get::<i64>(&r, 2, &what)?);
+    }
+    let lease = Lease {
+        owner: options.owner.clone(),
+        token: token.ok_or_else(|| corrupt("claimed rows", "locked, then not updated"))?,
+    };
     for row in &mut claimed {
         row.attempts += 1;
         row.lease = Some(lease.clone());
@@ -1158,7 +1162,7 @@ async fn finish_requests_tx(
     )
     .await?;
     complete_if_done(tx, key, now).await?;
-    let claimed = claim(tx, Some(key), usize::MAX, options, now).await?;
+    let claimed = claim(tx, Some(&[key]), usize::MAX, options, now).await?;
     let status = load_run(tx, key)
         .await?
         .map_or(RunStatus::MessagesPending, |r| r.status);
@@ -1189,7 +1193,7 @@ async fn record_request_tx(
             "a response was recorded for a row that does not exist",
         ));
     };
-    let row = decode_outbox(&row)?.row;
+    let row = decode_outbox(&row)?;
     if row.kind != OutboxKind::Request {
         return Err(corrupt(
             format!("outbox row `{id}`"),
@@ -1430,7 +1434,7 @@ impl Store for PostgresStore {
                 let (key, options) = (key.clone(), Arc::clone(&options));
                 Box::pin(async move {
                     let now = now(tx).await?;
-                    let rows = claim(tx, Some(&key), usize::MAX, &options, now).await?;
+                    let rows = claim(tx, Some(&[&key]), usize::MAX, &options, now).await?;
                     Ok(Claimed {
                         rows,
                         published_inline: 0,
@@ -1833,7 +1837,7 @@ impl Store for PostgresStore {
                     )
                     .await?
                     .iter()
-                    .map(|r| decode_outbox(r).map(|r| r.row))
+                    .map(decode_outbox)
                     .collect()
                 })
             })
