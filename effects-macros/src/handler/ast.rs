@@ -69,7 +69,11 @@ pub(crate) fn parse(args: TokenStream, item: TokenStream, cx: &Ctxt) -> syn::Res
                 ))
             }
         });
-        syn::parse::Parser::parse2(parser, args)?;
+        // A mistake in the arguments is reported and the rest of the handler still expands, so
+        // its `effects![..]` return type adds no error of its own.
+        if let Err(e) = syn::parse::Parser::parse2(parser, args) {
+            cx.syn_error(e);
+        }
     }
     let sig = &item.sig;
     if let Some(a) = &sig.asyncness {
