@@ -22,6 +22,27 @@ pub enum Unset {}
 #[derive(Debug)]
 pub enum Set {}
 
+/// What a payload, an attribute value or an identity needs: a `Serialize` form, turned into JSON.
+/// Generated code names the type at the user's field (or struct), so a type that is not
+/// `Serialize` is reported there, once, in these words rather than as a bound of a helper.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not implement `serde::Serialize`, and effects hold it as JSON",
+    label = "not `Serialize`",
+    note = "derive it with `#[derive(serde::Serialize)]` on `{Self}`, or use a type that implements `serde::Serialize`"
+)]
+pub trait Json {
+    /// The JSON form.
+    fn json(&self) -> Result<Value, serde_json::Error>;
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> Json for T {
+    #[inline]
+    fn json(&self) -> Result<Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+}
+
 /// The JSON form of a payload or attribute value.
 ///
 /// # Panics
@@ -29,50 +50,55 @@ pub enum Set {}
 /// non-string keys). That is a bug in the payload type, found the first time a handler builds
 /// the effect, long before the executor sees it.
 #[track_caller]
-pub fn to_value<T: Serialize + ?Sized>(value: &T, type_name: &str, what: &str) -> Value {
-    match serde_json::to_value(value) {
+pub fn to_value<T: Json + ?Sized>(value: &T, type_name: &str, what: &str) -> Value {
+    match value.json() {
         Ok(v) => v,
         Err(e) => panic!("{what} of `{type_name}` cannot be represented as JSON: {e}"),
     }
 }
 
 /// Moves a value into its JSON form when it is already one (`String`, `Value`), serializes it
-/// otherwise. Generated code calls `IntoValue(x).into_value(..)` with both traits in scope: method
-/// resolution picks [`MoveIntoValue`] for the by-value receivers it is implemented for and falls
-/// back to [`SerializeIntoValue`] on the auto-referenced receiver for everything else.
+/// otherwise. Generated code calls `IntoValue(x).into_value(to_value::<T>, ..)` with both traits
+/// in scope: method resolution picks [`MoveIntoValue`] for the by-value receivers it is
+/// implemented for and falls back to [`SerializeIntoValue`] on the auto-referenced receiver for
+/// everything else. The serializing function is passed in, so the only `Serialize` requirement
+/// is the one `to_value::<T>` states where the generated code names `T`.
 pub struct IntoValue<T>(pub T);
 
+/// How [`IntoValue`] serializes: `to_value::<T>`.
+pub type ToValue<T> = fn(&T, &str, &str) -> Value;
+
 /// The moving half of [`IntoValue`].
-pub trait MoveIntoValue {
+pub trait MoveIntoValue<T> {
     /// The JSON value, moved.
-    fn into_value(self, type_name: &str, what: &str) -> Value;
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
 }
 
-impl MoveIntoValue for IntoValue<String> {
+impl MoveIntoValue<String> for IntoValue<String> {
     #[inline]
-    fn into_value(self, _: &str, _: &str) -> Value {
+    fn into_value(self, _: ToValue<String>, _: &str, _: &str) -> Value {
         Value::String(self.0)
     }
 }
 
-impl MoveIntoValue for IntoValue<Value> {
+impl MoveIntoValue<Value> for IntoValue<Value> {
     #[inline]
-    fn into_value(self, _: &str, _: &str) -> Value {
+    fn into_value(self, _: ToValue<Value>, _: &str, _: &str) -> Value {
         self.0
     }
 }
 
 /// The serializing half of [`IntoValue`].
-pub trait SerializeIntoValue {
+pub trait SerializeIntoValue<T> {
     /// The JSON value, serialized.
-    fn into_value(self, type_name: &str, what: &str) -> Value;
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
 }
 
-impl<T: Serialize> SerializeIntoValue for &IntoValue<T> {
+impl<T> SerializeIntoValue<T> for &IntoValue<T> {
     #[inline]
     #[track_caller]
-    fn into_value(self, type_name: &str, what: &str) -> Value {
-        to_value(&self.0, type_name, what)
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value {
+        serialize(&self.0, type_name, what)
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod ctxt;
 mod derive;
+mod entry;
 mod handler;
 mod schema;
 mod util;
@@ -35,9 +36,7 @@ use proc_macro::TokenStream;
 /// and run-time validation) and typed `merge`.
 #[proc_macro]
 pub fn effects(input: TokenStream) -> TokenStream {
-    schema::effects(input.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    guard(TokenStream::new(), || entry::effects(input.into()))
 }
 
 /// Marks a pure handler whose return type is a union of schemas, `effects![A | B]`.
@@ -49,32 +48,47 @@ pub fn effects(input: TokenStream) -> TokenStream {
 /// and `name = "..."` (the idempotency-key prefix; the function's name by default).
 #[proc_macro_attribute]
 pub fn effect_handler(args: TokenStream, item: TokenStream) -> TokenStream {
-    handler::effect_handler(args.into(), item.into()).into()
+    guard(item.clone(), || {
+        entry::effect_handler(args.into(), item.into())
+    })
 }
 
 /// Derives `effects_core::Datom`.
 #[proc_macro_derive(Datom, attributes(datom))]
 pub fn derive_datom(input: TokenStream) -> TokenStream {
-    let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::datom(&input)
-        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Datom))
-        .into()
+    guard(TokenStream::new(), || entry::derive_datom(input.into()))
 }
 
 /// Derives `effects_core::Message`.
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
-    let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::message(&input)
-        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Message))
-        .into()
+    guard(TokenStream::new(), || entry::derive_message(input.into()))
 }
 
 /// Derives `effects_core::Request`.
 #[proc_macro_derive(Request, attributes(request))]
 pub fn derive_request(input: TokenStream) -> TokenStream {
-    let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    derive::request(&input)
-        .unwrap_or_else(|e| derive::with_fallback(e, &input, derive::Derive::Request))
-        .into()
+    guard(TokenStream::new(), || entry::derive_request(input.into()))
+}
+
+/// Runs a macro; should it panic (a bug: `tests/no_panic.rs` looks for them), reports the panic as
+/// a compile error and keeps `keep` (an attribute's item), so the rest of the crate still sees it.
+fn guard(keep: TokenStream, expand: impl FnOnce() -> proc_macro2::TokenStream) -> TokenStream {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(expand)) {
+        Ok(tokens) => tokens.into(),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let message =
+                format!("effects-macros failed on this input (a bug; please report it): {why}");
+            let mut out: TokenStream = syn::Error::new(proc_macro2::Span::call_site(), message)
+                .into_compile_error()
+                .into();
+            out.extend(keep);
+            out
+        }
+    }
 }

@@ -8,7 +8,9 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::{DeriveInput, LitStr};
 
-use super::fields::{field_ident, is_option, named_fields, string_value, unknown_key};
+use super::fields::{
+    field_ident, named_fields, option_inner, string_value, to_value_fn, unknown_key,
+};
 use crate::ctxt::Ctxt;
 use crate::util::unraw;
 
@@ -16,12 +18,15 @@ struct Attribute {
     name: String,
     field: syn::Ident,
     optional: bool,
+    /// The type a value is serialized as: the field's, or `T` of `Option<T>`.
+    value_ty: syn::Type,
 }
 
 /// A field holding the value another field's attribute must have when the run commits.
 struct Expect {
     field: syn::Ident,
     optional: bool,
+    value_ty: syn::Type,
     /// The field whose attribute it expects, as written.
     target: LitStr,
 }
@@ -61,7 +66,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         );
     }
 
-    let mut id: Option<(syn::Ident, String)> = None;
+    let mut id: Option<(syn::Ident, String, syn::Type)> = None;
     let mut attributes: Vec<Attribute> = Vec::new();
     let mut expects: Vec<Expect> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
@@ -102,7 +107,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             }
             expects.push(Expect {
                 field: fident,
-                optional: is_option(&field.ty),
+                optional: option_inner(&field.ty).is_some(),
+                value_ty: option_inner(&field.ty).unwrap_or(&field.ty).clone(),
                 target,
             });
             continue;
@@ -112,7 +118,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             skipped.push(unraw(&fident));
         }
         if is_id {
-            if let Some((first, _)) = &id {
+            if let Some((first, _, _)) = &id {
                 cx.error_spanned_by(
                     &fident,
                     format!("a datom has one identity: `{first}` is already `#[datom(id)]`"),
@@ -121,11 +127,21 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             if skip {
                 cx.error_spanned_by(&fident, "the `#[datom(id)]` field cannot be skipped");
             }
-            id = Some((fident, name));
+            if let Some(inner) = option_inner(&field.ty) {
+                let inner = crate::schema::type_string(inner);
+                cx.error_spanned_by(
+                    &field.ty,
+                    format!(
+                        "the `#[datom(id)]` field names the entity, so it cannot be missing: make it `{inner}`, not an `Option`"
+                    ),
+                );
+            }
+            id = Some((fident, name, field.ty.clone()));
         } else if !skip {
             attributes.push(Attribute {
                 name,
-                optional: is_option(&field.ty),
+                optional: option_inner(&field.ty).is_some(),
+                value_ty: option_inner(&field.ty).unwrap_or(&field.ty).clone(),
                 field: fident,
             });
         }
@@ -142,7 +158,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let mut resolved: Vec<(&Expect, String)> = Vec::new();
     for e in &expects {
         let wanted = e.target.value();
-        let id_is_target = id.as_ref().is_some_and(|(f, _)| unraw(f) == wanted);
+        let id_is_target = id.as_ref().is_some_and(|(f, _, _)| unraw(f) == wanted);
         match attributes.iter().find(|a| unraw(&a.field) == wanted) {
             Some(a) if resolved.iter().any(|(_, n)| *n == a.name) => cx.error_spanned_by(
                 &e.target,
@@ -175,7 +191,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         }
     }
     cx.check()?;
-    let (Some(entity), Some((id_field, id_name))) = (entity, id) else {
+    let (Some(entity), Some((id_field, id_name, id_ty))) = (entity, id) else {
         unreachable!("errors were reported above");
     };
 
@@ -195,10 +211,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             .map(|a| {
                 let (field, qualified) = (&a.field, format!("{ns}/{}", a.name));
                 let what = format!("attribute `{qualified}`");
+                let to_value = to_value_fn(&a.value_ty);
                 let value = if by_ref {
-                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
+                    quote!(#to_value(value, #type_name, #what))
                 } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
+                    quote!(::effects_core::__private::IntoValue(value).into_value(#to_value, #type_name, #what))
                 };
                 let source = if by_ref {
                     quote!(&self.#field)
@@ -230,10 +247,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             .map(|(e, name)| {
                 let (field, qualified) = (&e.field, format!("{ns}/{name}"));
                 let what = format!("expected value of `{qualified}`");
+                let to_value = to_value_fn(&e.value_ty);
                 let value = if by_ref {
-                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
+                    quote!(#to_value(value, #type_name, #what))
                 } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
+                    quote!(::effects_core::__private::IntoValue(value).into_value(#to_value, #type_name, #what))
                 };
                 let source = if by_ref {
                     quote!(&self.#field)
@@ -261,6 +279,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let (ref_expected, move_expected) = (expected_inserts(true), expected_inserts(false));
     let expected_mut = (!resolved.is_empty()).then(|| quote!(mut));
     let id_what = format!("identity `{identity}`");
+    let id_to_value = to_value_fn(&id_ty);
     let mutability = (!attributes.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
@@ -278,7 +297,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 ::effects_core::DatomEffect {
                     entity: ::effects_core::LookupRef {
                         attribute: ::std::string::String::from(#identity),
-                        value: ::effects_core::__private::to_value(&self.#id_field, #type_name, #id_what),
+                        value: #id_to_value(&self.#id_field, #type_name, #id_what),
                     },
                     op: ::effects_core::Op::Assert,
                     attributes,
@@ -296,7 +315,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 ::effects_core::DatomEffect {
                     entity: ::effects_core::LookupRef {
                         attribute: ::std::string::String::from(#identity),
-                        value: ::effects_core::__private::IntoValue(self.#id_field).into_value(#type_name, #id_what),
+                        value: ::effects_core::__private::IntoValue(self.#id_field).into_value(#id_to_value, #type_name, #id_what),
                     },
                     op: ::effects_core::Op::Assert,
                     attributes,

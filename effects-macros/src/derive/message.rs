@@ -84,6 +84,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         }
     };
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // Spanned at the struct's name: a payload that is not `Serialize` is reported there, once.
+    let payload_to_value = quote::quote_spanned!(ident.span()=> ::effects_core::__private::to_value::<#ident #ty_generics>);
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics ::effects_core::Message for #ident #ty_generics #where_clause {
@@ -94,7 +96,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     topic: ::std::string::String::from(#topic),
                     key: #key_expr,
                     headers: ::std::collections::BTreeMap::new(),
-                    payload: ::effects_core::__private::to_value(self, #type_name, "the payload"),
+                    payload: #payload_to_value(self, #type_name, "the payload"),
                 }
             }
 
@@ -102,7 +104,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 #[allow(unused_imports)]
                 use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
                 // The payload is serialized first: serde reads through `&self`.
-                let payload = ::effects_core::__private::to_value(&self, #type_name, "the payload");
+                let payload = #payload_to_value(&self, #type_name, "the payload");
                 ::effects_core::MessageEffect {
                     topic: ::std::string::String::from(#topic),
                     key: #key_moved,

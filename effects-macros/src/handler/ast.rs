@@ -25,6 +25,9 @@ pub(crate) struct Param {
 pub(crate) struct Union {
     /// `(variant name, schema type)`.
     pub(crate) members: Vec<(Ident, Type)>,
+    /// The macro's path as written (`effects`), invoked empty by the expansion so that the import
+    /// it came through counts as used.
+    pub(crate) macro_path: syn::Path,
 }
 
 pub(crate) struct Handler {
@@ -339,7 +342,10 @@ fn parse_return(item: &ItemFn, cx: &Ctxt) -> Option<Union> {
         seen.insert(key, ty.clone());
         members.push((variant, ty));
     }
-    (!members.is_empty()).then_some(Union { members })
+    (!members.is_empty()).then(|| Union {
+        members,
+        macro_path: mac.path.clone(),
+    })
 }
 
 fn variant_name(ty: &Type) -> Option<Ident> {

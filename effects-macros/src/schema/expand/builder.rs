@@ -53,6 +53,19 @@ fn tracked<'a>(names: &'a Names<'_>) -> Vec<(&'a Slot, Ident)> {
         .collect()
 }
 
+/// A typestate bound spanned at the slot's type in the user's `effects!` block, so that "required
+/// by this bound" points at the slot (`one BlockedCard`) rather than at the whole invocation.
+fn slot_bound(slot: &Slot, bound: TokenStream) -> TokenStream {
+    let span = syn::spanned::Spanned::span(&slot.ty);
+    bound
+        .into_iter()
+        .map(|mut tt| {
+            tt.set_span(span);
+            tt
+        })
+        .collect()
+}
+
 pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
     let (vis, builder) = (&schema.vis, &names.builder);
@@ -103,10 +116,17 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
                 "`{schema_name}` needs {amount} `{ty}` {what}: call `.{setter}(..)` before `.build()`"
             );
             let label = format!("`.{setter}(..)` has not been called");
-            let note = format!("`{schema_name}` declares `{card} {ty}` in its {what}s");
+            let note = if slot.cardinality == Cardinality::One {
+                format!("`{schema_name}` declares `{card} {ty}` in its {what}s")
+            } else {
+                format!(
+                    "`{schema_name}` declares `{card} {ty}` in its {what}s; `.extend_{setter}(..)` alone does not fill it, since it may add none: call `.{setter}(first)`, then `.extend_{setter}(rest)`"
+                )
+            };
             items.extend(quote! {
                 #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
                 pub trait #trait_name {}
+                #[diagnostic::do_not_recommend]
                 impl #trait_name for ::effects_core::__private::Set {}
             });
         }
@@ -127,6 +147,7 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
             items.extend(quote! {
                 #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
                 pub trait #trait_name {}
+                #[diagnostic::do_not_recommend]
                 impl #trait_name for ::effects_core::__private::Unset {}
             });
         }
@@ -192,12 +213,13 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                 let ret = with_set(slot);
                 let set_doc = format!(" Sets the `{tystr}` {}. {summary}", slot.kind.singular());
                 let body = rebuild(slot, quote!(::core::option::Option::Some(value)));
+                let bound = slot_bound(slot, quote!(#p: #state_mod::#unset));
                 setters.extend(quote! {
                     #[doc = #set_doc]
                     #[inline]
                     pub fn #field(self, value: #ty) -> #ret
                     where
-                        #p: #state_mod::#unset,
+                        #bound,
                     {
                         #body
                     }
@@ -214,7 +236,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                         #[inline]
                         pub fn #maybe(self, value: ::core::option::Option<#ty>) -> #ret
                         where
-                            #p: #state_mod::#unset,
+                            #bound,
                         {
                             #body
                         }
@@ -265,7 +287,8 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         .filter(|(slot, _)| matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne))
         .map(|(slot, p)| {
             let set = is_set_trait(slot);
-            quote!(#p: #state_mod::#set,)
+            let bound = slot_bound(slot, quote!(#p: #state_mod::#set));
+            quote!(#bound,)
         });
     let finish = schema.slots.iter().map(|slot| {
         let field = &slot.name;

@@ -24,7 +24,8 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
     let name = &schema.name;
     let names = Names {
         schema,
-        builder: format_ident!("{}Builder", name),
+        // Spanned at the schema's name: "method not found for this struct" points there.
+        builder: format_ident!("{}Builder", name, span = name.span()),
         state_mod: format_ident!("__effects_{}", snake_case(&crate::util::unraw(name))),
     };
     let structure = structure::expand(&names);
