@@ -211,7 +211,18 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                 let p = param_of(slot);
                 let unset = is_unset_trait(slot);
                 let ret = with_set(slot);
-                let set_doc = format!(" Sets the `{tystr}` {}. {summary}", slot.kind.singular());
+                let set_doc = if slot.cardinality == Cardinality::One {
+                    format!(
+                        " Sets the `{tystr}` {}, filling the slot `build()` requires; callable once. {summary}",
+                        slot.kind.singular()
+                    )
+                } else {
+                    format!(
+                        " Sets the `{tystr}` {}; callable once, this or `maybe_{}`. {summary}",
+                        slot.kind.singular(),
+                        slot.name_str()
+                    )
+                };
                 let body = rebuild(slot, quote!(::core::option::Option::Some(value)));
                 let bound = slot_bound(slot, quote!(#p: #state_mod::#unset));
                 setters.extend(quote! {
@@ -227,7 +238,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                 if slot.cardinality == Cardinality::Optional {
                     let maybe = format_ident!("maybe_{}", slot.name_str());
                     let doc = format!(
-                        " Sets the `{tystr}` {} if `value` is `Some`. {summary}",
+                        " Sets the `{tystr}` {} if `value` is `Some`; counts as the one call either way. {summary}",
                         slot.kind.singular()
                     );
                     let body = rebuild(slot, quote!(value));
@@ -245,8 +256,23 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             }
             Cardinality::Many | Cardinality::AtLeastOne => {
                 let extend = format_ident!("extend_{}", slot.name_str());
-                let add_doc = format!(" Adds one `{tystr}` {}. {summary}", slot.kind.singular());
-                let extend_doc = format!(" Adds every `{tystr}` of `values`. {summary}");
+                let (add_doc, extend_doc) = if slot.cardinality == Cardinality::Many {
+                    (
+                        format!(" Adds one `{tystr}` {}. {summary}", slot.kind.singular()),
+                        format!(" Adds every `{tystr}` of `values`. {summary}"),
+                    )
+                } else {
+                    (
+                        format!(
+                            " Adds one `{tystr}` {}, filling the slot `build()` requires. {summary}",
+                            slot.kind.singular()
+                        ),
+                        format!(
+                            " Adds every `{tystr}` of `values`. It does not fill the slot on its own, since `values` may be empty: call `.{}(..)` at least once. {summary}",
+                            slot.name_str()
+                        ),
+                    )
+                };
                 let add = if slot.cardinality == Cardinality::Many {
                     quote! {
                         pub fn #field(mut self, value: #ty) -> Self {
