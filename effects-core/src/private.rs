@@ -182,3 +182,163 @@ impl<T: Display + ?Sized> BusinessKey for T {
 pub fn business_key_part<T: BusinessKey + ?Sized>(value: &T) -> String {
     value.business_key()
 }
+
+/// One slot's entry in a schema's `Shape`.
+#[inline]
+#[must_use]
+pub const fn slot_shape(
+    name: &'static str,
+    type_name: &'static str,
+    cardinality: crate::Cardinality,
+    matcher: crate::Matcher,
+) -> crate::SlotShape {
+    crate::SlotShape {
+        name,
+        type_name,
+        cardinality,
+        matcher,
+    }
+}
+
+/// The erasure of one slot, shared by every schema: generated code calls
+/// `<T as DatomSlot>::push_ref(..)` and the like, all at the user's type, so a type in the wrong
+/// list is one error there, in the words of the kind's trait.
+macro_rules! slot_kind {
+    ($(#[$attr:meta])* $slot:ident: $kind:ident, $field:ident, $matcher:expr, |$r:ident| $by_ref:expr, |$o:ident| $owned:expr) => {
+        $(#[$attr])*
+        pub trait $slot: Sized {
+            /// Which erased effects belong to a slot of this type.
+            const MATCHER: crate::Matcher;
+            /// Appends the erased form of each item, by reference.
+            fn push_ref(items: &[Self], effects: &mut crate::Effects);
+            /// Appends the erased form of each item, moving it.
+            fn push(items: impl IntoIterator<Item = Self>, effects: &mut crate::Effects);
+        }
+
+        #[diagnostic::do_not_recommend]
+        impl<T: crate::$kind> $slot for T {
+            const MATCHER: crate::Matcher = $matcher;
+
+            #[inline]
+            fn push_ref(items: &[Self], effects: &mut crate::Effects) {
+                effects.$field.extend(items.iter().map(|$r: &T| $by_ref));
+            }
+
+            #[inline]
+            fn push(items: impl IntoIterator<Item = Self>, effects: &mut crate::Effects) {
+                effects.$field.extend(items.into_iter().map(|$o: T| $owned));
+            }
+        }
+    };
+}
+
+slot_kind!(
+    /// A type in a schema's `datoms`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a datom",
+        label = "not a datom",
+        note = "derive it: `#[derive(effects_core::Datom)] #[datom(entity = \"...\")]` with one `#[datom(id)]` field"
+    )]
+    DatomSlot: Datom, datoms,
+    crate::Matcher::Datom { identity: T::IDENTITY, attributes: T::ATTRIBUTES },
+    |item| item.to_datom(),
+    |item| item.into_datom()
+);
+
+slot_kind!(
+    /// A type in a schema's `requests`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a request",
+        label = "not a request",
+        note = "derive it: `#[derive(effects_core::Request, serde::Serialize)] #[request(method = \"POST\", endpoint = \"...\", path = \"/...\")]`"
+    )]
+    RequestSlot: Request, requests,
+    crate::Matcher::Request { method: T::METHOD, endpoint: T::ENDPOINT, path: T::PATH },
+    |item| item.to_request(),
+    |item| item.to_request()
+);
+
+slot_kind!(
+    /// A type in a schema's `messages`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a message",
+        label = "not a message",
+        note = "derive it: `#[derive(effects_core::Message, serde::Serialize)] #[message(topic = \"...\")]`"
+    )]
+    MessageSlot: Message, messages,
+    crate::Matcher::Message { topic: T::TOPIC },
+    |item| item.to_message(),
+    |item| item.into_message()
+);
+
+/// A message effect with no headers.
+#[inline]
+#[must_use]
+pub fn message(topic: &str, key: Option<String>, payload: Value) -> crate::MessageEffect {
+    crate::MessageEffect {
+        topic: String::from(topic),
+        key,
+        headers: std::collections::BTreeMap::new(),
+        payload,
+    }
+}
+
+/// Moves every item of one slot into `target` (typed merge).
+#[inline]
+pub fn absorb<Target, T, K>(target: &mut Target, items: impl IntoIterator<Item = T>)
+where
+    Target: crate::Absorbs<T, K>,
+{
+    for item in items {
+        target.absorb(item);
+    }
+}
+
+/// A datom being built by `#[derive(Datom)]`: an assertion on the entity `identity = value`.
+pub struct DatomParts(crate::DatomEffect);
+
+impl DatomParts {
+    /// An assertion with no attributes yet.
+    #[inline]
+    #[must_use]
+    pub fn new(identity: &str, value: Value) -> Self {
+        DatomParts(crate::DatomEffect {
+            entity: crate::LookupRef {
+                attribute: String::from(identity),
+                value,
+            },
+            op: crate::Op::Assert,
+            attributes: std::collections::BTreeMap::new(),
+            expected: std::collections::BTreeMap::new(),
+        })
+    }
+
+    /// Asserts the attribute `name`.
+    #[inline]
+    pub fn attribute(&mut self, name: &str, value: Value) {
+        self.0.attributes.insert(String::from(name), value);
+    }
+
+    /// Expects the attribute `name` to have `value` when the run commits.
+    #[inline]
+    pub fn expected(&mut self, name: &str, value: Value) {
+        self.0.expected.insert(String::from(name), value);
+    }
+
+    /// The datom.
+    #[inline]
+    #[must_use]
+    pub fn finish(self) -> crate::DatomEffect {
+        self.0
+    }
+}
+
+/// The value of a filled `one` or `at_least_one` slot at `build()`.
+#[inline]
+#[track_caller]
+pub fn filled<T>(value: Option<T>, schema: &str, slot: &str) -> T {
+    match value {
+        Some(value) => value,
+        None => unreachable_unset(schema, slot),
+    }
+}

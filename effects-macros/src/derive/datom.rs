@@ -205,82 +205,80 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let type_name = unraw(ident);
     // `by_ref` reads fields through `&self` and serializes them; otherwise fields are moved
     // out of `self`, and strings (the common case) move into the datom without a copy.
-    let inserts = |by_ref: bool| {
-        attributes
-            .iter()
-            .map(|a| {
-                let (field, qualified) = (&a.field, format!("{ns}/{}", a.name));
-                let what = format!("attribute `{qualified}`");
-                let to_value = to_value_fn(&a.value_ty);
-                let value = if by_ref {
-                    quote!(#to_value(value, #type_name, #what))
-                } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#to_value, #type_name, #what))
-                };
-                let source = if by_ref {
-                    quote!(&self.#field)
-                } else {
-                    quote!(self.#field)
-                };
-                let insert = quote! {
-                    attributes.insert(::std::string::String::from(#qualified), #value);
-                };
-                if a.optional {
-                    quote! {
-                        if let ::core::option::Option::Some(value) = #source {
-                            #insert
-                        }
-                    }
-                } else {
-                    quote! {
-                        let value = #source;
-                        #insert
-                    }
-                }
-            })
-            .collect::<TokenStream>()
+    let value_of = |by_ref: bool, to_value: &TokenStream, what: &str, source: TokenStream| {
+        if by_ref {
+            quote!(#to_value(#source, #type_name, #what))
+        } else {
+            quote!(::effects_core::__private::IntoValue(#source).into_value(#to_value, #type_name, #what))
+        }
     };
-    let (ref_inserts, move_inserts) = (inserts(true), inserts(false));
-    let expected_inserts = |by_ref: bool| {
-        resolved
-            .iter()
-            .map(|(e, name)| {
-                let (field, qualified) = (&e.field, format!("{ns}/{name}"));
-                let what = format!("expected value of `{qualified}`");
-                let to_value = to_value_fn(&e.value_ty);
-                let value = if by_ref {
-                    quote!(#to_value(value, #type_name, #what))
-                } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#to_value, #type_name, #what))
-                };
-                let source = if by_ref {
-                    quote!(&self.#field)
-                } else {
-                    quote!(self.#field)
-                };
-                let insert = quote! {
-                    expected.insert(::std::string::String::from(#qualified), #value);
-                };
-                if e.optional {
-                    quote! {
-                        if let ::core::option::Option::Some(value) = #source {
-                            #insert
-                        }
-                    }
-                } else {
-                    quote! {
-                        let value = #source;
-                        #insert
-                    }
+    // One `datom.attribute(..)` or `datom.expected(..)` call per field.
+    let insert = |by_ref: bool,
+                  method: TokenStream,
+                  field: &syn::Ident,
+                  optional: bool,
+                  ty: &syn::Type,
+                  qualified: &str,
+                  what: &str| {
+        let to_value = to_value_fn(ty);
+        if optional {
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, quote!(value));
+            quote! {
+                if let ::core::option::Option::Some(value) = #source {
+                    datom.#method(#qualified, #value);
                 }
-            })
-            .collect::<TokenStream>()
+            }
+        } else {
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, source);
+            quote!(datom.#method(#qualified, #value);)
+        }
     };
-    let (ref_expected, move_expected) = (expected_inserts(true), expected_inserts(false));
-    let expected_mut = (!resolved.is_empty()).then(|| quote!(mut));
+    let body = |by_ref: bool| {
+        let mut out = TokenStream::new();
+        for a in &attributes {
+            let qualified = format!("{ns}/{}", a.name);
+            let what = format!("attribute `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(attribute),
+                &a.field,
+                a.optional,
+                &a.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        for (e, name) in &resolved {
+            let qualified = format!("{ns}/{name}");
+            let what = format!("expected value of `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(expected),
+                &e.field,
+                e.optional,
+                &e.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        out
+    };
+    let (ref_inserts, move_inserts) = (body(true), body(false));
     let id_what = format!("identity `{identity}`");
     let id_to_value = to_value_fn(&id_ty);
-    let mutability = (!attributes.is_empty()).then(|| quote!(mut));
+    let id_ref = value_of(true, &id_to_value, &id_what, quote!(&self.#id_field));
+    let id_moved = value_of(false, &id_to_value, &id_what, quote!(self.#id_field));
+    let mutability = (!attributes.is_empty() || !resolved.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         #[automatically_derived]
@@ -290,37 +288,17 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             const ATTRIBUTES: &'static [&'static str] = &[#(#names),*];
 
             fn to_datom(&self) -> ::effects_core::DatomEffect {
-                let #mutability attributes = ::std::collections::BTreeMap::new();
+                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_ref);
                 #ref_inserts
-                let #expected_mut expected = ::std::collections::BTreeMap::new();
-                #ref_expected
-                ::effects_core::DatomEffect {
-                    entity: ::effects_core::LookupRef {
-                        attribute: ::std::string::String::from(#identity),
-                        value: #id_to_value(&self.#id_field, #type_name, #id_what),
-                    },
-                    op: ::effects_core::Op::Assert,
-                    attributes,
-                    expected,
-                }
+                datom.finish()
             }
 
             fn into_datom(self) -> ::effects_core::DatomEffect {
                 #[allow(unused_imports)]
                 use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};
-                let #mutability attributes = ::std::collections::BTreeMap::new();
+                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_moved);
                 #move_inserts
-                let #expected_mut expected = ::std::collections::BTreeMap::new();
-                #move_expected
-                ::effects_core::DatomEffect {
-                    entity: ::effects_core::LookupRef {
-                        attribute: ::std::string::String::from(#identity),
-                        value: ::effects_core::__private::IntoValue(self.#id_field).into_value(#id_to_value, #type_name, #id_what),
-                    },
-                    op: ::effects_core::Op::Assert,
-                    attributes,
-                    expected,
-                }
+                datom.finish()
             }
         }
     })

@@ -92,12 +92,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             const TOPIC: &'static str = #topic;
 
             fn to_message(&self) -> ::effects_core::MessageEffect {
-                ::effects_core::MessageEffect {
-                    topic: ::std::string::String::from(#topic),
-                    key: #key_expr,
-                    headers: ::std::collections::BTreeMap::new(),
-                    payload: #payload_to_value(self, #type_name, "the payload"),
-                }
+                ::effects_core::__private::message(
+                    #topic,
+                    #key_expr,
+                    #payload_to_value(self, #type_name, "the payload"),
+                )
             }
 
             fn into_message(self) -> ::effects_core::MessageEffect {
@@ -105,12 +104,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                 use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
                 // The payload is serialized first: serde reads through `&self`.
                 let payload = #payload_to_value(&self, #type_name, "the payload");
-                ::effects_core::MessageEffect {
-                    topic: ::std::string::String::from(#topic),
-                    key: #key_moved,
-                    headers: ::std::collections::BTreeMap::new(),
-                    payload,
-                }
+                ::effects_core::__private::message(#topic, #key_moved, payload)
             }
         }
     })

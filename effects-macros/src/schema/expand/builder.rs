@@ -321,21 +321,15 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         let fstr = slot.name_str();
         match slot.cardinality {
             Cardinality::One => quote! {
-                #field: match self.#field {
-                    ::core::option::Option::Some(value) => value,
-                    ::core::option::Option::None => {
-                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
-                    }
-                }
+                #field: ::effects_core::__private::filled(self.#field, #schema_str, #fstr)
             },
             Cardinality::Optional | Cardinality::Many => quote!(#field: self.#field),
             Cardinality::AtLeastOne => quote! {
-                #field: match ::effects_core::__private::NonEmpty::from_vec(self.#field) {
-                    ::core::option::Option::Some(values) => values,
-                    ::core::option::Option::None => {
-                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
-                    }
-                }
+                #field: ::effects_core::__private::filled(
+                    ::effects_core::__private::NonEmpty::from_vec(self.#field),
+                    #schema_str,
+                    #fstr,
+                )
             },
         }
     });
