@@ -209,10 +209,18 @@ macro_rules! slot_kind {
         pub trait $slot: Sized {
             /// Which erased effects belong to a slot of this type.
             const MATCHER: crate::Matcher;
+            /// Appends the erased form of one item, by reference.
+            fn push_ref(&self, effects: &mut crate::Effects);
+            /// Appends the erased form of an optional item, by reference.
+            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects);
             /// Appends the erased form of each item, by reference.
-            fn push_ref(items: &[Self], effects: &mut crate::Effects);
-            /// Appends the erased form of each item, moving it.
-            fn push(items: impl IntoIterator<Item = Self>, effects: &mut crate::Effects);
+            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects);
+            /// Appends the erased form of one item, moving it.
+            fn push(self, effects: &mut crate::Effects);
+            /// Appends the erased form of an optional item, moving it.
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects);
+            /// Appends the erased form of each item, moving them.
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects);
         }
 
         #[diagnostic::do_not_recommend]
@@ -220,13 +228,45 @@ macro_rules! slot_kind {
             const MATCHER: crate::Matcher = $matcher;
 
             #[inline]
-            fn push_ref(items: &[Self], effects: &mut crate::Effects) {
-                effects.$field.extend(items.iter().map(|$r: &T| $by_ref));
+            fn push_ref(&self, effects: &mut crate::Effects) {
+                let $r = self;
+                effects.$field.push($by_ref);
             }
 
             #[inline]
-            fn push(items: impl IntoIterator<Item = Self>, effects: &mut crate::Effects) {
-                effects.$field.extend(items.into_iter().map(|$o: T| $owned));
+            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects) {
+                if let Some($r) = item {
+                    effects.$field.push($by_ref);
+                }
+            }
+
+            #[inline]
+            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects) {
+                effects.$field.reserve(items.len());
+                for $r in items {
+                    effects.$field.push($by_ref);
+                }
+            }
+
+            #[inline]
+            fn push(self, effects: &mut crate::Effects) {
+                let $o = self;
+                effects.$field.push($owned);
+            }
+
+            #[inline]
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects) {
+                if let Some($o) = item {
+                    effects.$field.push($owned);
+                }
+            }
+
+            #[inline]
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects) {
+                effects.$field.reserve(items.len());
+                for $o in items {
+                    effects.$field.push($owned);
+                }
             }
         }
     };

@@ -108,7 +108,7 @@ effects_core::effects! {{
 """
 
 
-def write_crate(base, name, n, hand):
+def write_crate(base, name, n, hand, root=ROOT):
     path = os.path.join(base, name)
     os.makedirs(os.path.join(path, "src"))
     with open(os.path.join(path, "Cargo.toml"), "w") as f:
@@ -121,7 +121,7 @@ publish = false
 [workspace]
 
 [dependencies]
-effects-core = {{ path = "{ROOT}/effects-core", default-features = false }}
+effects-core = {{ path = "{root}/effects-core", default-features = false }}
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
 """)
@@ -130,7 +130,7 @@ serde_json = "1"
         for i in range(n):
             f.write(payloads(i, hand))
             f.write(schema(i, hand))
-    shutil.copy(os.path.join(ROOT, "Cargo.lock"), os.path.join(path, "Cargo.lock"))
+    shutil.copy(os.path.join(root, "Cargo.lock"), os.path.join(path, "Cargo.lock"))
     return path
 
 
@@ -163,6 +163,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", default="dev", choices=["dev", "release"])
     ap.add_argument("--expanded", action="store_true", help="also count expanded lines per schema")
+    ap.add_argument("--before", metavar="CHECKOUT",
+                    help="also build the generated crate against another checkout's effects-core "
+                         "(an earlier version), interleaved with the others in the same run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as base:
         target = os.path.join(base, "target")
@@ -170,6 +173,9 @@ def main():
             "generated": write_crate(base, "generated", args.schemas, hand=False),
             "hand": write_crate(base, "hand", args.schemas, hand=True),
         }
+        if args.before:
+            crates["before"] = write_crate(
+                base, "before", args.schemas, hand=False, root=os.path.abspath(args.before))
         for path in crates.values():
             build(path, target, args.profile)  # dependencies, once
         times = {name: [] for name in crates}
@@ -188,6 +194,9 @@ def main():
         print(f"  generated (effects!)  {med['generated']:.2f}s wall  {med_cpu['generated']:.2f}s cpu")
         print(f"  hand-written          {med['hand']:.2f}s wall  {med_cpu['hand']:.2f}s cpu  ({lines} lines)")
         print(f"  ratio generated/hand  {med['generated'] / med['hand']:.2f} wall  {med_cpu['generated'] / med_cpu['hand']:.2f} cpu")
+        if args.before:
+            print(f"  before ({args.before})  {med['before']:.2f}s wall  {med_cpu['before']:.2f}s cpu")
+            print(f"  ratio before/hand     {med['before'] / med['hand']:.2f} wall  {med_cpu['before'] / med_cpu['hand']:.2f} cpu")
         if args.expanded:
             for name, path in crates.items():
                 n = expanded_lines(path, target)

@@ -287,12 +287,14 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             const IDENTITY: &'static str = #identity;
             const ATTRIBUTES: &'static [&'static str] = &[#(#names),*];
 
+            #[inline]
             fn to_datom(&self) -> ::effects_core::DatomEffect {
                 let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_ref);
                 #ref_inserts
                 datom.finish()
             }
 
+            #[inline]
             fn into_datom(self) -> ::effects_core::DatomEffect {
                 #[allow(unused_imports)]
                 use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};

@@ -56,20 +56,24 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     // One call per slot into effects-core's shared erasure, by reference or moving.
     let by_ref = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
-        let items = match slot.cardinality {
-            Cardinality::One => quote!(::core::slice::from_ref(&self.#field)),
-            Cardinality::Optional => quote!(::core::option::Option::as_slice(&self.#field)),
-            Cardinality::Many | Cardinality::AtLeastOne => quote!(&self.#field),
-        };
-        quote!(#t::push_ref(#items, &mut effects);)
+        match slot.cardinality {
+            Cardinality::One => quote!(#t::push_ref(&self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::push_ref_option(&self.#field, &mut effects);),
+            Cardinality::Many | Cardinality::AtLeastOne => {
+                quote!(#t::push_ref_slice(&self.#field, &mut effects);)
+            }
+        }
     });
     let moved = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
-        let items = match slot.cardinality {
-            Cardinality::One => quote!([self.#field]),
-            _ => quote!(self.#field),
-        };
-        quote!(#t::push(#items, &mut effects);)
+        match slot.cardinality {
+            Cardinality::One => quote!(#t::push(self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
+            Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
+            Cardinality::AtLeastOne => {
+                quote!(#t::push_vec(::effects_core::NonEmpty::into_vec(self.#field), &mut effects);)
+            }
+        }
     });
     let effects_mut = (!schema.slots.is_empty()).then(|| quote!(mut));
 
@@ -85,12 +89,14 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
                 merges: &[#(#merges),*],
             };
 
+            #[inline]
             fn to_effects(&self) -> ::effects_core::Effects {
                 let #effects_mut effects = ::effects_core::Effects::default();
                 #(#by_ref)*
                 effects
             }
 
+            #[inline]
             fn into_effects(self) -> ::effects_core::Effects {
                 let #effects_mut effects = ::effects_core::Effects::default();
                 #(#moved)*
