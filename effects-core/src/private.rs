@@ -22,6 +22,27 @@ pub enum Unset {}
 #[derive(Debug)]
 pub enum Set {}
 
+/// What a payload, an attribute value or an identity needs: a `Serialize` form, turned into JSON.
+/// Generated code names the type at the user's field (or struct), so a type that is not
+/// `Serialize` is reported there, once, in these words rather than as a bound of a helper.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not implement `serde::Serialize`, and effects hold it as JSON",
+    label = "not `Serialize`",
+    note = "derive it with `#[derive(serde::Serialize)]` on `{Self}`, or use a type that implements `serde::Serialize`"
+)]
+pub trait Json {
+    /// The JSON form.
+    fn json(&self) -> Result<Value, serde_json::Error>;
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> Json for T {
+    #[inline]
+    fn json(&self) -> Result<Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+}
+
 /// The JSON form of a payload or attribute value.
 ///
 /// # Panics
@@ -29,50 +50,55 @@ pub enum Set {}
 /// non-string keys). That is a bug in the payload type, found the first time a handler builds
 /// the effect, long before the executor sees it.
 #[track_caller]
-pub fn to_value<T: Serialize + ?Sized>(value: &T, type_name: &str, what: &str) -> Value {
-    match serde_json::to_value(value) {
+pub fn to_value<T: Json + ?Sized>(value: &T, type_name: &str, what: &str) -> Value {
+    match value.json() {
         Ok(v) => v,
         Err(e) => panic!("{what} of `{type_name}` cannot be represented as JSON: {e}"),
     }
 }
 
 /// Moves a value into its JSON form when it is already one (`String`, `Value`), serializes it
-/// otherwise. Generated code calls `IntoValue(x).into_value(..)` with both traits in scope: method
-/// resolution picks [`MoveIntoValue`] for the by-value receivers it is implemented for and falls
-/// back to [`SerializeIntoValue`] on the auto-referenced receiver for everything else.
+/// otherwise. Generated code calls `IntoValue(x).into_value(to_value::<T>, ..)` with both traits
+/// in scope: method resolution picks [`MoveIntoValue`] for the by-value receivers it is
+/// implemented for and falls back to [`SerializeIntoValue`] on the auto-referenced receiver for
+/// everything else. The serializing function is passed in, so the only `Serialize` requirement
+/// is the one `to_value::<T>` states where the generated code names `T`.
 pub struct IntoValue<T>(pub T);
 
+/// How [`IntoValue`] serializes: `to_value::<T>`.
+pub type ToValue<T> = fn(&T, &str, &str) -> Value;
+
 /// The moving half of [`IntoValue`].
-pub trait MoveIntoValue {
+pub trait MoveIntoValue<T> {
     /// The JSON value, moved.
-    fn into_value(self, type_name: &str, what: &str) -> Value;
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
 }
 
-impl MoveIntoValue for IntoValue<String> {
+impl MoveIntoValue<String> for IntoValue<String> {
     #[inline]
-    fn into_value(self, _: &str, _: &str) -> Value {
+    fn into_value(self, _: ToValue<String>, _: &str, _: &str) -> Value {
         Value::String(self.0)
     }
 }
 
-impl MoveIntoValue for IntoValue<Value> {
+impl MoveIntoValue<Value> for IntoValue<Value> {
     #[inline]
-    fn into_value(self, _: &str, _: &str) -> Value {
+    fn into_value(self, _: ToValue<Value>, _: &str, _: &str) -> Value {
         self.0
     }
 }
 
 /// The serializing half of [`IntoValue`].
-pub trait SerializeIntoValue {
+pub trait SerializeIntoValue<T> {
     /// The JSON value, serialized.
-    fn into_value(self, type_name: &str, what: &str) -> Value;
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
 }
 
-impl<T: Serialize> SerializeIntoValue for &IntoValue<T> {
+impl<T> SerializeIntoValue<T> for &IntoValue<T> {
     #[inline]
     #[track_caller]
-    fn into_value(self, type_name: &str, what: &str) -> Value {
-        to_value(&self.0, type_name, what)
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value {
+        serialize(&self.0, type_name, what)
     }
 }
 
@@ -155,4 +181,204 @@ impl<T: Display + ?Sized> BusinessKey for T {
 /// The text of a business key.
 pub fn business_key_part<T: BusinessKey + ?Sized>(value: &T) -> String {
     value.business_key()
+}
+
+/// One slot's entry in a schema's `Shape`.
+#[inline]
+#[must_use]
+pub const fn slot_shape(
+    name: &'static str,
+    type_name: &'static str,
+    cardinality: crate::Cardinality,
+    matcher: crate::Matcher,
+) -> crate::SlotShape {
+    crate::SlotShape {
+        name,
+        type_name,
+        cardinality,
+        matcher,
+    }
+}
+
+/// The erasure of one slot, shared by every schema: generated code calls
+/// `<T as DatomSlot>::push_ref(..)` and the like, all at the user's type, so a type in the wrong
+/// list is one error there, in the words of the kind's trait.
+macro_rules! slot_kind {
+    ($(#[$attr:meta])* $slot:ident: $kind:ident, $field:ident, $matcher:expr, |$r:ident| $by_ref:expr, |$o:ident| $owned:expr) => {
+        $(#[$attr])*
+        pub trait $slot: Sized {
+            /// Which erased effects belong to a slot of this type.
+            const MATCHER: crate::Matcher;
+            /// Appends the erased form of one item, by reference.
+            fn push_ref(&self, effects: &mut crate::Effects);
+            /// Appends the erased form of an optional item, by reference.
+            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects);
+            /// Appends the erased form of each item, by reference.
+            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects);
+            /// Appends the erased form of one item, moving it.
+            fn push(self, effects: &mut crate::Effects);
+            /// Appends the erased form of an optional item, moving it.
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects);
+            /// Appends the erased form of each item, moving them.
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects);
+        }
+
+        #[diagnostic::do_not_recommend]
+        impl<T: crate::$kind> $slot for T {
+            const MATCHER: crate::Matcher = $matcher;
+
+            #[inline]
+            fn push_ref(&self, effects: &mut crate::Effects) {
+                let $r = self;
+                effects.$field.push($by_ref);
+            }
+
+            #[inline]
+            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects) {
+                if let Some($r) = item {
+                    effects.$field.push($by_ref);
+                }
+            }
+
+            #[inline]
+            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects) {
+                effects.$field.reserve(items.len());
+                for $r in items {
+                    effects.$field.push($by_ref);
+                }
+            }
+
+            #[inline]
+            fn push(self, effects: &mut crate::Effects) {
+                let $o = self;
+                effects.$field.push($owned);
+            }
+
+            #[inline]
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects) {
+                if let Some($o) = item {
+                    effects.$field.push($owned);
+                }
+            }
+
+            #[inline]
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects) {
+                effects.$field.reserve(items.len());
+                for $o in items {
+                    effects.$field.push($owned);
+                }
+            }
+        }
+    };
+}
+
+slot_kind!(
+    /// A type in a schema's `datoms`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a datom",
+        label = "not a datom",
+        note = "derive it: `#[derive(effects_core::Datom)] #[datom(entity = \"...\")]` with one `#[datom(id)]` field"
+    )]
+    DatomSlot: Datom, datoms,
+    crate::Matcher::Datom { identity: T::IDENTITY, attributes: T::ATTRIBUTES },
+    |item| item.to_datom(),
+    |item| item.into_datom()
+);
+
+slot_kind!(
+    /// A type in a schema's `requests`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a request",
+        label = "not a request",
+        note = "derive it: `#[derive(effects_core::Request, serde::Serialize)] #[request(method = \"POST\", endpoint = \"...\", path = \"/...\")]`"
+    )]
+    RequestSlot: Request, requests,
+    crate::Matcher::Request { method: T::METHOD, endpoint: T::ENDPOINT, path: T::PATH },
+    |item| item.to_request(),
+    |item| item.to_request()
+);
+
+slot_kind!(
+    /// A type in a schema's `messages`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a message",
+        label = "not a message",
+        note = "derive it: `#[derive(effects_core::Message, serde::Serialize)] #[message(topic = \"...\")]`"
+    )]
+    MessageSlot: Message, messages,
+    crate::Matcher::Message { topic: T::TOPIC },
+    |item| item.to_message(),
+    |item| item.into_message()
+);
+
+/// A message effect with no headers.
+#[inline]
+#[must_use]
+pub fn message(topic: &str, key: Option<String>, payload: Value) -> crate::MessageEffect {
+    crate::MessageEffect {
+        topic: String::from(topic),
+        key,
+        headers: std::collections::BTreeMap::new(),
+        payload,
+    }
+}
+
+/// Moves every item of one slot into `target` (typed merge).
+#[inline]
+pub fn absorb<Target, T, K>(target: &mut Target, items: impl IntoIterator<Item = T>)
+where
+    Target: crate::Absorbs<T, K>,
+{
+    for item in items {
+        target.absorb(item);
+    }
+}
+
+/// A datom being built by `#[derive(Datom)]`: an assertion on the entity `identity = value`.
+pub struct DatomParts(crate::DatomEffect);
+
+impl DatomParts {
+    /// An assertion with no attributes yet.
+    #[inline]
+    #[must_use]
+    pub fn new(identity: &str, value: Value) -> Self {
+        DatomParts(crate::DatomEffect {
+            entity: crate::LookupRef {
+                attribute: String::from(identity),
+                value,
+            },
+            op: crate::Op::Assert,
+            attributes: std::collections::BTreeMap::new(),
+            expected: std::collections::BTreeMap::new(),
+        })
+    }
+
+    /// Asserts the attribute `name`.
+    #[inline]
+    pub fn attribute(&mut self, name: &str, value: Value) {
+        self.0.attributes.insert(String::from(name), value);
+    }
+
+    /// Expects the attribute `name` to have `value` when the run commits.
+    #[inline]
+    pub fn expected(&mut self, name: &str, value: Value) {
+        self.0.expected.insert(String::from(name), value);
+    }
+
+    /// The datom.
+    #[inline]
+    #[must_use]
+    pub fn finish(self) -> crate::DatomEffect {
+        self.0
+    }
+}
+
+/// The value of a filled `one` or `at_least_one` slot at `build()`.
+#[inline]
+#[track_caller]
+pub fn filled<T>(value: Option<T>, schema: &str, slot: &str) -> T {
+    match value {
+        Some(value) => value,
+        None => unreachable_unset(schema, slot),
+    }
 }

@@ -29,13 +29,24 @@ pub(crate) fn snake_case(name: &str) -> String {
     out
 }
 
-/// An identifier for `name`, raw when `name` is a keyword (`type` → `r#type`).
-pub(crate) fn ident(name: &str, span: Span) -> Ident {
-    if syn::parse_str::<Ident>(name).is_ok() {
-        Ident::new(name, span)
-    } else {
-        Ident::new_raw(name, span)
+/// Keywords that cannot be written as raw identifiers either (`r#crate` is not an identifier).
+pub(crate) const NOT_RAW: [&str; 5] = ["crate", "self", "super", "Self", "_"];
+
+/// An identifier for `name`, raw when `name` is a keyword (`type` → `r#type`); `None` when `name`
+/// cannot be an identifier at all (`crate`, `self`, `super`, `Self`, `_`, or not a word).
+pub(crate) fn ident(name: &str, span: Span) -> Option<Ident> {
+    if NOT_RAW.contains(&name) {
+        return None;
     }
+    if syn::parse_str::<Ident>(name).is_ok() {
+        return Some(Ident::new(name, span));
+    }
+    let mut chars = name.chars();
+    let word = chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
+        && chars.all(|c| c == '_' || c.is_alphanumeric());
+    // A keyword (`type`): lexes as a word but is not an identifier.
+    (word && syn::parse_str::<Ident>(&format!("r#{name}")).is_ok())
+        .then(|| Ident::new_raw(name, span))
 }
 
 /// The identifier's text without a leading `r#`.
@@ -120,7 +131,13 @@ mod tests {
 
     #[test]
     fn keywords_become_raw_identifiers() {
-        assert_eq!(ident("type", Span::call_site()).to_string(), "r#type");
-        assert_eq!(ident("card", Span::call_site()).to_string(), "card");
+        let named = |name| ident(name, Span::call_site()).map(|i| i.to_string());
+        assert_eq!(named("type").as_deref(), Some("r#type"));
+        assert_eq!(named("card").as_deref(), Some("card"));
+        for keyword in NOT_RAW {
+            assert_eq!(named(keyword), None, "{keyword}");
+        }
+        assert_eq!(named(""), None);
+        assert_eq!(named("a-b"), None);
     }
 }

@@ -10,13 +10,17 @@ Generates two crates in a temporary directory, both depending on this workspace'
               shape metadata, no typed merge, no compile-time checks).
 
 Dependencies are built once; then each crate is rebuilt alone (its `lib.rs` touched) several times
-and the median wall time is reported, with the ratio generated / hand.
+and the median wall time is reported, with the ratio generated / hand, next to the median CPU time
+(user + system of cargo and rustc), which other load on the machine disturbs much less than wall
+time. With `--expanded`, it also prints the lines of the macro-expanded source of each crate, per
+schema (`rustc -Zunpretty=expanded`, through RUSTC_BOOTSTRAP=1 since the flag is unstable).
 
-Usage: python3 tests/compile-time/run.py [--schemas 100] [--runs 5] [--profile dev|release]
+Usage: python3 tests/compile-time/run.py [--schemas 100] [--runs 5] [--profile dev|release] [--expanded]
 """
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -104,7 +108,7 @@ effects_core::effects! {{
 """
 
 
-def write_crate(base, name, n, hand):
+def write_crate(base, name, n, hand, root=ROOT):
     path = os.path.join(base, name)
     os.makedirs(os.path.join(path, "src"))
     with open(os.path.join(path, "Cargo.toml"), "w") as f:
@@ -117,7 +121,7 @@ publish = false
 [workspace]
 
 [dependencies]
-effects-core = {{ path = "{ROOT}/effects-core", default-features = false }}
+effects-core = {{ path = "{root}/effects-core", default-features = false }}
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
 """)
@@ -126,7 +130,7 @@ serde_json = "1"
         for i in range(n):
             f.write(payloads(i, hand))
             f.write(schema(i, hand))
-    shutil.copy(os.path.join(ROOT, "Cargo.lock"), os.path.join(path, "Cargo.lock"))
+    shutil.copy(os.path.join(root, "Cargo.lock"), os.path.join(path, "Cargo.lock"))
     return path
 
 
@@ -138,11 +142,30 @@ def build(path, target, profile):
     subprocess.run(args, cwd=path, env=env, check=True)
 
 
+def cpu_of_children():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def expanded_lines(path, target):
+    """Non-blank lines of the crate's macro-expanded source."""
+    env = dict(os.environ, CARGO_TARGET_DIR=target, RUSTC_BOOTSTRAP="1")
+    out = subprocess.run(
+        ["cargo", "rustc", "--quiet", "--offline", "--lib", "--", "-Zunpretty=expanded"],
+        cwd=path, env=env, check=True, capture_output=True, text=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemas", type=int, default=100)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", default="dev", choices=["dev", "release"])
+    ap.add_argument("--expanded", action="store_true", help="also count expanded lines per schema")
+    ap.add_argument("--before", metavar="CHECKOUT",
+                    help="also build the generated crate against another checkout's effects-core "
+                         "(an earlier version), interleaved with the others in the same run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as base:
         target = os.path.join(base, "target")
@@ -150,21 +173,34 @@ def main():
             "generated": write_crate(base, "generated", args.schemas, hand=False),
             "hand": write_crate(base, "hand", args.schemas, hand=True),
         }
+        if args.before:
+            crates["before"] = write_crate(
+                base, "before", args.schemas, hand=False, root=os.path.abspath(args.before))
         for path in crates.values():
             build(path, target, args.profile)  # dependencies, once
         times = {name: [] for name in crates}
+        cpu = {name: [] for name in crates}
         for _ in range(args.runs):
             for name, path in crates.items():  # interleaved, so load hits both alike
                 os.utime(os.path.join(path, "src", "lib.rs"))
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), cpu_of_children()
                 build(path, target, args.profile)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(cpu_of_children() - start_cpu)
         med = {name: statistics.median(t) for name, t in times.items()}
+        med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
         lines = sum(1 for _ in open(os.path.join(crates["hand"], "src", "lib.rs")))
         print(f"compile time, {args.schemas} schemas, {args.profile} profile, median of {args.runs} runs")
-        print(f"  generated (effects!)  {med['generated']:.2f}s")
-        print(f"  hand-written          {med['hand']:.2f}s  ({lines} lines)")
-        print(f"  ratio generated/hand  {med['generated'] / med['hand']:.2f}")
+        print(f"  generated (effects!)  {med['generated']:.2f}s wall  {med_cpu['generated']:.2f}s cpu")
+        print(f"  hand-written          {med['hand']:.2f}s wall  {med_cpu['hand']:.2f}s cpu  ({lines} lines)")
+        print(f"  ratio generated/hand  {med['generated'] / med['hand']:.2f} wall  {med_cpu['generated'] / med_cpu['hand']:.2f} cpu")
+        if args.before:
+            print(f"  before ({args.before})  {med['before']:.2f}s wall  {med_cpu['before']:.2f}s cpu")
+            print(f"  ratio before/hand     {med['before'] / med['hand']:.2f} wall  {med_cpu['before'] / med_cpu['hand']:.2f} cpu")
+        if args.expanded:
+            for name, path in crates.items():
+                n = expanded_lines(path, target)
+                print(f"  expanded {name:<10} {n} lines, {n / args.schemas:.0f} per schema")
 
 
 if __name__ == "__main__":

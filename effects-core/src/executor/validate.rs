@@ -177,7 +177,8 @@ pub enum ValidationError {
     },
     /// The effects have requests but the executor has no HTTP client.
     #[error(
-        "the effects have {count} requests but the executor has no HTTP client: configure one with ExecutorBuilder::http"
+        "the effects have {count} request{} but the executor has no HTTP client: configure one with ExecutorBuilder::http",
+        if *count == 1 { "" } else { "s" }
     )]
     NoHttpClient {
         /// How many requests.

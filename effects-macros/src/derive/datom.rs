@@ -8,7 +8,9 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::{DeriveInput, LitStr};
 
-use super::fields::{field_ident, is_option, named_fields, string_value, unknown_key};
+use super::fields::{
+    field_ident, named_fields, option_inner, string_value, to_value_fn, unknown_key,
+};
 use crate::ctxt::Ctxt;
 use crate::util::unraw;
 
@@ -16,12 +18,15 @@ struct Attribute {
     name: String,
     field: syn::Ident,
     optional: bool,
+    /// The type a value is serialized as: the field's, or `T` of `Option<T>`.
+    value_ty: syn::Type,
 }
 
 /// A field holding the value another field's attribute must have when the run commits.
 struct Expect {
     field: syn::Ident,
     optional: bool,
+    value_ty: syn::Type,
     /// The field whose attribute it expects, as written.
     target: LitStr,
 }
@@ -61,7 +66,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         );
     }
 
-    let mut id: Option<(syn::Ident, String)> = None;
+    let mut id: Option<(syn::Ident, String, syn::Type)> = None;
     let mut attributes: Vec<Attribute> = Vec::new();
     let mut expects: Vec<Expect> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
@@ -102,7 +107,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             }
             expects.push(Expect {
                 field: fident,
-                optional: is_option(&field.ty),
+                optional: option_inner(&field.ty).is_some(),
+                value_ty: option_inner(&field.ty).unwrap_or(&field.ty).clone(),
                 target,
             });
             continue;
@@ -112,7 +118,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             skipped.push(unraw(&fident));
         }
         if is_id {
-            if let Some((first, _)) = &id {
+            if let Some((first, _, _)) = &id {
                 cx.error_spanned_by(
                     &fident,
                     format!("a datom has one identity: `{first}` is already `#[datom(id)]`"),
@@ -121,11 +127,21 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             if skip {
                 cx.error_spanned_by(&fident, "the `#[datom(id)]` field cannot be skipped");
             }
-            id = Some((fident, name));
+            if let Some(inner) = option_inner(&field.ty) {
+                let inner = crate::schema::type_string(inner);
+                cx.error_spanned_by(
+                    &field.ty,
+                    format!(
+                        "the `#[datom(id)]` field names the entity, so it cannot be missing: make it `{inner}`, not an `Option`"
+                    ),
+                );
+            }
+            id = Some((fident, name, field.ty.clone()));
         } else if !skip {
             attributes.push(Attribute {
                 name,
-                optional: is_option(&field.ty),
+                optional: option_inner(&field.ty).is_some(),
+                value_ty: option_inner(&field.ty).unwrap_or(&field.ty).clone(),
                 field: fident,
             });
         }
@@ -142,7 +158,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let mut resolved: Vec<(&Expect, String)> = Vec::new();
     for e in &expects {
         let wanted = e.target.value();
-        let id_is_target = id.as_ref().is_some_and(|(f, _)| unraw(f) == wanted);
+        let id_is_target = id.as_ref().is_some_and(|(f, _, _)| unraw(f) == wanted);
         match attributes.iter().find(|a| unraw(&a.field) == wanted) {
             Some(a) if resolved.iter().any(|(_, n)| *n == a.name) => cx.error_spanned_by(
                 &e.target,
@@ -175,7 +191,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         }
     }
     cx.check()?;
-    let (Some(entity), Some((id_field, id_name))) = (entity, id) else {
+    let (Some(entity), Some((id_field, id_name, id_ty))) = (entity, id) else {
         unreachable!("errors were reported above");
     };
 
@@ -189,79 +205,80 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let type_name = unraw(ident);
     // `by_ref` reads fields through `&self` and serializes them; otherwise fields are moved
     // out of `self`, and strings (the common case) move into the datom without a copy.
-    let inserts = |by_ref: bool| {
-        attributes
-            .iter()
-            .map(|a| {
-                let (field, qualified) = (&a.field, format!("{ns}/{}", a.name));
-                let what = format!("attribute `{qualified}`");
-                let value = if by_ref {
-                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
-                } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
-                };
-                let source = if by_ref {
-                    quote!(&self.#field)
-                } else {
-                    quote!(self.#field)
-                };
-                let insert = quote! {
-                    attributes.insert(::std::string::String::from(#qualified), #value);
-                };
-                if a.optional {
-                    quote! {
-                        if let ::core::option::Option::Some(value) = #source {
-                            #insert
-                        }
-                    }
-                } else {
-                    quote! {
-                        let value = #source;
-                        #insert
-                    }
-                }
-            })
-            .collect::<TokenStream>()
+    let value_of = |by_ref: bool, to_value: &TokenStream, what: &str, source: TokenStream| {
+        if by_ref {
+            quote!(#to_value(#source, #type_name, #what))
+        } else {
+            quote!(::effects_core::__private::IntoValue(#source).into_value(#to_value, #type_name, #what))
+        }
     };
-    let (ref_inserts, move_inserts) = (inserts(true), inserts(false));
-    let expected_inserts = |by_ref: bool| {
-        resolved
-            .iter()
-            .map(|(e, name)| {
-                let (field, qualified) = (&e.field, format!("{ns}/{name}"));
-                let what = format!("expected value of `{qualified}`");
-                let value = if by_ref {
-                    quote!(::effects_core::__private::to_value(value, #type_name, #what))
-                } else {
-                    quote!(::effects_core::__private::IntoValue(value).into_value(#type_name, #what))
-                };
-                let source = if by_ref {
-                    quote!(&self.#field)
-                } else {
-                    quote!(self.#field)
-                };
-                let insert = quote! {
-                    expected.insert(::std::string::String::from(#qualified), #value);
-                };
-                if e.optional {
-                    quote! {
-                        if let ::core::option::Option::Some(value) = #source {
-                            #insert
-                        }
-                    }
-                } else {
-                    quote! {
-                        let value = #source;
-                        #insert
-                    }
+    // One `datom.attribute(..)` or `datom.expected(..)` call per field.
+    let insert = |by_ref: bool,
+                  method: TokenStream,
+                  field: &syn::Ident,
+                  optional: bool,
+                  ty: &syn::Type,
+                  qualified: &str,
+                  what: &str| {
+        let to_value = to_value_fn(ty);
+        if optional {
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, quote!(value));
+            quote! {
+                if let ::core::option::Option::Some(value) = #source {
+                    datom.#method(#qualified, #value);
                 }
-            })
-            .collect::<TokenStream>()
+            }
+        } else {
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, source);
+            quote!(datom.#method(#qualified, #value);)
+        }
     };
-    let (ref_expected, move_expected) = (expected_inserts(true), expected_inserts(false));
-    let expected_mut = (!resolved.is_empty()).then(|| quote!(mut));
+    let body = |by_ref: bool| {
+        let mut out = TokenStream::new();
+        for a in &attributes {
+            let qualified = format!("{ns}/{}", a.name);
+            let what = format!("attribute `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(attribute),
+                &a.field,
+                a.optional,
+                &a.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        for (e, name) in &resolved {
+            let qualified = format!("{ns}/{name}");
+            let what = format!("expected value of `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(expected),
+                &e.field,
+                e.optional,
+                &e.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        out
+    };
+    let (ref_inserts, move_inserts) = (body(true), body(false));
     let id_what = format!("identity `{identity}`");
-    let mutability = (!attributes.is_empty()).then(|| quote!(mut));
+    let id_to_value = to_value_fn(&id_ty);
+    let id_ref = value_of(true, &id_to_value, &id_what, quote!(&self.#id_field));
+    let id_moved = value_of(false, &id_to_value, &id_what, quote!(self.#id_field));
+    let mutability = (!attributes.is_empty() || !resolved.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         #[automatically_derived]
@@ -270,38 +287,20 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             const IDENTITY: &'static str = #identity;
             const ATTRIBUTES: &'static [&'static str] = &[#(#names),*];
 
+            #[inline]
             fn to_datom(&self) -> ::effects_core::DatomEffect {
-                let #mutability attributes = ::std::collections::BTreeMap::new();
+                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_ref);
                 #ref_inserts
-                let #expected_mut expected = ::std::collections::BTreeMap::new();
-                #ref_expected
-                ::effects_core::DatomEffect {
-                    entity: ::effects_core::LookupRef {
-                        attribute: ::std::string::String::from(#identity),
-                        value: ::effects_core::__private::to_value(&self.#id_field, #type_name, #id_what),
-                    },
-                    op: ::effects_core::Op::Assert,
-                    attributes,
-                    expected,
-                }
+                datom.finish()
             }
 
+            #[inline]
             fn into_datom(self) -> ::effects_core::DatomEffect {
                 #[allow(unused_imports)]
                 use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};
-                let #mutability attributes = ::std::collections::BTreeMap::new();
+                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_moved);
                 #move_inserts
-                let #expected_mut expected = ::std::collections::BTreeMap::new();
-                #move_expected
-                ::effects_core::DatomEffect {
-                    entity: ::effects_core::LookupRef {
-                        attribute: ::std::string::String::from(#identity),
-                        value: ::effects_core::__private::IntoValue(self.#id_field).into_value(#type_name, #id_what),
-                    },
-                    op: ::effects_core::Op::Assert,
-                    attributes,
-                    expected,
-                }
+                datom.finish()
             }
         }
     })

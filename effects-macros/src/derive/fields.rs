@@ -86,13 +86,37 @@ pub(crate) fn string_value(meta: &ParseNestedMeta<'_>, example: &str) -> syn::Re
 
 /// Whether the type is written `Option<..>` (or `core::option::Option<..>`).
 pub(crate) fn is_option(ty: &syn::Type) -> bool {
+    option_inner(ty).is_some()
+}
+
+/// `T` of a type written `Option<T>` (or `core::option::Option<T>`).
+pub(crate) fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
     match ty {
-        syn::Type::Path(p) if p.qself.is_none() => p.path.segments.last().is_some_and(|s| {
-            s.ident == "Option" && matches!(s.arguments, syn::PathArguments::AngleBracketed(_))
-        }),
-        syn::Type::Group(g) => is_option(&g.elem),
-        _ => false,
+        syn::Type::Path(p) if p.qself.is_none() => {
+            let last = p.path.segments.last()?;
+            if last.ident != "Option" {
+                return None;
+            }
+            match &last.arguments {
+                syn::PathArguments::AngleBracketed(args) if args.args.len() == 1 => {
+                    match args.args.first()? {
+                        syn::GenericArgument::Type(t) => Some(t),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        }
+        syn::Type::Group(g) => option_inner(&g.elem),
+        _ => None,
     }
+}
+
+/// `::effects_core::__private::to_value::<T>` spanned at the user's `T`, so that a type that is
+/// not `Serialize` is reported at the field, once: every use for one field is this same path.
+pub(crate) fn to_value_fn(ty: &syn::Type) -> proc_macro2::TokenStream {
+    let span = syn::spanned::Spanned::span(ty);
+    quote::quote_spanned!(span=> ::effects_core::__private::to_value::<#ty>)
 }
 
 /// The field's identifier (named fields always have one).

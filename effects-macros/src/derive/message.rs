@@ -65,6 +65,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         unreachable!("a missing topic was reported above");
     };
     let type_name = unraw(ident);
+    let has_key = key.is_some();
     let key_moved = match &key {
         None => quote!(::core::option::Option::None),
         Some((field, false)) => quote! {
@@ -84,32 +85,36 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         }
     };
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // Spanned at the struct's name: a payload that is not `Serialize` is reported there, once.
+    let payload_to_value = quote::quote_spanned!(ident.span()=> ::effects_core::__private::to_value::<#ident #ty_generics>);
+    // Without a key, moving saves nothing: the trait's default `into_message` calls `to_message`.
+    let into_message = has_key.then(|| {
+        quote! {
+            #[inline]
+            fn into_message(self) -> ::effects_core::MessageEffect {
+                #[allow(unused_imports)]
+                use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
+                // The payload is serialized first: serde reads through `&self`.
+                let payload = #payload_to_value(&self, #type_name, "the payload");
+                ::effects_core::__private::message(#topic, #key_moved, payload)
+            }
+        }
+    });
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics ::effects_core::Message for #ident #ty_generics #where_clause {
             const TOPIC: &'static str = #topic;
 
+            #[inline]
             fn to_message(&self) -> ::effects_core::MessageEffect {
-                ::effects_core::MessageEffect {
-                    topic: ::std::string::String::from(#topic),
-                    key: #key_expr,
-                    headers: ::std::collections::BTreeMap::new(),
-                    payload: ::effects_core::__private::to_value(self, #type_name, "the payload"),
-                }
+                ::effects_core::__private::message(
+                    #topic,
+                    #key_expr,
+                    #payload_to_value(self, #type_name, "the payload"),
+                )
             }
 
-            fn into_message(self) -> ::effects_core::MessageEffect {
-                #[allow(unused_imports)]
-                use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
-                // The payload is serialized first: serde reads through `&self`.
-                let payload = ::effects_core::__private::to_value(&self, #type_name, "the payload");
-                ::effects_core::MessageEffect {
-                    topic: ::std::string::String::from(#topic),
-                    key: #key_moved,
-                    headers: ::std::collections::BTreeMap::new(),
-                    payload,
-                }
-            }
+            #into_message
         }
     })
 }

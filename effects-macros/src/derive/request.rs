@@ -120,13 +120,15 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         Piece::Literal(s) => quote!(path.push_str(#s);),
         Piece::Field(f) => quote!(::effects_core::__private::push_segment(&mut path, &self.#f);),
     });
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // Spanned at the struct's name: a payload that is not `Serialize` is reported there, once.
+    let payload_to_value = quote::quote_spanned!(ident.span()=> ::effects_core::__private::to_value::<#ident #ty_generics>);
     let body = if matches!(upper.as_str(), "POST" | "PUT" | "PATCH") {
-        quote!(::core::option::Option::Some(::effects_core::__private::to_value(self, #type_name, "the body")))
+        quote!(::core::option::Option::Some(#payload_to_value(self, #type_name, "the body")))
     } else {
         quote!(::core::option::Option::None)
     };
     let capacity = path.value().len();
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics ::effects_core::Request for #ident #ty_generics #where_clause {

@@ -25,6 +25,9 @@ pub(crate) struct Param {
 pub(crate) struct Union {
     /// `(variant name, schema type)`.
     pub(crate) members: Vec<(Ident, Type)>,
+    /// The macro's path as written (`effects`), invoked empty by the expansion so that the import
+    /// it came through counts as used.
+    pub(crate) macro_path: syn::Path,
 }
 
 pub(crate) struct Handler {
@@ -69,7 +72,11 @@ pub(crate) fn parse(args: TokenStream, item: TokenStream, cx: &Ctxt) -> syn::Res
                 ))
             }
         });
-        syn::parse::Parser::parse2(parser, args)?;
+        // A mistake in the arguments is reported and the rest of the handler still expands, so
+        // its `effects![..]` return type adds no error of its own.
+        if let Err(e) = syn::parse::Parser::parse2(parser, args) {
+            cx.syn_error(e);
+        }
     }
     let sig = &item.sig;
     if let Some(a) = &sig.asyncness {
@@ -335,7 +342,10 @@ fn parse_return(item: &ItemFn, cx: &Ctxt) -> Option<Union> {
         seen.insert(key, ty.clone());
         members.push((variant, ty));
     }
-    (!members.is_empty()).then_some(Union { members })
+    (!members.is_empty()).then(|| Union {
+        members,
+        macro_path: mac.path.clone(),
+    })
 }
 
 fn variant_name(ty: &Type) -> Option<Ident> {

@@ -32,12 +32,16 @@ pub(super) fn expand(handler: &Handler, has_errors: bool) -> TokenStream {
         // The return type could not be read (reported). Keep the function as written so its body
         // adds no errors of its own; an unreadable `effects![..]` becomes erased effects.
         let mut item = item.clone();
+        let mut used = TokenStream::new();
         if let syn::ReturnType::Type(_, ty) = &item.sig.output
-            && matches!(&**ty, syn::Type::Macro(_))
+            && let syn::Type::Macro(m) = &**ty
         {
+            // Keep the import of `effects` used, as the full expansion does.
+            let path = &m.mac.path;
+            used = quote!(const _: () = { #path! {} };);
             item.sig.output = syn::parse_quote!(-> ::effects_core::Effects);
         }
-        return quote!(#item);
+        return quote!(#used #item);
     };
     let union_tokens = union_items(union, &union_name, fn_name, vis);
 
@@ -75,12 +79,39 @@ fn union_items(
         let vdoc = format!(" [`{fn_str}`] returned `{}`.", unraw(v));
         quote!(#[doc = #vdoc] #v(#ty),)
     });
+    // `From<T>` for every `T` in the union, through a trait of the union's own, so that returning
+    // a schema outside it is reported in our words: "`T` is not in `effects![A | B]`".
+    let member = format_ident!("{}Member", union_name);
+    let macro_path = &union.macro_path;
+    let written: Vec<String> = union
+        .members
+        .iter()
+        .map(|(_, ty)| crate::schema::type_string(ty))
+        .collect();
+    let declared = format!("effects![{}]", written.join(" | "));
+    let member_message = format!("`{{S}}` is not in `{declared}`, what `{fn_str}` returns");
+    let member_label = format!("`{fn_str}` cannot return `{{S}}`");
+    let member_note = format!(
+        "to return it, add it to the union: `effects![{} | {{S}}]`",
+        written.join(" | ")
+    );
+    let member_doc = format!(" The schemas [`{union_name}`] holds; `From` goes through it.");
+    let member_trait = quote! {
+        #[doc = #member_doc]
+        #[doc(hidden)]
+        #[diagnostic::on_unimplemented(message = #member_message, label = #member_label, note = #member_note)]
+        #vis trait #member<S> {
+            /// The union holding `value`.
+            fn into_union(value: S) -> Self;
+        }
+    };
     let froms = union.members.iter().map(|(v, ty)| {
         quote! {
             #[automatically_derived]
-            impl ::core::convert::From<#ty> for #union_name {
+            #[diagnostic::do_not_recommend]
+            impl #member<#ty> for #union_name {
                 #[inline]
-                fn from(value: #ty) -> Self {
+                fn into_union(value: #ty) -> Self {
                     #union_name::#v(value)
                 }
             }
@@ -129,8 +160,24 @@ fn union_items(
             #(#variants)*
         }
 
+        #member_trait
+
         const _: () = {
+            // `effects![..]` was consumed above; naming the macro keeps its import used.
+            #macro_path! {}
+
             #(#froms)*
+
+            #[automatically_derived]
+            impl<__T> ::core::convert::From<__T> for #union_name
+            where
+                #union_name: #member<__T>,
+            {
+                #[inline]
+                fn from(value: __T) -> Self {
+                    <#union_name as #member<__T>>::into_union(value)
+                }
+            }
 
             #[automatically_derived]
             impl ::core::convert::From<#union_name> for ::effects_core::Effects {

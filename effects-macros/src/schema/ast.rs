@@ -171,8 +171,14 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
     }
     let name: Ident = input.parse()?;
     if !input.peek(syn::token::Brace) {
+        // Nothing after the name: point at the name rather than at the whole invocation.
+        let span = if input.is_empty() {
+            name.span()
+        } else {
+            input.span()
+        };
         return Err(syn::Error::new(
-            input.span(),
+            span,
             format!(
                 "expected `{{` after `{name}`: a schema is declared as `{name} {{ datoms: [one T], messages: [...] }}`"
             ),
@@ -316,13 +322,26 @@ fn parse_slots(
             None
         };
         let name = match &rename {
-            Some(r) => Some(r.clone()),
+            Some(r) => {
+                let text = unraw(r);
+                let name = ident(&text, r.span());
+                if name.is_none() {
+                    cx.error_spanned_by(
+                        r,
+                        format!("`{text}` cannot name a slot: it is a keyword; choose another name, as in `as {text}_slot`"),
+                    );
+                }
+                name
+            }
             None => slot_name_from_type(&ty).or_else(|| {
-                let (word, ty) = (cardinality.keyword(), type_string(&ty));
+                let (word, shown) = (cardinality.keyword(), type_string(&ty));
+                let why = slot_word(&ty).map_or_else(String::new, |w| {
+                    format!(" (`{w}` is a keyword)")
+                });
                 cx.error_spanned_by(
                     &ty,
                     format!(
-                        "cannot name a setter after `{ty}`: name the slot, as in `{word} {ty} as name`"
+                        "cannot name a setter after `{shown}`{why}: name the slot, as in `{word} {shown} as name`"
                     ),
                 );
                 None
@@ -351,10 +370,26 @@ fn slot_name_from_type(ty: &Type) -> Option<Ident> {
     match ty {
         Type::Path(p) if p.qself.is_none() => {
             let last = p.path.segments.last()?;
-            Some(ident(&snake_case(&unraw(&last.ident)), last.ident.span()))
+            ident(&snake_case(&unraw(&last.ident)), last.ident.span())
         }
         Type::Group(g) => slot_name_from_type(&g.elem),
         Type::Paren(p) => slot_name_from_type(&p.elem),
+        _ => None,
+    }
+}
+
+/// The snake-cased word a type would name its slot with, when that word is a keyword that
+/// cannot be an identifier (`Crate` → `crate`).
+fn slot_word(ty: &Type) -> Option<String> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => {
+            let word = snake_case(&unraw(&p.path.segments.last()?.ident));
+            crate::util::NOT_RAW
+                .contains(&word.as_str())
+                .then_some(word)
+        }
+        Type::Group(g) => slot_word(&g.elem),
+        Type::Paren(p) => slot_word(&p.elem),
         _ => None,
     }
 }

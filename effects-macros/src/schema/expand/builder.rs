@@ -53,6 +53,19 @@ fn tracked<'a>(names: &'a Names<'_>) -> Vec<(&'a Slot, Ident)> {
         .collect()
 }
 
+/// A typestate bound spanned at the slot's type in the user's `effects!` block, so that "required
+/// by this bound" points at the slot (`one BlockedCard`) rather than at the whole invocation.
+fn slot_bound(slot: &Slot, bound: TokenStream) -> TokenStream {
+    let span = syn::spanned::Spanned::span(&slot.ty);
+    bound
+        .into_iter()
+        .map(|mut tt| {
+            tt.set_span(span);
+            tt
+        })
+        .collect()
+}
+
 pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
     let (vis, builder) = (&schema.vis, &names.builder);
@@ -103,10 +116,17 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
                 "`{schema_name}` needs {amount} `{ty}` {what}: call `.{setter}(..)` before `.build()`"
             );
             let label = format!("`.{setter}(..)` has not been called");
-            let note = format!("`{schema_name}` declares `{card} {ty}` in its {what}s");
+            let note = if slot.cardinality == Cardinality::One {
+                format!("`{schema_name}` declares `{card} {ty}` in its {what}s")
+            } else {
+                format!(
+                    "`{schema_name}` declares `{card} {ty}` in its {what}s; `.extend_{setter}(..)` alone does not fill it, since it may add none: call `.{setter}(first)`, then `.extend_{setter}(rest)`"
+                )
+            };
             items.extend(quote! {
                 #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
                 pub trait #trait_name {}
+                #[diagnostic::do_not_recommend]
                 impl #trait_name for ::effects_core::__private::Set {}
             });
         }
@@ -127,6 +147,7 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
             items.extend(quote! {
                 #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
                 pub trait #trait_name {}
+                #[diagnostic::do_not_recommend]
                 impl #trait_name for ::effects_core::__private::Unset {}
             });
         }
@@ -190,14 +211,26 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                 let p = param_of(slot);
                 let unset = is_unset_trait(slot);
                 let ret = with_set(slot);
-                let set_doc = format!(" Sets the `{tystr}` {}. {summary}", slot.kind.singular());
+                let set_doc = if slot.cardinality == Cardinality::One {
+                    format!(
+                        " Sets the `{tystr}` {}, filling the slot `build()` requires; callable once. {summary}",
+                        slot.kind.singular()
+                    )
+                } else {
+                    format!(
+                        " Sets the `{tystr}` {}; callable once, this or `maybe_{}`. {summary}",
+                        slot.kind.singular(),
+                        slot.name_str()
+                    )
+                };
                 let body = rebuild(slot, quote!(::core::option::Option::Some(value)));
+                let bound = slot_bound(slot, quote!(#p: #state_mod::#unset));
                 setters.extend(quote! {
                     #[doc = #set_doc]
                     #[inline]
                     pub fn #field(self, value: #ty) -> #ret
                     where
-                        #p: #state_mod::#unset,
+                        #bound,
                     {
                         #body
                     }
@@ -205,7 +238,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                 if slot.cardinality == Cardinality::Optional {
                     let maybe = format_ident!("maybe_{}", slot.name_str());
                     let doc = format!(
-                        " Sets the `{tystr}` {} if `value` is `Some`. {summary}",
+                        " Sets the `{tystr}` {} if `value` is `Some`; counts as the one call either way. {summary}",
                         slot.kind.singular()
                     );
                     let body = rebuild(slot, quote!(value));
@@ -214,7 +247,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                         #[inline]
                         pub fn #maybe(self, value: ::core::option::Option<#ty>) -> #ret
                         where
-                            #p: #state_mod::#unset,
+                            #bound,
                         {
                             #body
                         }
@@ -223,8 +256,23 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             }
             Cardinality::Many | Cardinality::AtLeastOne => {
                 let extend = format_ident!("extend_{}", slot.name_str());
-                let add_doc = format!(" Adds one `{tystr}` {}. {summary}", slot.kind.singular());
-                let extend_doc = format!(" Adds every `{tystr}` of `values`. {summary}");
+                let (add_doc, extend_doc) = if slot.cardinality == Cardinality::Many {
+                    (
+                        format!(" Adds one `{tystr}` {}. {summary}", slot.kind.singular()),
+                        format!(" Adds every `{tystr}` of `values`. {summary}"),
+                    )
+                } else {
+                    (
+                        format!(
+                            " Adds one `{tystr}` {}, filling the slot `build()` requires. {summary}",
+                            slot.kind.singular()
+                        ),
+                        format!(
+                            " Adds every `{tystr}` of `values`. It does not fill the slot on its own, since `values` may be empty: call `.{}(..)` at least once. {summary}",
+                            slot.name_str()
+                        ),
+                    )
+                };
                 let add = if slot.cardinality == Cardinality::Many {
                     quote! {
                         pub fn #field(mut self, value: #ty) -> Self {
@@ -265,28 +313,23 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         .filter(|(slot, _)| matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne))
         .map(|(slot, p)| {
             let set = is_set_trait(slot);
-            quote!(#p: #state_mod::#set,)
+            let bound = slot_bound(slot, quote!(#p: #state_mod::#set));
+            quote!(#bound,)
         });
     let finish = schema.slots.iter().map(|slot| {
         let field = &slot.name;
         let fstr = slot.name_str();
         match slot.cardinality {
             Cardinality::One => quote! {
-                #field: match self.#field {
-                    ::core::option::Option::Some(value) => value,
-                    ::core::option::Option::None => {
-                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
-                    }
-                }
+                #field: ::effects_core::__private::filled(self.#field, #schema_str, #fstr)
             },
             Cardinality::Optional | Cardinality::Many => quote!(#field: self.#field),
             Cardinality::AtLeastOne => quote! {
-                #field: match ::effects_core::__private::NonEmpty::from_vec(self.#field) {
-                    ::core::option::Option::Some(values) => values,
-                    ::core::option::Option::None => {
-                        ::effects_core::__private::unreachable_unset(#schema_str, #fstr)
-                    }
-                }
+                #field: ::effects_core::__private::filled(
+                    ::effects_core::__private::NonEmpty::from_vec(self.#field),
+                    #schema_str,
+                    #fstr,
+                )
             },
         }
     });

@@ -8,38 +8,16 @@ use super::Names;
 use crate::schema::ast::{Cardinality, Kind, Slot};
 use crate::util::doc_text;
 
-/// `<BlockedCard as ::effects_core::Datom>`, spanned at the user's type so that a type that is
-/// not a datom is reported there.
+/// `<BlockedCard as ::effects_core::__private::DatomSlot>`, spanned at the user's type: every use
+/// of a slot's type goes through this one path, so a type in the wrong list is reported once,
+/// there ("`Card` is not a datom").
 pub(super) fn as_trait(slot: &Slot) -> TokenStream {
     let ty = &slot.ty;
     let span = ty.span();
     match slot.kind {
-        Kind::Datoms => quote_spanned!(span=> <#ty as ::effects_core::Datom>),
-        Kind::Requests => quote_spanned!(span=> <#ty as ::effects_core::Request>),
-        Kind::Messages => quote_spanned!(span=> <#ty as ::effects_core::Message>),
-    }
-}
-
-fn erase_fn(kind: Kind) -> TokenStream {
-    match kind {
-        Kind::Datoms => quote!(to_datom),
-        Kind::Requests => quote!(to_request),
-        Kind::Messages => quote!(to_message),
-    }
-}
-
-fn matcher(slot: &Slot) -> TokenStream {
-    let t = as_trait(slot);
-    match slot.kind {
-        Kind::Datoms => quote! {
-            ::effects_core::Matcher::Datom { identity: #t::IDENTITY, attributes: #t::ATTRIBUTES }
-        },
-        Kind::Requests => quote! {
-            ::effects_core::Matcher::Request { method: #t::METHOD, endpoint: #t::ENDPOINT, path: #t::PATH }
-        },
-        Kind::Messages => quote! {
-            ::effects_core::Matcher::Message { topic: #t::TOPIC }
-        },
+        Kind::Datoms => quote_spanned!(span=> <#ty as ::effects_core::__private::DatomSlot>),
+        Kind::Requests => quote_spanned!(span=> <#ty as ::effects_core::__private::RequestSlot>),
+        Kind::Messages => quote_spanned!(span=> <#ty as ::effects_core::__private::MessageSlot>),
     }
 }
 
@@ -64,15 +42,8 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             let slot_name = slot.name_str();
             let type_name = slot.type_str();
             let card = cardinality(slot.cardinality);
-            let matcher = matcher(slot);
-            quote! {
-                ::effects_core::SlotShape {
-                    name: #slot_name,
-                    type_name: #type_name,
-                    cardinality: #card,
-                    matcher: #matcher,
-                }
-            }
+            let t = as_trait(slot);
+            quote!(::effects_core::__private::slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
         });
         quote!(&[#(#slots),*])
     });
@@ -82,77 +53,29 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         .iter()
         .map(|p| crate::schema::type_string(&syn::Type::Verbatim(quote!(#p))));
 
-    // `by_ref`: `to_effects(&self)`; otherwise `From<Schema> for Effects`, which moves datoms.
-    let erased = |by_ref: bool| {
-        kinds.map(|kind| {
-            let slots: Vec<&Slot> = schema.slots.iter().filter(|s| s.kind == kind).collect();
-            if slots.is_empty() {
-                return quote!(::std::vec::Vec::new());
+    // One call per slot into effects-core's shared erasure, by reference or moving.
+    let by_ref = schema.slots.iter().map(|slot| {
+        let (t, field) = (as_trait(slot), &slot.name);
+        match slot.cardinality {
+            Cardinality::One => quote!(#t::push_ref(&self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::push_ref_option(&self.#field, &mut effects);),
+            Cardinality::Many | Cardinality::AtLeastOne => {
+                quote!(#t::push_ref_slice(&self.#field, &mut effects);)
             }
-            let source = |field: &syn::Ident| {
-                if by_ref {
-                    quote!(self.#field)
-                } else {
-                    quote!(value.#field)
-                }
-            };
-            let capacity = slots.iter().map(|slot| {
-                let field = source(&slot.name);
-                match slot.cardinality {
-                    Cardinality::One => quote!(1usize),
-                    Cardinality::Optional => quote!(usize::from(#field.is_some())),
-                    Cardinality::Many | Cardinality::AtLeastOne => quote!(#field.len()),
-                }
-            });
-            let pushes = slots.iter().map(|slot| {
-                let field = source(&slot.name);
-                let t = as_trait(slot);
-                let moves = !by_ref && kind != Kind::Requests;
-                // `item` is a reference when `by_ref`, owned otherwise.
-                let (f, item) = if moves {
-                    let f = if kind == Kind::Datoms {
-                        quote!(into_datom)
-                    } else {
-                        quote!(into_message)
-                    };
-                    (f, quote!(item))
-                } else if by_ref {
-                    (erase_fn(kind), quote!(item))
-                } else {
-                    (erase_fn(kind), quote!(&item))
-                };
-                let (whole, iter) = if by_ref {
-                    (quote!(&#field), quote!(#field.iter()))
-                } else {
-                    (quote!(#field), quote!(#field))
-                };
-                let convert = quote!(#t::#f(#item));
-                match slot.cardinality {
-                    Cardinality::One => quote! {
-                        let item = #whole;
-                        erased.push(#convert);
-                    },
-                    Cardinality::Optional => quote! {
-                        if let ::core::option::Option::Some(item) = #whole {
-                            erased.push(#convert);
-                        }
-                    },
-                    Cardinality::Many | Cardinality::AtLeastOne => quote! {
-                        for item in #iter {
-                            erased.push(#convert);
-                        }
-                    },
-                }
-            });
-            quote! {{
-                let mut erased = ::std::vec::Vec::with_capacity(#(#capacity)+*);
-                #(#pushes)*
-                erased
-            }}
-        })
-    };
-    let [datoms, requests, messages] = erased(true);
-    let [datoms_moved, requests_moved, messages_moved] = erased(false);
+        }
+    });
+    let moved = schema.slots.iter().map(|slot| {
+        let (t, field) = (as_trait(slot), &slot.name);
+        match slot.cardinality {
+            Cardinality::One => quote!(#t::push(self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
+            Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
+            Cardinality::AtLeastOne => {
+                quote!(#t::push_vec(::effects_core::NonEmpty::into_vec(self.#field), &mut effects);)
+            }
+        }
+    });
+    let effects_mut = (!schema.slots.is_empty()).then(|| quote!(mut));
 
     quote! {
         #[automatically_derived]
@@ -166,21 +89,18 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
                 merges: &[#(#merges),*],
             };
 
+            #[inline]
             fn to_effects(&self) -> ::effects_core::Effects {
-                ::effects_core::Effects {
-                    datoms: #datoms,
-                    requests: #requests,
-                    messages: #messages,
-                }
+                let #effects_mut effects = ::effects_core::Effects::default();
+                #(#by_ref)*
+                effects
             }
 
+            #[inline]
             fn into_effects(self) -> ::effects_core::Effects {
-                let value = self;
-                ::effects_core::Effects {
-                    datoms: #datoms_moved,
-                    requests: #requests_moved,
-                    messages: #messages_moved,
-                }
+                let #effects_mut effects = ::effects_core::Effects::default();
+                #(#moved)*
+                effects
             }
         }
 

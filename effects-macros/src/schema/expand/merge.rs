@@ -46,20 +46,12 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     let moves = schema.slots.iter().map(|slot| {
         let (field, ty) = (&slot.name, &slot.ty);
         let marker = kind_marker(slot.kind);
-        let absorb = quote!(<__T as ::effects_core::Absorbs<#ty, #marker>>::absorb);
-        match slot.cardinality {
-            Cardinality::One => quote!(#absorb(target, self.#field);),
-            Cardinality::Optional => quote! {
-                if let ::core::option::Option::Some(value) = self.#field {
-                    #absorb(target, value);
-                }
-            },
-            Cardinality::Many | Cardinality::AtLeastOne => quote! {
-                for value in self.#field {
-                    #absorb(target, value);
-                }
-            },
-        }
+        let items = if slot.cardinality == Cardinality::One {
+            quote!([self.#field])
+        } else {
+            quote!(self.#field)
+        };
+        quote!(::effects_core::__private::absorb::<__T, #ty, #marker>(target, #items);)
     });
     let target = if schema.slots.is_empty() {
         quote!(_target)

@@ -1,5 +1,5 @@
 use cards::Card;
-use effects_core::effect_handler;
+use effects_core::{effect_handler, effects};
 
 #[effect_handler]
 pub fn block(card: &Card) -> effects![] {

@@ -1,4 +1,4 @@
-use effects_core::{effect_handler, Empty};
+use effects_core::{effect_handler, effects, Empty};
 
 #[effect_handler]
 pub fn ignore<T>(input: &T) -> effects![Empty] {

@@ -1,0 +1,10 @@
+use cards::{BlockCard, Card};
+use effects_core::{effect_handler, effects, Empty};
+
+#[effect_handler]
+pub fn block(card: &Card) -> effects![BlockCard | Empty] {
+    let _ = card;
+    Empty
+}
+
+fn main() {}

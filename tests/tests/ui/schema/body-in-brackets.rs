@@ -1,0 +1,10 @@
+use cards::BlockedCard;
+use effects_core::effects;
+
+effects! {
+    pub SaveCard [
+        datoms: [one BlockedCard],
+    ]
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+use effects_core::effects;
+
+effects! {
+    pub SaveCard
+}
+
+fn main() {}
