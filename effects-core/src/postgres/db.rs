@@ -205,11 +205,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_store.sql",
-    sql: include_str!("../../migrations/postgres/0001_store.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_store.sql",
+        sql: include_str!("../../migrations/postgres/0001_store.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_dead_letter_retries.sql",
+        sql: include_str!("../../migrations/postgres/0002_dead_letter_retries.sql"),
+    },
+];
 
 /// The advisory lock (one 64-bit key) held while migrating, so that two processes migrating
 /// one database at once take turns. Entity locks use the two-key space, which never overlaps.
@@ -276,6 +283,82 @@ fn retryable(e: &StoreError) -> bool {
 
 impl Db {
     pub(super) async fn connect(options: &PostgresOptions) -> Result<Db, StoreError> {
+        let db = Db::pool(options)?;
+        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
+            location: db.location.clone(),
+            source: Box::new(e),
+        })?;
+        migrate(&mut client, &db.schema).await?;
+        Ok(db)
+    }
+
+    /// Connects to a schema that must hold an effects store already: a schema that does not
+    /// exist, or holds no `schema_version` whose first migration is `0001_store.sql`, is
+    /// refused and nothing is created. A store of an older version gets the pending migrations,
+    /// as [`Db::connect`] would give it.
+    pub(super) async fn connect_existing(options: &PostgresOptions) -> Result<Db, StoreError> {
+        const OP: &str = "looking for the store";
+        let db = Db::pool(options)?;
+        let refuse = |reason: String| StoreError::Open {
+            location: db.location.clone(),
+            source: reason.into(),
+        };
+        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
+            location: db.location.clone(),
+            source: Box::new(e),
+        })?;
+        let schema = client
+            .query_opt(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                &[&db.schema],
+            )
+            .await
+            .map_err(db_error(OP))?;
+        if schema.is_none() {
+            return Err(refuse(format!(
+                "the schema `{}` does not exist: it is not an effects store",
+                db.schema
+            )));
+        }
+        let table = client
+            .query_opt(
+                "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'schema_version'",
+                &[&db.schema],
+            )
+            .await
+            .map_err(db_error(OP))?;
+        if table.is_none() {
+            return Err(refuse(format!(
+                "the schema `{}` is not an effects store (no `schema_version` table)",
+                db.schema
+            )));
+        }
+        // The search path is the schema (see `pool`).
+        let first: Option<String> = client
+            .query_opt("SELECT name FROM schema_version WHERE version = 1", &[])
+            .await
+            .map_err(|e| {
+                refuse(format!(
+                    "its `schema_version` cannot be read: {}",
+                    describe(&e)
+                ))
+            })?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(db_error(OP))?;
+        if first.as_deref() != Some(MIGRATIONS[0].name) {
+            return Err(refuse(format!(
+                "the schema `{}` is not an effects store (its `schema_version` does not start \
+                 with {})",
+                db.schema, MIGRATIONS[0].name
+            )));
+        }
+        migrate(&mut client, &db.schema).await?;
+        Ok(db)
+    }
+
+    /// The pool, checked options; no connection is opened yet.
+    fn pool(options: &PostgresOptions) -> Result<Db, StoreError> {
         let location = format!("{} (schema {})", redacted_url(&options.url), options.schema);
         let open_error = |reason: String| StoreError::Open {
             location: location.clone(),
@@ -336,11 +419,6 @@ impl Db {
             location,
             schema: options.schema.clone(),
         };
-        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
-            location: db.location.clone(),
-            source: Box::new(e),
-        })?;
-        migrate(&mut client, &db.schema).await?;
         Ok(db)
     }
 

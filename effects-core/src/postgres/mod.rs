@@ -106,6 +106,7 @@
 //! `tokio-postgres-rustls` crate (it adds `x509-cert` and its DER parser for channel binding).
 
 mod db;
+mod inspect;
 mod store;
 
 #[cfg(feature = "postgres-tls")]
