@@ -284,10 +284,7 @@ fn retryable(e: &StoreError) -> bool {
 impl Db {
     pub(super) async fn connect(options: &PostgresOptions) -> Result<Db, StoreError> {
         let db = Db::pool(options)?;
-        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
-            location: db.location.clone(),
-            source: Box::new(e),
-        })?;
+        let mut client = db.pool.get().await.map_err(|e| db.open_error(e))?;
         migrate(&mut client, &db.schema).await?;
         Ok(db)
     }
@@ -303,10 +300,7 @@ impl Db {
             location: db.location.clone(),
             source: reason.into(),
         };
-        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
-            location: db.location.clone(),
-            source: Box::new(e),
-        })?;
+        let mut client = db.pool.get().await.map_err(|e| db.open_error(e))?;
         let schema = client
             .query_opt(
                 "SELECT 1 FROM pg_namespace WHERE nspname = $1",
@@ -339,7 +333,9 @@ impl Db {
             .await
             .map_err(|e| {
                 refuse(format!(
-                    "its `schema_version` cannot be read: {}",
+                    "the schema `{}` is not an effects store (its `schema_version` cannot be \
+                     read: {})",
+                    db.schema,
                     describe(&e)
                 ))
             })?
@@ -355,6 +351,24 @@ impl Db {
         }
         migrate(&mut client, &db.schema).await?;
         Ok(db)
+    }
+
+    /// Why the first connection failed, with the server's or the driver's cause (the pool's own
+    /// message says only that creating a connection failed).
+    fn open_error(&self, e: deadpool_postgres::PoolError) -> StoreError {
+        let reason = match &e {
+            deadpool_postgres::PoolError::Backend(e) => {
+                format!("cannot connect: {}", describe(e))
+            }
+            deadpool_postgres::PoolError::Timeout(_) => {
+                "cannot connect: the server did not answer in time".to_owned()
+            }
+            other => format!("cannot connect: {other}"),
+        };
+        StoreError::Open {
+            location: self.location.clone(),
+            source: reason.into(),
+        }
     }
 
     /// The pool, checked options; no connection is opened yet.
