@@ -4,7 +4,8 @@
 //! (HTTP on a wiremock server, messages to a SQLite log); what is sent is counted at the source:
 //! requests the HTTP server received, messages the broker holds.
 //!
-//! Without PostgreSQL these tests fail, saying how to start it.
+//! Without PostgreSQL these tests fail, saying how to start it. They run with the feature
+//! `postgres-tests`: `cargo test -p effects-cli --features postgres-tests`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
