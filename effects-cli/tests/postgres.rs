@@ -1053,3 +1053,145 @@ async fn the_cli_refuses_a_schema_that_is_not_a_store_or_a_server_that_is_down()
     })
     .await;
 }
+
+// -----------------------------------------------------------------------------------------------
+// The run's row lock: a retry of a message that waited for its run's requests, while another
+// transaction finishing those requests holds the run's row.
+
+/// What became of the retried message.
+#[derive(Debug)]
+struct AfterTheRace {
+    /// Whether the retry waited for the transaction holding the run's row.
+    waited: bool,
+    /// Whether the message was ready once both had committed.
+    ready: bool,
+    /// The message ids the broker holds on `entries` after the relay settled.
+    published: Vec<String>,
+    /// The run's status after the relay settled.
+    status: RunStatus,
+}
+
+async fn retry_while_the_requests_finish(mutant: bool) -> AfterTheRace {
+    let pg = Pg::new(if mutant { "race-mutant" } else { "race" }).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&pg.server)
+        .await;
+    let effects = ledger_entry().merge(MessageEffect::new("entries", json!({"n": 6})));
+    pg.executor.run("post:6", effects).await.unwrap();
+    // The message waits for the request; an operator gives up on it.
+    assert!(
+        pg.store
+            .dead_letter("post:6#1", "not wanted any more", None)
+            .await
+            .unwrap()
+    );
+    // The request is resolved (failed for good): the run's requests are all resolved, and the
+    // run waits for its after-requests step.
+    let options = ClaimOptions {
+        owner: "relay".to_owned(),
+        lease: Duration::from_secs(60),
+        publish_inline: false,
+        before_commit: None,
+    };
+    let mut claimed = Vec::new();
+    for _ in 0..100 {
+        claimed = pg.store.claim_due(10, options.clone()).await.unwrap().rows;
+        if !claimed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lease = claimed[0].lease.clone().expect("leased");
+    let failed = RequestOutcome::Failed {
+        reason: "the ledger is down".to_owned(),
+    };
+    assert!(
+        pg.store
+            .record_request("post:6#0", failed, &lease)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        pg.store.run("post:6").await.unwrap().unwrap().status,
+        RunStatus::RequestsPending
+    );
+
+    // Another transaction finishing the run's requests: it holds the run's row and, with no
+    // row of the run left pending, completes it.
+    let finishing = raw().await;
+    finishing
+        .batch_execute(&format!(
+            "SET search_path TO {}; BEGIN; \
+             SELECT 1 FROM effect_runs WHERE key = 'post:6' FOR UPDATE; \
+             UPDATE effect_runs SET status = 'done', completed_at_ms = effects_now_ms(), \
+             updated_at_ms = effects_now_ms() WHERE key = 'post:6'",
+            pg.schema.name
+        ))
+        .await
+        .unwrap();
+    let store = pg.store.clone();
+    let retry = tokio::spawn(async move {
+        let id = DeadLetterId::Outbox("post:6#1".into());
+        if mutant {
+            store
+                .mutant_retry_without_run_lock("post:6#1", &ana())
+                .await
+        } else {
+            store.retry_dead_letter(&id, &ana()).await
+        }
+    });
+    // A retry that takes the run's row waits for that transaction; one that does not is done
+    // in a few milliseconds (a second allows for a loaded machine).
+    for _ in 0..50 {
+        if retry.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = !retry.is_finished();
+    finishing.batch_execute("COMMIT").await.unwrap();
+    let outcome = retry.await.unwrap().unwrap();
+    assert!(matches!(outcome, RetryOutcome::Retried(_)), "{outcome:?}");
+
+    let ready = pg
+        .store
+        .run_detail("post:6")
+        .await
+        .unwrap()
+        .unwrap()
+        .outbox
+        .iter()
+        .find(|e| e.row.id == "post:6#1")
+        .expect("the message")
+        .ready;
+    pg.settle().await;
+    AfterTheRace {
+        waited,
+        ready,
+        published: pg.published("entries").await,
+        status: pg.store.run("post:6").await.unwrap().unwrap().status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_for_the_run_s_row_and_sees_the_requests_finished() {
+    let after = bounded(retry_while_the_requests_finish(false)).await;
+    assert!(after.waited, "{after:?}");
+    assert!(after.ready, "{after:?}");
+    assert_eq!(after.published, ["post:6#1"], "{after:?}");
+    assert_eq!(after.status, RunStatus::Done, "{after:?}");
+}
+
+/// The checks above fail against a retry that reads the run's row without locking it: it does
+/// not wait, decides from the run as it was, and the message is left waiting for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_a_retry_without_the_run_lock_fails_the_race_checks() {
+    let after = bounded(retry_while_the_requests_finish(true)).await;
+    assert!(!after.waited, "the check on waiting fails: {after:?}");
+    assert!(!after.ready, "the check on readiness fails: {after:?}");
+    assert!(
+        after.published.is_empty(),
+        "the check on publishing fails: {after:?}"
+    );
+}

@@ -41,6 +41,29 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// A deliberately broken retry of a dead-lettered outbox row, so that the retry tests can
+    /// show that their checks fail without the guarantee: it reads the run's row without
+    /// locking it, so a transaction finishing the run's requests at the same time goes unseen
+    /// (a message that was waiting for them is left waiting for good). Testing only.
+    #[doc(hidden)]
+    pub fn mutant_retry_without_run_lock(
+        &self,
+        id: &str,
+        request: &RetryRequest,
+    ) -> impl Future<Output = Result<RetryOutcome, StoreError>> + Send + 'static {
+        let db = Arc::clone(&self.db);
+        let (id, request) = (id.to_owned(), request.clone());
+        async move {
+            db.transaction("retrying a dead letter (mutant)", Isolation::Write, |tx| {
+                let (id, request) = (id.clone(), request.clone());
+                Box::pin(async move { retry_outbox_tx(tx, &id, &request, false).await })
+            })
+            .await
+        }
+    }
+}
+
 /// Why an input dead letter is not retried (nor listed) by the PostgreSQL store.
 const INPUTS_IN_THE_BROKER: &str = "input dead letters of a PostgreSQL store are kept by the \
      broker, not by the store: with NATS JetStream they are in the stream, on the subject \
@@ -470,10 +493,14 @@ async fn insert_retry(
 /// entirely before or entirely after this), then, for a message that gets its turn now, the
 /// `outbox_ready` counter row. The row's lease is cleared: a claimant still holding an old
 /// lease token is refused when it records, marks or renews it.
+///
+/// `lock_the_run` is `false` only for the deliberately broken retry of the tests
+/// ([`PostgresStore::mutant_retry_without_run_lock`]).
 async fn retry_outbox_tx(
     tx: &Transaction<'_>,
     id: &str,
     request: &RetryRequest,
+    lock_the_run: bool,
 ) -> Result<RetryOutcome, StoreError> {
     const OP: &str = "retrying a dead letter";
     let now = now(tx).await?;
@@ -492,7 +519,12 @@ async fn retry_outbox_tx(
     let Some(dead_reason) = row.dead_lettered.clone() else {
         return Ok(RetryOutcome::NotDeadLettered);
     };
-    let Some(run) = lock_run(tx, &row.run_key).await? else {
+    let run = if lock_the_run {
+        lock_run(tx, &row.run_key).await?
+    } else {
+        load_run(tx, &row.run_key).await?
+    };
+    let Some(run) = run else {
         return Err(corrupt(
             format!("outbox row `{id}`"),
             "its run does not exist",
@@ -749,7 +781,7 @@ impl Inspect for PostgresStore {
             };
             db.transaction("retrying a dead letter", Isolation::Write, |tx| {
                 let (row, request) = (row.clone(), request.clone());
-                Box::pin(async move { retry_outbox_tx(tx, &row, &request).await })
+                Box::pin(async move { retry_outbox_tx(tx, &row, &request, true).await })
             })
             .await
         }
