@@ -752,6 +752,35 @@ async fn an_existing_schema_migrates_forward_and_a_foreign_one_is_refused() {
         assert_eq!(store.schema_versions().await.unwrap().len(), 2);
         assert!(store.retries(10).await.unwrap().is_empty());
 
+        // Up to date, it is opened without writing: a role that may only read can inspect it.
+        let reader = format!("{}_reader", schema.name);
+        client
+            .batch_execute(&format!(
+                "DROP ROLE IF EXISTS {reader}; CREATE ROLE {reader} LOGIN; \
+                 GRANT USAGE ON SCHEMA {0} TO {reader}; \
+                 GRANT SELECT ON ALL TABLES IN SCHEMA {0} TO {reader}",
+                schema.name
+            ))
+            .await
+            .unwrap();
+        let read_only = PostgresOptions {
+            pool_size: 1,
+            ..PostgresOptions::new(format!("postgres://{reader}@{HOST}:{PORT}/{DATABASE}"))
+                .with_schema(&schema.name)
+        };
+        let opened = PostgresStore::connect_existing(read_only).await;
+        let listed = match &opened {
+            Ok(store) => Ok(store.runs(RunQuery::default()).await),
+            Err(e) => Err(e.to_string()),
+        };
+        drop(opened);
+        client
+            .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))
+            .await
+            .unwrap();
+        let listed = listed.expect("a reader opens an up-to-date store");
+        assert!(listed.expect("and lists its runs").is_empty());
+
         let missing = Schema::new("missing").await;
         let err = PostgresStore::connect_existing(missing.options())
             .await

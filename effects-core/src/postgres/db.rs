@@ -349,7 +349,26 @@ impl Db {
                 db.schema, MIGRATIONS[0].name
             )));
         }
-        migrate(&mut client, &db.schema).await?;
+        // Up to date: nothing to write (an operator's role may not be allowed to), only the
+        // recorded migrations to check. Otherwise the pending ones are applied.
+        let applied: Vec<(i64, String, String)> = client
+            .query(
+                "SELECT version, name, sha256 FROM schema_version ORDER BY version",
+                &[],
+            )
+            .await
+            .map_err(db_error(OP))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(db_error(OP))?;
+        check_recorded(&applied)?;
+        if MIGRATIONS
+            .iter()
+            .any(|m| !applied.iter().any(|(v, _, _)| *v == m.version))
+        {
+            migrate(&mut client, &db.schema).await?;
+        }
         Ok(db)
     }
 
@@ -571,6 +590,37 @@ fn sha256_hex(text: &str) -> String {
     out
 }
 
+/// Refuses recorded migrations this library does not know (a newer version migrated the
+/// schema) or whose file changed since they were applied.
+fn check_recorded(applied: &[(i64, String, String)]) -> Result<(), StoreError> {
+    for (version, name, sha) in applied {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            None => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: format!(
+                        "is recorded in the database but unknown to this library (it knows up to \
+                         version {}): the database was migrated by a newer version",
+                        MIGRATIONS.len()
+                    ),
+                });
+            }
+            Some(m) if sha256_hex(m.sql) != *sha => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: "was changed after it was applied: its SHA-256 differs from the \
+                             recorded one; add a new migration instead of editing this one"
+                        .to_owned(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Applies the pending migrations in one transaction, under an advisory lock so that processes
 /// starting together take turns; refuses a database whose recorded migrations differ from the
 /// files or come from a newer version.
@@ -603,31 +653,7 @@ async fn migrate(client: &mut Object, schema: &str) -> Result<(), StoreError> {
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
         .collect::<Result<_, tokio_postgres::Error>>()
         .map_err(db_error(OP))?;
-    for (version, name, sha) in &applied {
-        match MIGRATIONS.iter().find(|m| m.version == *version) {
-            None => {
-                return Err(StoreError::Migration {
-                    version: *version,
-                    name: name.clone(),
-                    reason: format!(
-                        "is recorded in the database but unknown to this library (it knows up to \
-                         version {}): the database was migrated by a newer version",
-                        MIGRATIONS.len()
-                    ),
-                });
-            }
-            Some(m) if sha256_hex(m.sql) != *sha => {
-                return Err(StoreError::Migration {
-                    version: *version,
-                    name: name.clone(),
-                    reason: "was changed after it was applied: its SHA-256 differs from the \
-                             recorded one; add a new migration instead of editing this one"
-                        .to_owned(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
+    check_recorded(&applied)?;
     for m in MIGRATIONS {
         if applied.iter().any(|(v, _, _)| *v == m.version) {
             continue;
