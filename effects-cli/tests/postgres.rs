@@ -2,22 +2,27 @@
 //! the machine's PostgreSQL (127.0.0.1:5432, user postgres, trust, database `test`). Each test
 //! works in a schema of its own, dropped at the end. The store is filled by the real executor
 //! (HTTP on a wiremock server, messages to a SQLite log); what is sent is counted at the source:
-//! requests the HTTP server received, messages the broker holds.
+//! requests the HTTP server received, messages the broker holds. The cases of requests,
+//! messages and pruning are the ones `retry.rs` runs on SQLite (`common/inspect_cases.rs`).
 //!
 //! Without PostgreSQL these tests fail, saying how to start it. They run with the feature
 //! `postgres-tests`: `cargo test -p effects-cli --features postgres-tests`.
+
+#[path = "common/inspect_cases.rs"]
+mod cases;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use assert_cmd::Command;
-use effects_core::executor::{Backoff, Executor, RunOptions};
+use cases::{ana, ledger_entry};
+use effects_core::executor::{Backoff, Executor};
 use effects_core::http::{HttpConfig, ReqwestClient, RetryPolicy};
 use effects_core::postgres::{PostgresOptions, PostgresStore};
 use effects_core::store::{
-    ClaimOptions, DeadLetterEntry, DeadLetterId, DeadLetterKind, Inspect, PruneOlderThan,
-    RequestOutcome, RetryOutcome, RetryRequest, RunQuery, RunState, RunStatus, Store, Tx,
+    ClaimOptions, DeadLetterId, Inspect, PruneOlderThan, RequestOutcome, RetryOutcome, RunQuery,
+    RunState, RunStatus, Store, Tx,
 };
 use effects_core::transport::SqliteLog;
 use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect, Method, RequestEffect};
@@ -215,40 +220,25 @@ impl Pg {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
 
-    async fn dead_letters(&self) -> Vec<DeadLetterEntry> {
-        self.store
-            .dead_letters(usize::MAX)
-            .await
-            .expect("dead letters")
+impl cases::Fixture for Pg {
+    type Store = PostgresStore;
+
+    fn executor(&self) -> &PgExecutor {
+        &self.executor
     }
 
-    /// The message ids the broker holds on `topic`, in order.
-    async fn published(&self, topic: &str) -> Vec<String> {
-        self.log
-            .messages(topic)
-            .await
-            .expect("the log")
-            .into_iter()
-            .map(|m| m.message_id)
-            .collect()
+    fn server(&self) -> &MockServer {
+        &self.server
     }
 
-    /// The `Idempotency-Key` of every request the server received, in order.
-    async fn idempotency_keys(&self) -> Vec<String> {
-        self.server
-            .received_requests()
-            .await
-            .expect("recording is on")
-            .iter()
-            .map(|r| {
-                r.headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
+    fn log(&self) -> SqliteLog {
+        self.log.clone()
+    }
+
+    async fn settle(&self) -> usize {
+        Pg::settle(self).await
     }
 }
 
@@ -256,19 +246,6 @@ async fn bounded<T>(test: impl Future<Output = T>) -> T {
     tokio::time::timeout(TIMEOUT, test)
         .await
         .expect("the test did not finish in time")
-}
-
-fn ana() -> RetryRequest {
-    RetryRequest {
-        operator: "ana".to_owned(),
-        reason: "the ledger accepts it now".to_owned(),
-    }
-}
-
-fn ledger_entry() -> Effects {
-    Effects::from(
-        RequestEffect::new(Method::Post, "ledger", "/entries").with_body(json!({"amount": 5})),
-    )
 }
 
 fn status(card: &str, s: &str) -> Effects {
@@ -282,90 +259,13 @@ fn status(card: &str, s: &str) -> Effects {
 async fn a_rejected_request_is_sent_again_under_its_key_and_its_new_outcome_recorded() {
     bounded(async {
         let pg = Pg::new("request").await;
-        Mock::given(method("POST"))
-            .and(path("/entries"))
-            .respond_with(ResponseTemplate::new(422).set_body_json(json!({"error": "closed"})))
-            .up_to_n_times(1)
-            .mount(&pg.server)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/entries"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"entry": 7})))
-            .mount(&pg.server)
-            .await;
-        let outcome = pg.executor.run("post:1", ledger_entry()).await.unwrap();
-        assert_eq!(outcome.progress().dead_lettered, 1);
-
-        let dead = pg.dead_letters().await;
-        assert_eq!(dead.len(), 1, "{dead:?}");
-        assert_eq!(dead[0].id(), DeadLetterId::Outbox("post:1#0".into()));
-        assert_eq!(dead[0].kind(), DeadLetterKind::Request);
-        assert_eq!(dead[0].reason(), "rejected with status 422");
-        let listed = pg
-            .store
-            .runs(RunQuery {
-                state: Some(RunState::DeadLettered),
-                ..RunQuery::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 1);
-        assert_eq!((listed[0].run.key.as_str(), listed[0].dead_lettered), ("post:1", 1));
-        let backlog = Inspect::backlog(&pg.store).await.unwrap();
-        assert_eq!((backlog.dead_lettered_rows, backlog.pending_rows), (1, 0));
-        assert!(backlog.oldest_pending_at.is_none() && backlog.now > 0);
-
-        let RetryOutcome::Retried(record) = pg
-            .store
-            .retry_dead_letter(&dead[0].id(), &ana())
-            .await
-            .unwrap()
-        else {
-            panic!("not retried");
-        };
-        assert_eq!(record.operator, "ana");
-        assert_eq!(record.kind, DeadLetterKind::Request);
-        assert_eq!(record.run_key.as_deref(), Some("post:1"));
-        assert_eq!(record.dead_letter_reason, "rejected with status 422");
-        assert!(matches!(
-            record.previous_outcome,
-            Some(RequestOutcome::Rejected { ref response }) if response.status == 422
-        ));
-        // The record's time is the server's clock.
-        let clock = pg.store.clock().await.unwrap();
-        assert!(record.retried_at <= clock && clock - record.retried_at < 10_000);
-        let run = pg.store.run("post:1").await.unwrap().unwrap();
-        assert_eq!(run.status, RunStatus::RequestsPending);
-        assert!(pg.dead_letters().await.is_empty());
-
-        assert_eq!(pg.settle().await, 1);
-        let detail = pg.store.run_detail("post:1").await.unwrap().unwrap();
-        assert_eq!(detail.run.status, RunStatus::Done);
-        let recorded = detail.outbox[0].recorded.as_ref().unwrap();
-        assert!(
-            matches!(&recorded.outcome, RequestOutcome::Response { response } if response.status == 201),
-            "{recorded:?}"
-        );
-        assert_eq!(detail.outbox[0].retries, std::slice::from_ref(&record));
-        // Counted at the server: the request went out twice, under one key.
-        assert_eq!(pg.idempotency_keys().await, ["post:1#0", "post:1#0"]);
-
+        cases::a_rejected_request_is_sent_again(&pg).await;
         assert_eq!(
-            pg.store
-                .retry_dead_letter(&dead[0].id(), &ana())
-                .await
-                .unwrap(),
-            RetryOutcome::NotDeadLettered
+            pg.schema
+                .count("SELECT COUNT(*) FROM dead_letter_retries")
+                .await,
+            1
         );
-        assert_eq!(pg.store.retries(10).await.unwrap(), [record]);
-        assert_eq!(
-            pg.store
-                .retry_dead_letter(&DeadLetterId::Outbox("nope#0".into()), &ana())
-                .await
-                .unwrap(),
-            RetryOutcome::NotFound
-        );
-        assert_eq!(pg.schema.count("SELECT COUNT(*) FROM dead_letter_retries").await, 1);
     })
     .await;
 }
@@ -374,31 +274,7 @@ async fn a_rejected_request_is_sent_again_under_its_key_and_its_new_outcome_reco
 async fn a_request_whose_outcome_an_after_requests_hook_used_is_not_retried() {
     bounded(async {
         let pg = Pg::with_hook("hook", true).await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(409))
-            .mount(&pg.server)
-            .await;
-        pg.executor
-            .run_with(
-                "post:2",
-                ledger_entry(),
-                RunOptions::after_requests("notify"),
-            )
-            .await
-            .unwrap();
-        pg.settle().await;
-        assert_eq!(pg.published("ledger-results").await, ["post:2#1"]);
-        let id = DeadLetterId::Outbox("post:2#0".into());
-        let RetryOutcome::Refused { reason } =
-            pg.store.retry_dead_letter(&id, &ana()).await.unwrap()
-        else {
-            panic!("a retry after the hook ran must be refused");
-        };
-        assert!(reason.contains("after-requests hook `notify`"), "{reason}");
-        assert_eq!(pg.dead_letters().await.len(), 1, "nothing changed");
-        assert!(pg.store.retries(10).await.unwrap().is_empty());
-        pg.settle().await;
-        assert_eq!(pg.idempotency_keys().await.len(), 1);
+        cases::a_request_an_after_requests_hook_used_is_not_retried(&pg).await;
     })
     .await;
 }
@@ -407,60 +283,7 @@ async fn a_request_whose_outcome_an_after_requests_hook_used_is_not_retried() {
 async fn a_dead_lettered_message_is_published_again_under_its_id() {
     bounded(async {
         let pg = Pg::new("message").await;
-        // The request fails for now: the run's message waits for it.
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503))
-            .up_to_n_times(2)
-            .mount(&pg.server)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(201))
-            .mount(&pg.server)
-            .await;
-        let effects = ledger_entry().merge(MessageEffect::new("entries", json!({"n": 1})));
-        pg.executor.run("post:3", effects).await.unwrap();
-        // The message waits for the request: pending, not ready.
-        let pending = pg.store.pending(10).await.unwrap();
-        let waiting = pending
-            .iter()
-            .find(|e| e.row.id == "post:3#1")
-            .expect("pending");
-        assert!(!waiting.ready, "{waiting:?}");
-        // An operator gives up on the message while it waits.
-        assert!(
-            pg.store
-                .dead_letter("post:3#1", "not wanted any more", None)
-                .await
-                .unwrap()
-        );
-        pg.settle().await;
-        assert!(pg.published("entries").await.is_empty());
-        assert_eq!(
-            pg.store.run("post:3").await.unwrap().unwrap().status,
-            RunStatus::Done
-        );
-
-        let id = DeadLetterId::Outbox("post:3#1".into());
-        let RetryOutcome::Retried(record) = pg.store.retry_dead_letter(&id, &ana()).await.unwrap()
-        else {
-            panic!("not retried");
-        };
-        assert_eq!(record.kind, DeadLetterKind::Message);
-        assert_eq!(
-            pg.store.run("post:3").await.unwrap().unwrap().status,
-            RunStatus::MessagesPending
-        );
-        // It got its turn in the ready order: the counter row moved for it.
-        let pending = pg.store.pending(10).await.unwrap();
-        assert_eq!(pending.len(), 1);
-        assert!(pending[0].ready, "{:?}", pending[0]);
-        assert_eq!(pending[0].retries, std::slice::from_ref(&record));
-        pg.settle().await;
-        assert_eq!(pg.published("entries").await, ["post:3#1"]);
-        assert_eq!(
-            pg.store.run("post:3").await.unwrap().unwrap().status,
-            RunStatus::Done
-        );
+        cases::a_dead_lettered_message_is_published_again(&pg).await;
     })
     .await;
 }
@@ -675,47 +498,7 @@ async fn runs_pending_rows_and_history_as_of_a_tx() {
 async fn a_prune_preview_counts_what_a_prune_removes() {
     bounded(async {
         let pg = Pg::new("prune").await;
-        for i in 0..3 {
-            pg.executor
-                .run(
-                    &format!("seed:{i}"),
-                    status(&format!("c{i}"), "active")
-                        .merge(MessageEffect::new("cards", json!({"i": i}))),
-                )
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let all = PruneOlderThan {
-            outbox_dispatched: Some(Duration::ZERO),
-            runs_completed: Some(Duration::ZERO),
-            log_published: Some(Duration::ZERO),
-        };
-        let preview = pg.store.prune_preview(all).await.unwrap();
-        assert_eq!(
-            (preview.outbox_rows, preview.runs, preview.log_messages),
-            (3, 3, 0)
-        );
-        let only_rows = pg
-            .store
-            .prune_preview(PruneOlderThan {
-                outbox_dispatched: Some(Duration::ZERO),
-                ..PruneOlderThan::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!((only_rows.outbox_rows, only_rows.runs), (3, 0));
-        assert_eq!(
-            pg.schema.count("SELECT COUNT(*) FROM outbox").await,
-            3,
-            "nothing removed"
-        );
-        let pruned = pg.store.prune(all).await.unwrap();
-        assert_eq!(preview, pruned);
-        assert_eq!(
-            pg.store.prune_preview(all).await.unwrap(),
-            Default::default()
-        );
+        cases::a_prune_preview_counts_what_a_prune_removes(&pg).await;
     })
     .await;
 }
@@ -965,7 +748,7 @@ async fn the_cli_on_a_postgres_schema_filled_by_the_executor() {
         assert!(out.contains("retried"), "{out}");
         assert_eq!(pg.settle().await, 1, "the retried request, sent once more");
         assert_eq!(
-            pg.idempotency_keys()
+            cases::idempotency_keys(&pg)
                 .await
                 .iter()
                 .filter(|k| k.starts_with("post:1"))
@@ -1198,7 +981,7 @@ async fn retry_while_the_requests_finish(mutant: bool) -> AfterTheRace {
     AfterTheRace {
         waited,
         ready,
-        published: pg.published("entries").await,
+        published: cases::published(&pg, "entries").await,
         status: pg.store.run("post:6").await.unwrap().unwrap().status,
     }
 }
