@@ -6,10 +6,22 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "effects", version, about, long_about = None)]
 pub(crate) struct Cli {
-    /// The store: `sqlite:PATH` (the embedded store). `postgres://...` is not supported by this
-    /// build yet.
+    /// The store: `sqlite:PATH` (the embedded store), or `postgres://USER@HOST:PORT/DATABASE`
+    /// (also `postgresql://`) for a PostgreSQL store, in the schema given by `--schema`. The
+    /// store must exist: nothing is ever created.
     #[arg(long, env = "EFFECTS_STORE", value_name = "URL", global = true)]
     pub(crate) store: Option<String>,
+
+    /// With a `postgres://` store: the schema the store lives in (the name services and
+    /// examples give as their namespace). Ignored for `sqlite:` stores.
+    #[arg(
+        long,
+        env = "EFFECTS_NAMESPACE",
+        value_name = "NAME",
+        default_value = crate::open::DEFAULT_SCHEMA,
+        global = true
+    )]
+    pub(crate) schema: String,
 
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
@@ -28,6 +40,10 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Outbox(OutboxCommand),
     /// Dead letters: requests, messages and inputs that were given up on, and retrying them.
+    ///
+    /// On a `postgres://` store, inputs come from the broker (NATS JetStream) and their dead
+    /// letters are kept in its stream, not in the store: they are not listed, and retrying an
+    /// `input:` id is refused. Requests and messages are listed and retried as on SQLite.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
     /// An entity's attributes as of a transaction, and their history.

@@ -63,6 +63,10 @@ pub(crate) async fn execute(cli: Cli) -> Result<Output, CliError> {
             let store = StoreUrl::open_sqlite(&path)?;
             run(&store, cli.command, cli.json).await
         }
+        StoreUrl::Postgres(url) => {
+            let store = StoreUrl::open_postgres(&url, &cli.schema).await?;
+            run(&store, cli.command, cli.json).await
+        }
     }
 }
 

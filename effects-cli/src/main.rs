@@ -1,7 +1,9 @@
 //! `effects`: the operator's command line for a service built on effects.
 //!
 //! It works on a store given by URL (`--store`, or the `EFFECTS_STORE` environment variable):
-//! `sqlite:PATH` for the embedded SQLite store. It reads what the service's runs wrote and sent,
+//! `sqlite:PATH` for the embedded SQLite store, `postgres://USER@HOST:PORT/DATABASE` (or
+//! `postgresql://`) for a PostgreSQL store, whose schema is `--schema NAME` (or the
+//! `EFFECTS_NAMESPACE` environment variable; default `public`). It reads what the service's runs wrote and sent,
 //! what is pending in the outbox, what was dead-lettered and why, and retries dead letters.
 //!
 //! ```text
@@ -12,10 +14,14 @@
 //! effects --store sqlite:cards.db dead-letters retry 'input:3:block' --reason "card c2 fixed"
 //! effects --store sqlite:cards.db history card/id=c1 --as-of 2
 //! effects --store sqlite:cards.db prune --dry-run
+//! effects --store postgres://postgres@127.0.0.1:5432/test --schema cards runs list
 //! ```
 //!
-//! Every command prints aligned tables, or JSON with `--json`. A store that does not exist, or a
-//! file that is not an effects store, is an error: the CLI never creates a database.
+//! Every command prints aligned tables, or JSON with `--json`. A store that does not exist, a
+//! file or schema that is not an effects store, or a PostgreSQL server that does not answer, is
+//! an error: the CLI never creates a database or a schema. On PostgreSQL, input dead letters are
+//! kept by the broker (the NATS stream), not by the store: `dead-letters` lists requests and
+//! messages only, and refuses to retry an `input:` id.
 
 mod cli;
 mod commands;

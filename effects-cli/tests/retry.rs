@@ -2,25 +2,25 @@
 //! (the harness): a request is sent again under its idempotency key and its new outcome
 //! recorded; a message is published again under its id; an input is delivered again to its
 //! consumer only, under its message id. Counted at the source: requests the HTTP server
-//! received, handler calls, deliveries each consumer was handed.
+//! received, handler calls, deliveries each consumer was handed. The cases of requests,
+//! messages and pruning are shared with the PostgreSQL store (`common/inspect_cases.rs`).
+
+#[path = "common/inspect_cases.rs"]
+mod cases;
 
 use std::time::Duration;
 
+use cases::{ana, card};
 use effects_core::store::{
-    DeadLetterEntry, DeadLetterId, DeadLetterKind, Inspect, PruneOlderThan, RequestOutcome,
-    RetryOutcome, RetryRequest, RunStatus, Store,
+    DeadLetterEntry, DeadLetterId, DeadLetterKind, Inspect, PruneOlderThan, RetryOutcome,
+    SqliteStore, Store,
 };
-use effects_core::testing::harness::Harness;
-use effects_core::transport::{FetchRequest, Transport};
+use effects_core::testing::harness::{Harness, HarnessExecutor};
+use effects_core::transport::{FetchRequest, SqliteLog, Transport};
 use effects_core::worker::LoadEntity;
-use effects_core::{
-    Datom, DatomEffect, Effects, LookupRef, Message, MessageEffect, Method, RequestEffect,
-    effect_handler, effects,
-};
+use effects_core::{Datom, LookupRef, Message, MessageEffect, effect_handler, effects};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -30,106 +30,31 @@ async fn bounded<T>(test: impl Future<Output = T>) -> T {
         .expect("the test did not finish in time")
 }
 
-fn ana() -> RetryRequest {
-    RetryRequest {
-        operator: "ana".to_owned(),
-        reason: "the ledger accepts it now".to_owned(),
+impl cases::Fixture for Harness {
+    type Store = SqliteStore;
+
+    fn executor(&self) -> &HarnessExecutor {
+        Harness::executor(self).as_ref()
     }
-}
 
-fn ledger_entry() -> Effects {
-    Effects::from(
-        RequestEffect::new(Method::Post, "ledger", "/entries").with_body(json!({"amount": 5})),
-    )
-}
+    fn server(&self) -> &wiremock::MockServer {
+        Harness::server(self)
+    }
 
-async fn idempotency_keys(h: &Harness) -> Vec<String> {
-    h.server()
-        .received_requests()
-        .await
-        .expect("recording is on")
-        .iter()
-        .map(|r| {
-            r.headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect()
+    fn log(&self) -> SqliteLog {
+        Harness::log(self)
+    }
+
+    async fn settle(&self) -> usize {
+        Harness::settle(self).await.progress.requests_sent
+    }
 }
 
 #[tokio::test]
 async fn a_rejected_request_is_sent_again_under_its_key_and_its_new_outcome_recorded() {
     bounded(async {
         let h = Harness::builder().endpoint("ledger").build().await;
-        Mock::given(method("POST"))
-            .and(path("/entries"))
-            .respond_with(ResponseTemplate::new(422).set_body_json(json!({"error": "closed"})))
-            .up_to_n_times(1)
-            .mount(h.server())
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/entries"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"entry": 7})))
-            .mount(h.server())
-            .await;
-        let outcome = h.executor().run("post:1", ledger_entry()).await.unwrap();
-        assert_eq!(outcome.progress().dead_lettered, 1);
-
-        let dead = h.dead_letters().await;
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].id(), DeadLetterId::Outbox("post:1#0".into()));
-        assert_eq!(dead[0].kind(), DeadLetterKind::Request);
-        assert_eq!(dead[0].reason(), "rejected with status 422");
-
-        let RetryOutcome::Retried(record) = h
-            .store()
-            .retry_dead_letter(&dead[0].id(), &ana())
-            .await
-            .unwrap()
-        else {
-            panic!("not retried");
-        };
-        assert_eq!(record.operator, "ana");
-        assert_eq!(record.dead_letter_reason, "rejected with status 422");
-        assert!(matches!(
-            record.previous_outcome,
-            Some(RequestOutcome::Rejected { ref response }) if response.status == 422
-        ));
-        let run = h.store().run("post:1").await.unwrap().unwrap();
-        assert_eq!(run.status, RunStatus::RequestsPending);
-        assert!(h.dead_letters().await.is_empty());
-
-        let settled = h.settle().await;
-        assert_eq!(settled.progress.requests_sent, 1);
-        let detail = h.run("post:1").await.unwrap();
-        assert_eq!(detail.run.status, RunStatus::Done);
-        let recorded = detail.outbox[0].recorded.as_ref().unwrap();
-        assert!(
-            matches!(&recorded.outcome, RequestOutcome::Response { response } if response.status == 201),
-            "{recorded:?}"
-        );
-        assert_eq!(detail.outbox[0].retries, std::slice::from_ref(&record));
-        // Counted at the server: the request went out twice, under one key.
-        assert_eq!(idempotency_keys(&h).await, ["post:1#0", "post:1#0"]);
-
-        // Once retried it is not a dead letter any more.
-        assert_eq!(
-            h.store()
-                .retry_dead_letter(&dead[0].id(), &ana())
-                .await
-                .unwrap(),
-            RetryOutcome::NotDeadLettered
-        );
-        assert_eq!(h.store().retries(10).await.unwrap(), [record]);
-        assert_eq!(
-            h.store()
-                .retry_dead_letter(&DeadLetterId::Outbox("nope#0".into()), &ana())
-                .await
-                .unwrap(),
-            RetryOutcome::NotFound
-        );
+        cases::a_rejected_request_is_sent_again(&h).await;
     })
     .await;
 }
@@ -147,33 +72,7 @@ async fn a_request_whose_outcome_an_after_requests_hook_used_is_not_retried() {
             })
             .build()
             .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(409))
-            .mount(h.server())
-            .await;
-        h.executor()
-            .run_with(
-                "post:2",
-                ledger_entry(),
-                effects_core::executor::RunOptions::after_requests("notify"),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            h.published("ledger-results").await[0].payload,
-            json!({"ok": false})
-        );
-        let id = DeadLetterId::Outbox("post:2#0".into());
-        let RetryOutcome::Refused { reason } =
-            h.store().retry_dead_letter(&id, &ana()).await.unwrap()
-        else {
-            panic!("a retry after the hook ran must be refused");
-        };
-        assert!(reason.contains("after-requests hook `notify`"), "{reason}");
-        assert_eq!(h.dead_letters().await.len(), 1, "nothing changed");
-        assert!(h.store().retries(10).await.unwrap().is_empty());
-        h.settle().await;
-        assert_eq!(idempotency_keys(&h).await.len(), 1);
+        cases::a_request_an_after_requests_hook_used_is_not_retried(&h).await;
     })
     .await;
 }
@@ -182,51 +81,7 @@ async fn a_request_whose_outcome_an_after_requests_hook_used_is_not_retried() {
 async fn a_dead_lettered_message_is_published_again_under_its_id() {
     bounded(async {
         let h = Harness::builder().endpoint("ledger").build().await;
-        // The request fails for now: the run's message waits for it.
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503))
-            .up_to_n_times(2)
-            .mount(h.server())
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(201))
-            .mount(h.server())
-            .await;
-        let effects = ledger_entry().merge(MessageEffect::new("entries", json!({"n": 1})));
-        h.executor().run("post:3", effects).await.unwrap();
-        // An operator gives up on the message while it waits.
-        assert!(
-            h.store()
-                .dead_letter("post:3#1", "not wanted any more", None)
-                .await
-                .unwrap()
-        );
-        h.settle().await;
-        assert!(h.published("entries").await.is_empty());
-        assert_eq!(
-            h.store().run("post:3").await.unwrap().unwrap().status,
-            RunStatus::Done
-        );
-
-        let id = DeadLetterId::Outbox("post:3#1".into());
-        let RetryOutcome::Retried(record) = h.store().retry_dead_letter(&id, &ana()).await.unwrap()
-        else {
-            panic!("not retried");
-        };
-        assert_eq!(record.kind, DeadLetterKind::Message);
-        assert_eq!(
-            h.store().run("post:3").await.unwrap().unwrap().status,
-            RunStatus::MessagesPending
-        );
-        h.settle().await;
-        let published = h.published("entries").await;
-        assert_eq!(published.len(), 1);
-        assert_eq!(published[0].id, "post:3#1");
-        assert_eq!(published[0].run_key.as_deref(), Some("post:3"));
-        assert_eq!(
-            h.store().run("post:3").await.unwrap().unwrap().status,
-            RunStatus::Done
-        );
+        cases::a_dead_lettered_message_is_published_again(&h).await;
     })
     .await;
 }
@@ -276,13 +131,6 @@ fn block(card: &Card) -> effects![BlockCard] {
         })
         .build()
         .into()
-}
-
-fn card(id: &str) -> Effects {
-    Effects::from(DatomEffect::assert(
-        LookupRef::new("card/id", id),
-        [("card/status", json!("active"))],
-    ))
 }
 
 /// What the consumer `audit` of the topic is handed now (and acknowledges).
@@ -427,29 +275,7 @@ async fn a_dead_lettered_input_pruned_from_the_log_is_appended_again_for_its_con
 async fn a_prune_preview_counts_what_a_prune_removes() {
     bounded(async {
         let h = Harness::new().await;
-        for i in 0..3 {
-            h.seed(
-                &format!("seed:{i}"),
-                card(&format!("c{i}")).merge(MessageEffect::new("cards", json!({"i": i}))),
-            )
-            .await;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let all = PruneOlderThan {
-            outbox_dispatched: Some(Duration::ZERO),
-            runs_completed: Some(Duration::ZERO),
-            log_published: Some(Duration::ZERO),
-        };
-        let preview = h.store().prune_preview(all).await.unwrap();
-        assert_eq!((preview.outbox_rows, preview.runs), (3, 3));
-        // Nobody consumes `cards`: its messages are kept.
-        assert_eq!(preview.log_messages, 0);
-        let pruned = h.store().prune(all).await.unwrap();
-        assert_eq!(preview, pruned);
-        assert_eq!(
-            h.store().prune_preview(all).await.unwrap(),
-            Default::default()
-        );
+        cases::a_prune_preview_counts_what_a_prune_removes(&h).await;
     })
     .await;
 }

@@ -36,10 +36,13 @@ async fn migrations_are_recorded_checked_and_serialised() {
         for store in &stores {
             assert_eq!(
                 store.schema_versions().await.unwrap(),
-                [(1, "0001_store.sql".to_owned())]
+                [
+                    (1, "0001_store.sql".to_owned()),
+                    (2, "0002_dead_letter_retries.sql".to_owned())
+                ]
             );
         }
-        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 1);
+        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 2);
         drop(stores);
 
         // A migration edited after it was applied is refused.

@@ -205,11 +205,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_store.sql",
-    sql: include_str!("../../migrations/postgres/0001_store.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_store.sql",
+        sql: include_str!("../../migrations/postgres/0001_store.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_dead_letter_retries.sql",
+        sql: include_str!("../../migrations/postgres/0002_dead_letter_retries.sql"),
+    },
+];
 
 /// The advisory lock (one 64-bit key) held while migrating, so that two processes migrating
 /// one database at once take turns. Entity locks use the two-key space, which never overlaps.
@@ -276,6 +283,115 @@ fn retryable(e: &StoreError) -> bool {
 
 impl Db {
     pub(super) async fn connect(options: &PostgresOptions) -> Result<Db, StoreError> {
+        let db = Db::pool(options)?;
+        let mut client = db.pool.get().await.map_err(|e| db.open_error(e))?;
+        migrate(&mut client, &db.schema).await?;
+        Ok(db)
+    }
+
+    /// Connects to a schema that must hold an effects store already: a schema that does not
+    /// exist, or holds no `schema_version` whose first migration is `0001_store.sql`, is
+    /// refused and nothing is created. A store of an older version gets the pending migrations,
+    /// as [`Db::connect`] would give it.
+    pub(super) async fn connect_existing(options: &PostgresOptions) -> Result<Db, StoreError> {
+        const OP: &str = "looking for the store";
+        let db = Db::pool(options)?;
+        let refuse = |reason: String| StoreError::Open {
+            location: db.location.clone(),
+            source: reason.into(),
+        };
+        let mut client = db.pool.get().await.map_err(|e| db.open_error(e))?;
+        let schema = client
+            .query_opt(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                &[&db.schema],
+            )
+            .await
+            .map_err(db_error(OP))?;
+        if schema.is_none() {
+            return Err(refuse(format!(
+                "the schema `{}` does not exist: it is not an effects store",
+                db.schema
+            )));
+        }
+        let table = client
+            .query_opt(
+                "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'schema_version'",
+                &[&db.schema],
+            )
+            .await
+            .map_err(db_error(OP))?;
+        if table.is_none() {
+            return Err(refuse(format!(
+                "the schema `{}` is not an effects store (no `schema_version` table)",
+                db.schema
+            )));
+        }
+        // The search path is the schema (see `pool`).
+        let first: Option<String> = client
+            .query_opt("SELECT name FROM schema_version WHERE version = 1", &[])
+            .await
+            .map_err(|e| {
+                refuse(format!(
+                    "the schema `{}` is not an effects store (its `schema_version` cannot be \
+                     read: {})",
+                    db.schema,
+                    describe(&e)
+                ))
+            })?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(db_error(OP))?;
+        if first.as_deref() != Some(MIGRATIONS[0].name) {
+            return Err(refuse(format!(
+                "the schema `{}` is not an effects store (its `schema_version` does not start \
+                 with {})",
+                db.schema, MIGRATIONS[0].name
+            )));
+        }
+        // Up to date: nothing to write (an operator's role may not be allowed to), only the
+        // recorded migrations to check. Otherwise the pending ones are applied.
+        let applied: Vec<(i64, String, String)> = client
+            .query(
+                "SELECT version, name, sha256 FROM schema_version ORDER BY version",
+                &[],
+            )
+            .await
+            .map_err(db_error(OP))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(db_error(OP))?;
+        check_recorded(&applied)?;
+        if MIGRATIONS
+            .iter()
+            .any(|m| !applied.iter().any(|(v, _, _)| *v == m.version))
+        {
+            migrate(&mut client, &db.schema).await?;
+        }
+        Ok(db)
+    }
+
+    /// Why the first connection failed, with the server's or the driver's cause (the pool's own
+    /// message says only that creating a connection failed).
+    fn open_error(&self, e: deadpool_postgres::PoolError) -> StoreError {
+        let reason = match &e {
+            deadpool_postgres::PoolError::Backend(e) => {
+                format!("cannot connect: {}", describe(e))
+            }
+            deadpool_postgres::PoolError::Timeout(_) => {
+                "cannot connect: the server did not answer in time".to_owned()
+            }
+            other => format!("cannot connect: {other}"),
+        };
+        StoreError::Open {
+            location: self.location.clone(),
+            source: reason.into(),
+        }
+    }
+
+    /// The pool, checked options; no connection is opened yet.
+    fn pool(options: &PostgresOptions) -> Result<Db, StoreError> {
         let location = format!("{} (schema {})", redacted_url(&options.url), options.schema);
         let open_error = |reason: String| StoreError::Open {
             location: location.clone(),
@@ -336,11 +452,6 @@ impl Db {
             location,
             schema: options.schema.clone(),
         };
-        let mut client = db.pool.get().await.map_err(|e| StoreError::Open {
-            location: db.location.clone(),
-            source: Box::new(e),
-        })?;
-        migrate(&mut client, &db.schema).await?;
         Ok(db)
     }
 
@@ -479,6 +590,37 @@ fn sha256_hex(text: &str) -> String {
     out
 }
 
+/// Refuses recorded migrations this library does not know (a newer version migrated the
+/// schema) or whose file changed since they were applied.
+fn check_recorded(applied: &[(i64, String, String)]) -> Result<(), StoreError> {
+    for (version, name, sha) in applied {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            None => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: format!(
+                        "is recorded in the database but unknown to this library (it knows up to \
+                         version {}): the database was migrated by a newer version",
+                        MIGRATIONS.len()
+                    ),
+                });
+            }
+            Some(m) if sha256_hex(m.sql) != *sha => {
+                return Err(StoreError::Migration {
+                    version: *version,
+                    name: name.clone(),
+                    reason: "was changed after it was applied: its SHA-256 differs from the \
+                             recorded one; add a new migration instead of editing this one"
+                        .to_owned(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Applies the pending migrations in one transaction, under an advisory lock so that processes
 /// starting together take turns; refuses a database whose recorded migrations differ from the
 /// files or come from a newer version.
@@ -511,31 +653,7 @@ async fn migrate(client: &mut Object, schema: &str) -> Result<(), StoreError> {
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
         .collect::<Result<_, tokio_postgres::Error>>()
         .map_err(db_error(OP))?;
-    for (version, name, sha) in &applied {
-        match MIGRATIONS.iter().find(|m| m.version == *version) {
-            None => {
-                return Err(StoreError::Migration {
-                    version: *version,
-                    name: name.clone(),
-                    reason: format!(
-                        "is recorded in the database but unknown to this library (it knows up to \
-                         version {}): the database was migrated by a newer version",
-                        MIGRATIONS.len()
-                    ),
-                });
-            }
-            Some(m) if sha256_hex(m.sql) != *sha => {
-                return Err(StoreError::Migration {
-                    version: *version,
-                    name: name.clone(),
-                    reason: "was changed after it was applied: its SHA-256 differs from the \
-                             recorded one; add a new migration instead of editing this one"
-                        .to_owned(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
+    check_recorded(&applied)?;
     for m in MIGRATIONS {
         if applied.iter().any(|(v, _, _)| *v == m.version) {
             continue;

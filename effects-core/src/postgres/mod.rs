@@ -88,6 +88,18 @@
 //! SHA-256. A schema whose recorded migration differs from the file, or that was migrated by a
 //! newer version of this library, is refused.
 //!
+//! # Inspection
+//!
+//! [`PostgresStore`] implements [`Inspect`](crate::store::Inspect), as the SQLite store does:
+//! the `effects` CLI works on it with a `postgres://` URL and a schema. Its reads run in one
+//! `REPEATABLE READ READ ONLY` snapshot and measure time with the server's clock; retrying a
+//! dead-lettered outbox row is one transaction locking the row, then its run's row, then (for
+//! a message that gets its turn) the `outbox_ready` counter row, like every writer resolving a
+//! row, and clears the row's lease so that a claimant holding an older token is refused. Input
+//! dead letters are kept by the broker (the NATS stream), not by this store: none is listed,
+//! and retrying one is refused with that reason. [`PostgresStore::connect_existing`] opens a
+//! schema that must already hold a store, creating nothing.
+//!
 //! # Options
 //!
 //! [`PostgresOptions`]: the URL (`postgres://user@host:port/db`, or libpq's `key=value` form;
@@ -106,6 +118,7 @@
 //! `tokio-postgres-rustls` crate (it adds `x509-cert` and its DER parser for channel binding).
 
 mod db;
+mod inspect;
 mod store;
 
 #[cfg(feature = "postgres-tls")]

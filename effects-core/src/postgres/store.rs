@@ -41,7 +41,7 @@ use crate::store::{
 /// ```
 #[derive(Clone)]
 pub struct PostgresStore {
-    db: Arc<Db>,
+    pub(super) db: Arc<Db>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -52,14 +52,14 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
+pub(crate) fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         what: what.into(),
         reason: reason.into(),
     }
 }
 
-fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
+pub(crate) fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
     row: &'r Row,
     index: usize,
     what: &dyn Fn() -> String,
@@ -68,11 +68,11 @@ fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
         .map_err(|e| corrupt(what(), format!("column {index}: {e}")))
 }
 
-fn to_u32(v: i64, what: &str, column: &str) -> Result<u32, StoreError> {
+pub(crate) fn to_u32(v: i64, what: &str, column: &str) -> Result<u32, StoreError> {
     u32::try_from(v).map_err(|_| corrupt(what, format!("`{column}` is {v}")))
 }
 
-fn millis(d: Duration) -> Millis {
+pub(crate) fn millis(d: Duration) -> Millis {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -218,7 +218,7 @@ impl PostgresStore {
 // ---------------------------------------------------------------------------------------------
 // Row decoding.
 
-const OUTBOX_COLUMNS: &str = "id, run_key, seq, kind, destination, partition_key, headers, payload, \
+pub(crate) const OUTBOX_COLUMNS: &str = "id, run_key, seq, kind, destination, partition_key, headers, payload, \
      tx, attempts, next_attempt_at_ms, last_error, dispatched_at_ms, dead_lettered_reason, ready_seq, \
      lease_owner, lease_until_ms, lease_token";
 
@@ -237,7 +237,7 @@ const EARLIER: &str = "CASE \
 /// The column of [`EARLIER`] after [`OUTBOX_COLUMNS`].
 const EARLIER_COLUMN: usize = 18;
 
-fn decode_outbox(r: &Row) -> Result<OutboxRow, StoreError> {
+pub(crate) fn decode_outbox(r: &Row) -> Result<OutboxRow, StoreError> {
     let id: String = get(r, 0, &|| "an outbox row".to_owned())?;
     let what = format!("outbox row `{id}`");
     let w = || what.clone();
@@ -273,10 +273,10 @@ fn decode_outbox(r: &Row) -> Result<OutboxRow, StoreError> {
     })
 }
 
-const RUN_COLUMNS: &str = "key, effects_sha256, tx, status, after_requests, outbox_count, \
+pub(crate) const RUN_COLUMNS: &str = "key, effects_sha256, tx, status, after_requests, outbox_count, \
      created_at_ms, updated_at_ms, completed_at_ms";
 
-fn decode_run(r: &Row) -> Result<RunRecord, StoreError> {
+pub(crate) fn decode_run(r: &Row) -> Result<RunRecord, StoreError> {
     let key: String = get(r, 0, &|| "an effect run".to_owned())?;
     let what = format!("effect run `{key}`");
     let w = || what.clone();
@@ -295,7 +295,10 @@ fn decode_run(r: &Row) -> Result<RunRecord, StoreError> {
     })
 }
 
-async fn load_run(tx: &Transaction<'_>, key: &str) -> Result<Option<RunRecord>, StoreError> {
+pub(crate) async fn load_run(
+    tx: &Transaction<'_>,
+    key: &str,
+) -> Result<Option<RunRecord>, StoreError> {
     query_opt(
         tx,
         "reading an effect run",
@@ -308,7 +311,7 @@ async fn load_run(tx: &Transaction<'_>, key: &str) -> Result<Option<RunRecord>, 
     .transpose()
 }
 
-async fn now(tx: &Transaction<'_>) -> Result<Millis, StoreError> {
+pub(crate) async fn now(tx: &Transaction<'_>) -> Result<Millis, StoreError> {
     let row = query_one(tx, "reading the clock", "SELECT effects_now_ms()", &[]).await?;
     get(&row, 0, &|| "the clock".to_owned())
 }
@@ -318,7 +321,11 @@ async fn now(tx: &Transaction<'_>) -> Result<Millis, StoreError> {
 
 /// Allocates `count` values of a counter row; returns the first. The row stays locked until
 /// the transaction ends, so values are handed out in commit order.
-async fn next_counter(tx: &Transaction<'_>, name: &str, count: usize) -> Result<i64, StoreError> {
+pub(crate) async fn next_counter(
+    tx: &Transaction<'_>,
+    name: &str,
+    count: usize,
+) -> Result<i64, StoreError> {
     let count = i64::try_from(count).unwrap_or(i64::MAX);
     let row = query_one(
         tx,
@@ -668,7 +675,10 @@ async fn complete_if_done(tx: &Transaction<'_>, key: &str, now: Millis) -> Resul
 
 /// Locks the run's row until the transaction ends: every change of a run's status, and every
 /// resolution of one of its rows, takes it, so they happen one after the other.
-async fn lock_run(tx: &Transaction<'_>, key: &str) -> Result<Option<RunRecord>, StoreError> {
+pub(crate) async fn lock_run(
+    tx: &Transaction<'_>,
+    key: &str,
+) -> Result<Option<RunRecord>, StoreError> {
     query_opt(
         tx,
         "locking an effect run",
