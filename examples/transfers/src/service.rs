@@ -1,5 +1,5 @@
 //! The workers: `transfer` on the `transfers` topic and `settle` on `fraud-checked`, sharing one
-//! executor that sends the fraud checks (`fraud-check` endpoint) and runs the
+//! executor on any [`Backend`] that sends the fraud checks (`fraud-check` endpoint) and runs the
 //! [`fraud_verdicts`] step after them. The same function runs them in the
 //! job's own process and in each worker process started with `--processes`.
 
@@ -8,18 +8,19 @@ use std::time::Duration;
 
 use effects_core::executor::{Executor, Mutant};
 use effects_core::http::{HttpConfig, ReqwestClient};
-use effects_core::store::SqliteStore;
-use effects_core::transport::SqliteLog;
+use effects_core::transport::Transport;
 use effects_core::worker::{LoadWith, Worker, WorkerConfig, WorkerReport};
 use effects_core::{Handler, Message};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::backend::Backend;
 use crate::job::Error;
 use crate::{FRAUD_VERDICTS, FraudChecked, SettleHandler, TransferHandler, fraud_verdicts, load};
 
-/// The executor of the embedded default with the fraud-check endpoint.
-pub type TransfersExecutor = Executor<SqliteStore, SqliteLog, ReqwestClient>;
+/// The executor of a backend, with the fraud-check endpoint.
+pub type TransfersExecutor<B> =
+    Executor<<B as Backend>::Store, <B as Backend>::Transport, ReqwestClient>;
 
 /// How the workers of one process run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,27 +113,28 @@ impl Workers {
     }
 }
 
-/// The executor: the SQLite store, its own log, the `fraud-check` endpoint at
+/// The executor: the backend's store and transport, the `fraud-check` endpoint at
 /// `fraud_check_url`, and the after-requests step that turns the service's answers into
 /// [`FraudChecked`] messages.
-pub fn executor(
-    store: &SqliteStore,
+pub fn executor<B: Backend>(
+    backend: &B,
     fraud_check_url: &str,
     mutant: Option<Mutant>,
-) -> Result<TransfersExecutor, Error> {
+) -> Result<TransfersExecutor<B>, Error> {
     let http = ReqwestClient::new(
         HttpConfig::new()
             .with_endpoint("fraud-check", fraud_check_url)?
             .with_attempt_timeout(Duration::from_secs(5)),
     )?;
-    let mut builder = Executor::builder(store.clone(), store.log())
+    let mut builder = Executor::builder(backend.store().clone(), backend.transport().clone())
         .http(http)
         .after_requests(FRAUD_VERDICTS, fraud_verdicts);
     if let Some(mutant) = mutant {
         builder = builder.mutant(mutant);
     }
     let executor = builder.build();
-    if !executor.publishes_inline() {
+    let colocated = backend.transport().colocation().is_some();
+    if colocated && !executor.publishes_inline() {
         return Err(Error::Setup {
             reason: "the log does not share the store's database".to_owned(),
         });
@@ -143,29 +145,31 @@ pub fn executor(
 /// Whether everything published so far is handled: every transfer acknowledged, every run
 /// finished (fraud checks answered, their verdicts published), every verdict acknowledged.
 /// In that order, because each step can only add work to the next one.
-pub async fn drained(store: &SqliteStore) -> Result<bool, Error> {
-    let log = store.log();
+pub async fn drained<B: Backend>(backend: &B) -> Result<bool, Error> {
     let transfers = TransferHandler::DESCRIPTOR;
     let settle = SettleHandler::DESCRIPTOR;
-    if log
+    if backend
         .unacknowledged(transfers.name, transfers.topic.unwrap_or_default())
         .await?
         > 0
     {
         return Ok(false);
     }
-    let backlog = store.backlog().await?;
-    if backlog.open_runs > 0 || backlog.pending_rows > 0 {
+    if !backend.runs_finished().await? {
         return Ok(false);
     }
-    Ok(log.unacknowledged(settle.name, FraudChecked::TOPIC).await? == 0)
+    Ok(backend
+        .unacknowledged(settle.name, FraudChecked::TOPIC)
+        .await?
+        == 0)
 }
 
 /// Runs the `transfer` and `settle` workers until everything published is handled
 /// ([`drained`]), then shuts them down gracefully. Fails if that takes longer than
 /// `options.patience`.
-pub async fn run_until_drained(
-    executor: Arc<TransfersExecutor>,
+pub async fn run_until_drained<B: Backend>(
+    executor: Arc<TransfersExecutor<B>>,
+    backend: &B,
     options: &WorkerOptions,
 ) -> Result<Workers, Error> {
     let config = WorkerConfig {
@@ -176,7 +180,7 @@ pub async fn run_until_drained(
     };
     let transfer = Worker::new(Arc::clone(&executor), TransferHandler)
         .with_config(config.clone())
-        .load_with(LoadWith::new(load::transfer_input::<SqliteStore>));
+        .load_with(LoadWith::new(load::transfer_input::<B::Store>));
     let settle = Worker::new(Arc::clone(&executor), SettleHandler)
         .with_config(WorkerConfig {
             // The `transfer` worker runs the relay; one per process is enough.
@@ -184,14 +188,13 @@ pub async fn run_until_drained(
             after_requests: None,
             ..config
         })
-        .load_with(LoadWith::new(load::settle_input::<SqliteStore>));
+        .load_with(LoadWith::new(load::settle_input::<B::Store>));
 
     let (stop, stopped) = watch::channel(false);
-    let store = executor.store().clone();
     let watch = async {
         let deadline = tokio::time::Instant::now() + options.patience;
         let result = loop {
-            match drained(&store).await {
+            match drained(backend).await {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
