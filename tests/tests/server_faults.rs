@@ -8,6 +8,16 @@
 //! - **Worker processes SIGKILLed and restarted** under a transfer workload: every transfer
 //!   applied once, none lost, and the balances explained by the booked transfers (no lost
 //!   update).
+//! - **NATS restarted mid-run** (SIGKILL, twice, down 2.5 s) under two worker processes whose inputs are
+//!   partly redelivered: every run's message is on the stream once, under its own key; what
+//!   was published again (a publish whose acknowledgement did not come) is absorbed by the
+//!   stream and counted.
+//! - **A relay paused past its lease** (SIGSTOP) while a second relay takes over, then killed:
+//!   every message on the stream once, none lost; rows the paused relay had published but not
+//!   marked are published again by the second one, absorbed by the stream and counted.
+//! - **A relay kept down longer than the stream's duplicate window**: a relay dies after
+//!   publishing a message and before marking it, and the next one comes only after the window;
+//!   the copy is stored again and reaches the consumers, whose idempotency keys absorb it.
 //!
 //! Counted at the source: committed transactions per key (the `transactions` table, one row
 //! per commit, never deduplicated), and in per-process event files that survive SIGKILL,
@@ -33,13 +43,14 @@ use std::time::{Duration, Instant};
 use backends::postgres::{Postgres, PrivateServer, client};
 use effects_core::executor::{Executor, Mutant};
 use effects_core::handler::business_key;
+use effects_core::handler::message_key;
 use effects_core::nats::async_nats::jetstream::consumer::pull;
 use effects_core::nats::{NatsConfig, NatsTransport, Reconnect};
 use effects_core::postgres::{PostgresOptions, PostgresStore};
 use effects_core::store::Store;
-use effects_core::transport::{OutgoingMessage, Transport};
-use effects_core::{DatomEffect, Effects, LookupRef};
-use effects_tests::harness::book::{self, HANDLER_NAME, INPUTS, run_key};
+use effects_core::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
+use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect};
+use effects_tests::harness::book::{self, BOOKED, HANDLER_NAME, INPUTS, run_key};
 use effects_tests::harness::process::ChildProcess;
 use effects_tests::harness::tally::{ACK_LOST, Events, FETCH, HANDLER, PUBLISH, REDELIVERY};
 use nats_support::PrivateNats;
@@ -52,6 +63,10 @@ const TRANSFERS: &str = "transfer-requests";
 
 /// The NATS settings of the test and of every child (the child's `nats_config`).
 fn nats_config(url: &str, stream: &str) -> NatsConfig {
+    nats_config_with_window(url, stream, None)
+}
+
+fn nats_config_with_window(url: &str, stream: &str, window: Option<Duration>) -> NatsConfig {
     let mut config = NatsConfig::new(url).with_stream(stream, stream.to_ascii_lowercase());
     config.connect_timeout = Duration::from_secs(3);
     config.request_timeout = Duration::from_secs(2);
@@ -61,6 +76,9 @@ fn nats_config(url: &str, stream: &str) -> NatsConfig {
         max_delay: Duration::from_millis(250),
     };
     config.poll_interval = Duration::from_millis(20);
+    if let Some(window) = window {
+        config.duplicate_window = window;
+    }
     config
 }
 
@@ -567,4 +585,603 @@ async fn mutant_without_read_validation_fails_the_kill_test() {
     let k = kills("kills-mutant", 300, 2, Some(Mutant::SkipReadValidation)).await;
     assert_ne!(k.balances, k.expected, "the mutant lost no update");
     assert!(!kills_differences(&k).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the NATS restart, the relay pause and the duplicate window.
+
+/// A transport whose publishes all fail: runs committed through it leave their messages
+/// pending in the outbox, for relays to dispatch.
+#[derive(Clone)]
+struct Refusing(NatsTransport);
+
+impl Transport for Refusing {
+    fn publish(
+        &self,
+        _: OutgoingMessage,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send {
+        std::future::ready(Err(TransportError::Unavailable {
+            reason: "refused on purpose: the relays dispatch".to_owned(),
+        }))
+    }
+
+    fn fetch(
+        &self,
+        request: FetchRequest,
+    ) -> impl std::future::Future<Output = Result<Vec<Delivery>, TransportError>> + Send {
+        self.0.fetch(request)
+    }
+
+    fn ack(
+        &self,
+        d: &Delivery,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send {
+        self.0.ack(d)
+    }
+
+    fn nack(
+        &self,
+        d: &Delivery,
+        delay: Duration,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send {
+        self.0.nack(d, delay)
+    }
+
+    fn dead_letter(
+        &self,
+        d: &Delivery,
+        reason: &str,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send {
+        self.0.dead_letter(d, reason)
+    }
+}
+
+/// Commits `count` runs, each with one message on [`BOOKED`] (`{"id": "t<i>"}`, id
+/// `<run key>#0`), leaving the messages pending.
+async fn commit_pending(
+    servers: &Servers,
+    store: &PostgresStore,
+    nats: &NatsTransport,
+    count: u64,
+) {
+    let executor = Executor::builder(store.clone(), Refusing(nats.clone()))
+        .lease(Duration::from_millis(200))
+        .owner("committer")
+        .build();
+    for i in 0..count {
+        // The publish fails on purpose; the commit stands.
+        let _ = executor
+            .run(
+                &run_key(i),
+                Effects::from(MessageEffect::new(
+                    BOOKED,
+                    json!({"id": book::transfer_id(i)}),
+                )),
+            )
+            .await;
+    }
+    let backlog = store.backlog().await.expect("backlog");
+    assert_eq!(backlog.pending_rows, count, "{backlog:?}");
+    assert_eq!(servers.transactions().await.len() as u64, count);
+}
+
+/// Every message of `topic` on the stream, `(id, stream sequence)`, read through a fresh
+/// consumer group (bounded).
+async fn read_back(
+    nats: &NatsTransport,
+    group: &str,
+    topic: &str,
+    expected: usize,
+) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet = 0;
+    while Instant::now() < deadline && quiet < 3 {
+        let batch = nats
+            .fetch(FetchRequest {
+                consumer: group.to_owned(),
+                topic: topic.to_owned(),
+                max: 256,
+                visibility: Duration::from_secs(120),
+                wait: Duration::from_millis(if out.len() < expected { 500 } else { 200 }),
+            })
+            .await
+            .expect("read back");
+        if batch.is_empty() {
+            quiet += usize::from(out.len() >= expected);
+            continue;
+        }
+        for d in batch {
+            nats.ack(&d).await.expect("ack");
+            out.push((d.message_id, d.sequence));
+        }
+    }
+    out
+}
+
+/// What is wrong with the messages on the stream: a run whose message is missing, there more
+/// than once, or under another key than its own. Empty when each is there once.
+fn stream_differences(on_stream: &[(String, u64)], runs: u64) -> Vec<String> {
+    let mut by_id: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, _) in on_stream {
+        *by_id.entry(id.as_str()).or_default() += 1;
+    }
+    let mut wrong = Vec::new();
+    let expected: std::collections::BTreeSet<String> =
+        (0..runs).map(|i| format!("{}#0", run_key(i))).collect();
+    for id in &expected {
+        match by_id.get(id.as_str()) {
+            Some(1) => {}
+            Some(n) => wrong.push(format!("{id} on the stream {n} times")),
+            None => wrong.push(format!("{id} missing")),
+        }
+    }
+    for (id, n) in &by_id {
+        if !expected.contains(*id) {
+            wrong.push(format!("{id} ({n}x): a message under a key no run has"));
+        }
+    }
+    wrong
+}
+
+fn sigstop(child: &ChildProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {}", child.id());
+}
+
+fn events_now(servers: &Servers) -> Events {
+    Events::read_dir(&servers.events).unwrap_or_default()
+}
+
+/// Publish attempts per id beyond the first: copies sent again, which the stream absorbed if
+/// the id is there once.
+fn published_again(events: &Events) -> usize {
+    events
+        .counts(PUBLISH)
+        .values()
+        .map(|n| n.saturating_sub(1))
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS restarted mid-run.
+
+struct Restarts {
+    messages: u64,
+    on_stream: Vec<(String, u64)>,
+    events: Events,
+    restarts: usize,
+}
+
+async fn nats_restarts(name: &str, messages: u64, mutant: Option<Mutant>) -> Restarts {
+    let mut servers = Servers::start(name).await;
+    let store = servers.store().await;
+    let nats = servers.transport().await;
+    book::seed(&nats, 0..messages, false)
+        .await
+        .expect("publish the inputs");
+    let mut extra = vec![
+        "--lose-acks".to_owned(),
+        "10".to_owned(),
+        "--visibility-ms".to_owned(),
+        "1000".to_owned(),
+        "--concurrency".to_owned(),
+        "4".to_owned(),
+    ];
+    if let Some(m) = mutant {
+        extra.extend(["--mutant".to_owned(), m.name().to_owned()]);
+    }
+    let children: Vec<ChildProcess> = (1..=2).map(|n| servers.child(n, "book", &extra)).collect();
+    // SIGKILL the server at a third and at two thirds of the runs, each time down 2.5 s:
+    // longer than a publish waits for its acknowledgement (2 s), so publishes fail and are
+    // sent again.
+    let mut restarts = 0;
+    for at in [messages / 3, 2 * messages / 3] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (servers.transactions().await.len() as u64) < at && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::task::block_in_place(|| servers.nats.kill());
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        tokio::task::block_in_place(|| servers.nats.restart());
+        restarts += 1;
+    }
+    wait_until_done(
+        &nats,
+        &store,
+        HANDLER_NAME,
+        INPUTS,
+        messages,
+        Duration::from_secs(120),
+    )
+    .await;
+    let reports = tokio::task::block_in_place(|| stop_all(children));
+    let on_stream = read_back(&nats, "check", BOOKED, messages as usize).await;
+    let events = events_now(&servers);
+    let r = Restarts {
+        messages,
+        on_stream,
+        events,
+        restarts,
+    };
+    println!(
+        "FIGURE server_nats_restarts mutant={:?} processes=2 messages={messages} \
+         restarts={restarts} redelivered_inputs={} handler_calls={} publish_attempts={} \
+         published_ids={} published_again={} on_stream={} wrong={} reports={reports:?}",
+        mutant.map(Mutant::name),
+        r.events.counts(REDELIVERY).len(),
+        r.events.total(HANDLER),
+        r.events.total(PUBLISH),
+        r.events.counts(PUBLISH).len(),
+        published_again(&r.events),
+        r.on_stream.len(),
+        stream_differences(&r.on_stream, messages).len(),
+    );
+    drop(store);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_run_dispatches_each_run_once_under_its_key() {
+    let r = nats_restarts("natsrestart", 400, None).await;
+    assert_eq!(r.restarts, 2);
+    assert_eq!(
+        stream_differences(&r.on_stream, r.messages),
+        Vec::<String>::new()
+    );
+    // Every publish attempt is counted; each id reached the stream once however often it was
+    // sent.
+    assert!(r.events.total(PUBLISH) >= r.messages as usize);
+    assert_eq!(r.events.counts(PUBLISH).len(), r.messages as usize);
+}
+
+/// Without the duplicate check, an input redelivered after the restart runs again under a key
+/// of its own, and its message goes out a second time under that key: the check sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_without_duplicate_check_dispatches_under_two_keys() {
+    let r = nats_restarts("natsrestart-mutant", 300, Some(Mutant::SkipDuplicateCheck)).await;
+    let wrong = stream_differences(&r.on_stream, r.messages);
+    assert!(
+        wrong.iter().any(|w| w.contains("a key no run has")),
+        "no run was dispatched under a second key: {wrong:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A relay paused past its lease.
+
+struct Pause {
+    runs: u64,
+    on_stream: Vec<(String, u64)>,
+    events: Events,
+}
+
+async fn relay_pause(name: &str, runs: u64, mutant: Option<Mutant>) -> Pause {
+    let servers = Servers::start(name).await;
+    let store = servers.store().await;
+    let nats = servers.transport().await;
+    commit_pending(&servers, &store, &nats, runs).await;
+    let mut common = vec!["--lease-ms".to_owned(), "1000".to_owned()];
+    if let Some(m) = mutant {
+        common.extend(["--mutant".to_owned(), m.name().to_owned()]);
+    }
+    // Three slow relays: 400 ms before a message reaches NATS, 100 ms after.
+    let mut slow = common.clone();
+    slow.extend(
+        [
+            "--batch",
+            "5",
+            "--delay-before-ms",
+            "400",
+            "--delay-after-ms",
+            "100",
+        ]
+        .map(str::to_owned),
+    );
+    let paused: Vec<ChildProcess> = (1..=3).map(|n| servers.child(n, "relay", &slow)).collect();
+    // Pause them all in the middle of their work, past their leases.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events_now(&servers).total(PUBLISH) < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for child in &paused {
+        sigstop(child, "-STOP");
+    }
+    let before_pause = events_now(&servers).total(PUBLISH);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // A second relay takes over what their leases no longer hold.
+    let second = servers.child(9, "relay", &common);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let backlog = store.backlog().await.expect("backlog");
+        if backlog.pending_rows == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not dispatched: {backlog:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The paused relays never come back.
+    for child in paused {
+        tokio::task::block_in_place(|| child.kill_9()).expect("SIGKILL");
+    }
+    let reports = tokio::task::block_in_place(|| stop_all(vec![second]));
+    let on_stream = read_back(&nats, "check", BOOKED, runs as usize).await;
+    let p = Pause {
+        runs,
+        on_stream,
+        events: events_now(&servers),
+    };
+    println!(
+        "FIGURE server_relay_pause mutant={:?} runs={runs} paused_relays=3 \
+         publish_attempts_before_pause={before_pause} publish_attempts={} published_ids={} \
+         published_again={} on_stream={} wrong={:?} second_relay={reports:?}",
+        mutant.map(Mutant::name),
+        p.events.total(PUBLISH),
+        p.events.counts(PUBLISH).len(),
+        published_again(&p.events),
+        p.on_stream.len(),
+        stream_differences(&p.on_stream, runs),
+    );
+    drop(store);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_paused_past_its_lease_is_taken_over_without_loss_or_double() {
+    let p = relay_pause("relaypause", 60, None).await;
+    assert_eq!(
+        stream_differences(&p.on_stream, p.runs),
+        Vec::<String>::new()
+    );
+    assert_eq!(p.events.counts(PUBLISH).len(), p.runs as usize);
+}
+
+/// Marking before publishing: rows the paused relays had marked but not yet published are
+/// never sent by anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_marking_before_publishing_loses_the_paused_relays_messages() {
+    let p = relay_pause("relaypause-mutant", 60, Some(Mutant::MarkBeforePublish)).await;
+    let wrong = stream_differences(&p.on_stream, p.runs);
+    assert!(
+        wrong.iter().any(|w| w.ends_with("missing")),
+        "nothing lost: {wrong:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A relay down for longer than the duplicate window.
+
+const WINDOW: Duration = Duration::from_millis(1_000);
+
+/// Reads `BOOKED` and records each run, counting its calls.
+#[derive(Debug)]
+struct AuditHandler {
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl effects_core::Handler for AuditHandler {
+    type Input = book::Booking;
+    type Output = Effects;
+    const DESCRIPTOR: &'static effects_core::HandlerDescriptor = &effects_core::HandlerDescriptor {
+        name: "audit",
+        topic: Some(BOOKED),
+        key: None,
+        input: "Booking",
+        schemas: &[],
+    };
+
+    fn handle(&self, b: book::Booking) -> Effects {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Effects::from(DatomEffect::assert(
+            LookupRef::new("audit/id", b.id.as_str()),
+            [("audit/seen", json!(true))],
+        ))
+    }
+}
+
+struct Window {
+    runs: u64,
+    on_stream: Vec<(String, u64)>,
+    audit_transactions: BTreeMap<String, usize>,
+    deliveries: Vec<(String, u64, bool)>,
+    handler_calls: usize,
+}
+
+fn window_differences(w: &Window) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for i in 0..w.runs {
+        let key = message_key("audit", BOOKED, &format!("{}#0", run_key(i)));
+        let n = w.audit_transactions.get(&key).copied().unwrap_or(0);
+        if n != 1 {
+            wrong.push(format!("{key} applied {n} times"));
+        }
+    }
+    if w.audit_transactions.len() as u64 != w.runs {
+        wrong.push(format!(
+            "{} audit keys committed for {} messages",
+            w.audit_transactions.len(),
+            w.runs
+        ));
+    }
+    wrong
+}
+
+async fn relay_down_past_window(
+    name: &str,
+    runs: u64,
+    cycles: usize,
+    mutant: Option<Mutant>,
+) -> Window {
+    let servers = Servers::start(name).await;
+    let store = servers.store().await;
+    let nats = nats_support::connect_or_explain(nats_config_with_window(
+        &servers.nats.url(),
+        &servers.stream,
+        Some(WINDOW),
+    ))
+    .await;
+    commit_pending(&servers, &store, &nats, runs).await;
+    let window_ms = WINDOW.as_millis().to_string();
+    let mut args: Vec<String> = [
+        "--lease-ms",
+        "500",
+        "--batch",
+        "1",
+        "--duplicate-window-ms",
+        &window_ms,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // Each relay publishes one message, marks it, publishes the next and dies before marking
+    // it; the next relay comes after the window.
+    let mut died = 0;
+    for n in 0..cycles {
+        let mut dying = args.clone();
+        dying.extend(["--die-at-publish".to_owned(), "2".to_owned()]);
+        let mut relay = servers.child(n + 1, "relay", &dying);
+        tokio::task::block_in_place(|| {
+            relay
+                .wait_for("FAULT", Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let _ = relay.wait(Duration::from_secs(10));
+        });
+        died += 1;
+        // Past the lease, and well past the window: the server forgets ids in periodic
+        // sweeps, not at the very millisecond.
+        tokio::time::sleep(2 * WINDOW + Duration::from_millis(500)).await;
+    }
+    args.extend(["--concurrency".to_owned(), "1".to_owned()]);
+    let last = servers.child(99, "relay", &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.backlog().await.expect("backlog").pending_rows > 0 {
+        assert!(Instant::now() < deadline, "the last relay did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = tokio::task::block_in_place(|| stop_all(vec![last]));
+
+    // The consumers: a worker on `BOOKED`, keyed by the message id.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut builder = Executor::builder(store.clone(), nats.clone());
+    if let Some(m) = mutant {
+        builder = builder.mutant(m);
+    }
+    let seen: Arc<std::sync::Mutex<Vec<(String, u64, bool)>>> = Arc::default();
+    let log = Arc::clone(&seen);
+    let worker = effects_core::worker::Worker::new(
+        Arc::new(builder.build()),
+        AuditHandler {
+            calls: Arc::clone(&calls),
+        },
+    )
+    .with_config(effects_core::worker::WorkerConfig {
+        concurrency: 1,
+        fetch_wait: Duration::from_millis(50),
+        ..effects_core::worker::WorkerConfig::default()
+    })
+    .on_processed(move |d, p| {
+        let applied = matches!(p, effects_core::worker::Processed::Applied { .. });
+        log.lock()
+            .expect("seen")
+            .push((d.message_id.clone(), d.sequence, applied));
+    });
+    let on_stream = read_back(&nats, "check", BOOKED, runs as usize).await;
+    let total = on_stream.len() as u64;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    wait_until_done(
+        &nats,
+        &store,
+        "audit",
+        BOOKED,
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
+    let audit_transactions: BTreeMap<String, usize> = servers
+        .transactions()
+        .await
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("audit:"))
+        .collect();
+    let deliveries = seen.lock().expect("seen").clone();
+    let w = Window {
+        runs,
+        on_stream,
+        audit_transactions,
+        deliveries,
+        handler_calls: calls.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, _) in &w.on_stream {
+        *copies.entry(id.as_str()).or_default() += 1;
+    }
+    let doubled_on_stream = copies.values().filter(|n| **n > 1).count();
+    let delivered_twice = {
+        let mut by: BTreeMap<&str, std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for (id, seq, _) in &w.deliveries {
+            by.entry(id.as_str()).or_default().insert(*seq);
+        }
+        by.values().filter(|s| s.len() > 1).count()
+    };
+    println!(
+        "FIGURE server_duplicate_window mutant={:?} runs={runs} window_ms={} relays_died={died} \
+         on_stream={} ids_stored_twice={doubled_on_stream} ids_delivered_twice={delivered_twice} \
+         deliveries={} handler_calls={} audit_transactions={} wrong={:?}",
+        mutant.map(Mutant::name),
+        WINDOW.as_millis(),
+        w.on_stream.len(),
+        w.deliveries.len(),
+        w.handler_calls,
+        w.audit_transactions.values().sum::<usize>(),
+        window_differences(&w),
+    );
+    drop(store);
+    w
+}
+
+fn stored_twice(w: &Window) -> usize {
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, _) in &w.on_stream {
+        *copies.entry(id.as_str()).or_default() += 1;
+    }
+    copies.values().filter(|n| **n > 1).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_down_past_the_duplicate_window_is_absorbed_by_the_consumers() {
+    let w = relay_down_past_window("window", 12, 3, None).await;
+    // Each relay that died left one message published and unmarked; its successor came after
+    // the window, so the stream took the copy: the duplicates reached the consumers.
+    let twice = stored_twice(&w);
+    assert!(twice >= 1, "no copy got in: {:?}", w.on_stream);
+    assert!(w.on_stream.len() > w.runs as usize, "{:?}", w.on_stream);
+    let delivered: usize = w.deliveries.len();
+    assert_eq!(delivered, w.on_stream.len());
+    // And were absorbed: one transaction per message id.
+    assert_eq!(window_differences(&w), Vec::<String>::new());
+    assert_eq!(w.handler_calls, w.runs as usize);
+}
+
+/// Without the duplicate check, the copies are applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_without_duplicate_check_applies_the_copies() {
+    let w = relay_down_past_window("window-mutant", 12, 3, Some(Mutant::SkipDuplicateCheck)).await;
+    assert!(stored_twice(&w) > 0);
+    assert!(
+        !window_differences(&w).is_empty(),
+        "the copies were absorbed"
+    );
 }

@@ -3,9 +3,15 @@
 //!
 //! ```text
 //! effects-server-child --store URL --schema NAME --nats URL --stream NAME --events DIR
-//!     --workload book|transfer [--lose-acks PERCENT] [--visibility-ms N] [--concurrency N]
-//!     [--mutant NAME]
+//!     --workload book|transfer|relay [--lose-acks PERCENT] [--visibility-ms N]
+//!     [--concurrency N] [--mutant NAME] [--duplicate-window-ms N]
+//!     [--lease-ms N] [--batch N] [--delay-before-ms N] [--delay-after-ms N]
+//!     [--die-at-publish N]
 //! ```
+//!
+//! `relay` runs only a relay (no worker): it dispatches what runs left pending, each publish
+//! slowed by the given delays before and after it reaches NATS, and with `--die-at-publish N`
+//! the process exits at the `N`th message published and not yet marked dispatched.
 //!
 //! It counts at the source in `DIR/<pid>-<n>.events` (handler calls, publish attempts, fetched
 //! deliveries, redeliveries, lost acknowledgements: [`effects_tests::harness::tally`]), loses
@@ -13,16 +19,19 @@
 //! every process, so they come back after the ack wait), prints `ready` once its worker runs,
 //! and stops when stdin closes or says `STOP`.
 
+use std::future::Future;
 use std::io::BufRead as _;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use effects_core::executor::{Executor, Mutant};
+use effects_core::executor::{Executor, FaultPoint, Mutant};
 use effects_core::nats::{NatsConfig, NatsTransport, Reconnect};
 use effects_core::postgres::{PostgresOptions, PostgresStore};
-use effects_core::relay::RelayConfig;
+use effects_core::relay::{Relay, RelayConfig};
 use effects_core::store::Tracked;
+use effects_core::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
 use effects_core::worker::{LoadError, LoadWith, Worker, WorkerConfig};
 use effects_core::{DatomEffect, Effects, Handler, HandlerDescriptor, LookupRef, MessageEffect};
 use effects_tests::harness::book::{BookHandler, Requests};
@@ -140,6 +149,61 @@ async fn load_transfer(
     })
 }
 
+/// A transport whose publishes take `before` to reach the inner transport and `after` to
+/// return once it acknowledged: a slow relay, so that a pause lands in the middle of its work.
+#[derive(Clone, Debug)]
+struct Slow<T> {
+    inner: T,
+    before: Duration,
+    after: Duration,
+}
+
+impl<T: Transport + Clone> Transport for Slow<T> {
+    fn publish(
+        &self,
+        message: OutgoingMessage,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let (inner, before, after) = (self.inner.clone(), self.before, self.after);
+        async move {
+            if !before.is_zero() {
+                tokio::time::sleep(before).await;
+            }
+            let published = inner.publish(message).await;
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
+            }
+            published
+        }
+    }
+
+    fn fetch(
+        &self,
+        request: FetchRequest,
+    ) -> impl Future<Output = Result<Vec<Delivery>, TransportError>> + Send {
+        self.inner.fetch(request)
+    }
+
+    fn ack(&self, d: &Delivery) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.inner.ack(d)
+    }
+
+    fn nack(
+        &self,
+        d: &Delivery,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.inner.nack(d, delay)
+    }
+
+    fn dead_letter(
+        &self,
+        d: &Delivery,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.inner.dead_letter(d, reason)
+    }
+}
+
 #[derive(Debug)]
 struct Args {
     store: String,
@@ -152,6 +216,13 @@ struct Args {
     visibility: Duration,
     concurrency: usize,
     mutant: Option<Mutant>,
+    relay: bool,
+    duplicate_window: Option<Duration>,
+    lease: Option<Duration>,
+    batch: usize,
+    delay_before: Duration,
+    delay_after: Duration,
+    die_at_publish: Option<u64>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -166,6 +237,13 @@ fn parse(args: &[String]) -> Result<Args, String> {
         visibility: Duration::from_secs(2),
         concurrency: 4,
         mutant: None,
+        relay: false,
+        duplicate_window: None,
+        lease: None,
+        batch: 100,
+        delay_before: Duration::ZERO,
+        delay_after: Duration::ZERO,
+        die_at_publish: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -181,7 +259,18 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--nats" => a.nats = value.clone(),
             "--stream" => a.stream = value.clone(),
             "--events" => a.events = value.into(),
-            "--workload" => a.transfer = value == "transfer",
+            "--workload" => {
+                a.transfer = value == "transfer";
+                a.relay = value == "relay";
+            }
+            "--duplicate-window-ms" => {
+                a.duplicate_window = Some(Duration::from_millis(number()?));
+            }
+            "--lease-ms" => a.lease = Some(Duration::from_millis(number()?)),
+            "--batch" => a.batch = usize::try_from(number()?).unwrap_or(1),
+            "--delay-before-ms" => a.delay_before = Duration::from_millis(number()?),
+            "--delay-after-ms" => a.delay_after = Duration::from_millis(number()?),
+            "--die-at-publish" => a.die_at_publish = Some(number()?),
             "--lose-acks" => a.lose_acks = number()?,
             "--visibility-ms" => a.visibility = Duration::from_millis(number()?),
             "--concurrency" => a.concurrency = usize::try_from(number()?).unwrap_or(1),
@@ -226,7 +315,11 @@ async fn run(a: Args) -> Result<(), BoxError> {
         ..options
     })
     .await?;
-    let nats = NatsTransport::connect(nats_config(&a.nats, &a.stream)).await?;
+    let mut config = nats_config(&a.nats, &a.stream);
+    if let Some(window) = a.duplicate_window {
+        config.duplicate_window = window;
+    }
+    let nats = NatsTransport::connect(config).await?;
     let tally = Tally::in_dir(&a.events)?;
     let plan = Arc::new(Redeliveries::new(
         a.lose_acks,
@@ -236,9 +329,28 @@ async fn run(a: Args) -> Result<(), BoxError> {
         std::path::PathBuf::new(),
         tally.clone(),
     ));
-    let mut builder = Executor::builder(store.clone(), CountingTransport::new(nats, plan));
+    let transport = Slow {
+        inner: CountingTransport::new(nats, plan),
+        before: a.delay_before,
+        after: a.delay_after,
+    };
+    let mut builder = Executor::builder(store.clone(), transport);
     if let Some(m) = a.mutant {
         builder = builder.mutant(m);
+    }
+    if let Some(lease) = a.lease {
+        builder = builder.lease(lease);
+    }
+    if let Some(n) = a.die_at_publish {
+        let hits = Arc::new(AtomicU64::new(0));
+        builder = builder.fault_hook(Arc::new(move |point: FaultPoint, at: &str| {
+            if point == FaultPoint::AfterPublishBeforeMark
+                && hits.fetch_add(1, Ordering::SeqCst) + 1 == n
+            {
+                say(&format!("FAULT {at}"));
+                std::process::exit(3);
+            }
+        }));
     }
     let executor = Arc::new(builder.build());
     let config = WorkerConfig {
@@ -268,6 +380,22 @@ async fn run(a: Args) -> Result<(), BoxError> {
         let _ = stop_rx.wait_for(|s| *s).await;
     };
     say("ready");
+    if a.relay {
+        let totals = Relay::new(executor)
+            .with_config(RelayConfig {
+                interval: Duration::from_millis(50),
+                batch: a.batch.max(1),
+                retention: None,
+                ..RelayConfig::default()
+            })
+            .run(stopped)
+            .await;
+        say(&format!(
+            "report relay rounds={} dispatched={}",
+            totals.rounds, totals.dispatched.progress.messages_dispatched
+        ));
+        return Ok(());
+    }
     let report = if a.transfer {
         Worker::new(executor, TransferHandler { tally })
             .with_config(config)
