@@ -193,19 +193,20 @@ pub async fn run_until_drained<B: Backend>(
     let (stop, stopped) = watch::channel(false);
     let watch = async {
         let deadline = tokio::time::Instant::now() + options.patience;
+        // A failed look (a server restarting) is looked at again until the patience runs out.
         let result = loop {
-            match drained(backend).await {
+            let failed = match drained(backend).await {
                 Ok(true) => break Ok(()),
-                Ok(false) => {}
-                Err(e) => break Err(e),
-            }
+                Ok(false) => None,
+                Err(e) => Some(e),
+            };
             if tokio::time::Instant::now() >= deadline {
-                break Err(Error::Timeout {
+                break Err(failed.unwrap_or_else(|| Error::Timeout {
                     what: format!(
                         "the workers did not handle every transfer within {}s",
                         options.patience.as_secs()
                     ),
-                });
+                }));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
