@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use effects_core::executor::{Executor, Mutant};
+use effects_core::executor::{Backoff, Executor, Mutant};
 use effects_core::http::{HttpConfig, ReqwestClient};
 use effects_core::transport::Transport;
 use effects_core::worker::{LoadWith, Worker, WorkerConfig, WorkerReport};
@@ -21,6 +21,9 @@ use crate::{FRAUD_VERDICTS, FraudChecked, SettleHandler, TransferHandler, fraud_
 /// The executor of a backend, with the fraud-check endpoint.
 pub type TransfersExecutor<B> =
     Executor<<B as Backend>::Store, <B as Backend>::Transport, ReqwestClient>;
+
+/// Re-runs after a conflict before a transfer is dead-lettered (see [`run_until_drained`]).
+pub const RERUNS: u32 = 256;
 
 /// How the workers of one process run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,11 +175,20 @@ pub async fn run_until_drained<B: Backend>(
     backend: &B,
     options: &WorkerOptions,
 ) -> Result<Workers, Error> {
+    let defaults = WorkerConfig::default();
     let config = WorkerConfig {
         concurrency: options.concurrency.max(1),
         fetch_wait: Duration::from_millis(100),
         after_requests: Some(FRAUD_VERDICTS.to_owned()),
-        ..WorkerConfig::default()
+        // Most transfers leave one hot account: with several processes of 8 deliveries each
+        // on PostgreSQL, dozens of runs on that account are computed at once and only one of
+        // them commits each time. Give a run more re-runs than the default 32 before it is
+        // dead-lettered, so that it does not starve.
+        reruns: Backoff {
+            max_attempts: Some(RERUNS),
+            ..defaults.reruns
+        },
+        ..defaults
     };
     let transfer = Worker::new(Arc::clone(&executor), TransferHandler)
         .with_config(config.clone())
