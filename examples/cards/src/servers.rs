@@ -463,8 +463,8 @@ async fn drained(
 /// A worker process of the job.
 struct Running {
     child: Child,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Drop for Running {
@@ -473,6 +473,11 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a pipe-reading thread read (nothing if it is gone).
+fn joined(reader: Option<std::thread::JoinHandle<String>>) -> String {
+    reader.and_then(|r| r.join().ok()).unwrap_or_default()
 }
 
 fn start_processes(options: &ServersOptions) -> Result<Vec<Running>, JobError> {
@@ -524,8 +529,8 @@ fn start_processes(options: &ServersOptions) -> Result<Vec<Running>, JobError> {
         });
         running.push(Running {
             child,
-            stdout,
-            stderr,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         });
     }
     drop(ready_tx);
@@ -538,8 +543,7 @@ fn start_processes(options: &ServersOptions) -> Result<Vec<Running>, JobError> {
                 .map(|mut r| {
                     let _ = r.child.kill();
                     let _ = r.child.wait();
-                    let stderr = std::mem::replace(&mut r.stderr, std::thread::spawn(String::new));
-                    stderr.join().unwrap_or_default().trim().to_owned()
+                    joined(r.stderr.take()).trim().to_owned()
                 })
                 .filter(|s| !s.is_empty())
                 .collect();
@@ -573,12 +577,7 @@ fn stop_processes(
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = std::mem::replace(&mut r.stdout, std::thread::spawn(String::new));
-        let stderr = std::mem::replace(&mut r.stderr, std::thread::spawn(String::new));
-        let (stdout, stderr) = (
-            stdout.join().unwrap_or_default(),
-            stderr.join().unwrap_or_default(),
-        );
+        let (stdout, stderr) = (joined(r.stdout.take()), joined(r.stderr.take()));
         let report = stdout
             .lines()
             .rev()
