@@ -47,24 +47,26 @@ pub const DELIVERED_TWICE: &str = "m1";
 
 /// How long a delivery stays leased to a worker: the lost acknowledgement's message comes back
 /// after this.
-const VISIBILITY: Duration = Duration::from_millis(500);
+pub const VISIBILITY: Duration = Duration::from_millis(500);
 
 /// How long the job waits for the workers to acknowledge what it published.
-const PATIENCE: Duration = Duration::from_secs(20);
+pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The payload on `card-block-requested`: which card to block. The worker loads the card.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BlockRequest {
-    card_id: String,
+pub struct BlockRequest {
+    /// The card.
+    pub card_id: String,
 }
 
 /// The payload on `customer-cards-block-requested`: whose cards to block. The worker loads the
 /// customer and every card she holds.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BlockAllRequest {
-    customer_id: String,
+pub struct BlockAllRequest {
+    /// The customer.
+    pub customer_id: String,
 }
 
 /// Which handler a request is for.
@@ -152,7 +154,7 @@ pub fn cards() -> Vec<Card> {
 
 /// The seed as effects: the customer (with the ids of her cards, so that the `block_all` worker
 /// can load them) and each card, as datoms.
-fn seed_effects(customer: &Customer, cards: &[Card]) -> Result<Effects, JobError> {
+pub fn seed_effects(customer: &Customer, cards: &[Card]) -> Result<Effects, JobError> {
     let card_ids: Vec<&str> = cards.iter().map(|c| c.id.as_str()).collect();
     let mut effects = Effects::from(DatomEffect::assert(
         LookupRef::new("customer/id", customer.id.as_str()),
@@ -174,9 +176,9 @@ fn seed_effects(customer: &Customer, cards: &[Card]) -> Result<Effects, JobError
 }
 
 /// Loads the input of `block_all`: the customer and every card she holds, as they are now.
-async fn load_customer_cards(
+pub async fn load_customer_cards<S: Store>(
     request: BlockAllRequest,
-    store: Tracked<SqliteStore>,
+    store: Tracked<S>,
 ) -> Result<BlockAllInput, LoadError> {
     let customer_ref = LookupRef::new("customer/id", request.customer_id);
     let entity = store
@@ -215,13 +217,26 @@ async fn load_customer_cards(
 /// comes back once its visibility timeout has passed, and the worker must not apply it again.
 /// Everything else goes to the real log, and the log still lives in the store's database, so
 /// runs publish their messages in the transaction that applies their datoms.
+///
+/// The fault is keyed on the broker's delivery count, so with several worker processes it is
+/// injected once, in whichever process the first delivery reaches.
 #[derive(Clone, Debug)]
-pub struct LosesFirstAck {
-    log: SqliteLog,
+pub struct LosesFirstAck<T = SqliteLog> {
+    log: T,
     message_id: &'static str,
 }
 
-impl Transport for LosesFirstAck {
+impl<T: Transport> LosesFirstAck<T> {
+    /// `transport`, losing the first acknowledgement of `message_id`.
+    pub fn new(transport: T, message_id: &'static str) -> Self {
+        LosesFirstAck {
+            log: transport,
+            message_id,
+        }
+    }
+}
+
+impl<T: Transport> Transport for LosesFirstAck<T> {
     fn colocation(&self) -> Option<Colocation> {
         self.log.colocation()
     }
@@ -478,7 +493,7 @@ pub async fn run(database: &Path) -> Result<Report, JobError> {
 }
 
 /// Records every delivery of one handler's worker.
-fn recorder(
+pub fn recorder(
     seen: &Arc<Mutex<Vec<Delivered>>>,
     handler: &'static str,
 ) -> impl Fn(&Delivery, &Processed) + Send + Sync + 'static {
@@ -530,7 +545,7 @@ async fn drained(log: &SqliteLog, consumer: &str, topic: &str) -> Result<(), Job
 }
 
 /// Resolves once the job says stop.
-async fn until(mut stopped: watch::Receiver<bool>) {
+pub async fn until(mut stopped: watch::Receiver<bool>) {
     // An error means the sender is gone: stop as well.
     let _ = stopped.wait_for(|stop| *stop).await;
 }

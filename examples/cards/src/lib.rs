@@ -5,6 +5,18 @@
 //! and the executor does the rest.
 
 pub mod job;
+#[cfg(all(feature = "postgres", feature = "nats"))]
+pub mod servers;
+
+/// The environment variable the store URL is read from when `--store` is not given (as the
+/// `effects` CLI reads it).
+pub const STORE_ENV: &str = "EFFECTS_STORE";
+
+/// The environment variable of the transport URL.
+pub const TRANSPORT_ENV: &str = "EFFECTS_TRANSPORT";
+
+/// The environment variable of the namespace (schema and stream) on the servers.
+pub const NAMESPACE_ENV: &str = "EFFECTS_NAMESPACE";
 
 use effects_core::catalogue::Catalogue;
 use effects_core::catalogue::schemars::JsonSchema;

@@ -5,6 +5,8 @@
 //! cargo run -p cards               # a fresh database in the temporary directory
 //! cargo run -p cards -- cards.db   # or at a path that does not exist yet
 //! cargo run -p cards -- describe --format mermaid|json   # the handler catalogue
+//! cargo run -p cards --features postgres,nats -- --store postgres://postgres@127.0.0.1/test \
+//!     --transport nats://127.0.0.1:4222 --processes 2     # on the servers, two worker processes
 //! ```
 //!
 //! It seeds a customer and her cards, feeds block requests to the `block` and `block_all`
@@ -37,6 +39,161 @@ fn main() -> ExitCode {
     }
 }
 
+const USAGE: &str = "\
+usage: cards [DATABASE]
+       cards [--store URL] [--transport URL] [--namespace NAME] [--processes N]
+       cards worker [--store URL] [--transport URL] [--namespace NAME]
+       cards describe [--format mermaid|json]
+
+  DATABASE      a SQLite file that does not exist yet (default: a new one in the temporary
+                directory); the same as --store sqlite:DATABASE
+  --store       the store (or EFFECTS_STORE): `sqlite:PATH`, or `postgres://USER@HOST:PORT/DB`
+                (built with --features postgres,nats)
+  --transport   with a PostgreSQL store, `nats://HOST:PORT` (or EFFECTS_TRANSPORT)
+  --namespace   on the servers, the schema and the NATS stream of this run (or
+                EFFECTS_NAMESPACE; default: a fresh `cards_<pid>_<time>`)
+  --processes   on the servers, run the workers in N separate processes (default: in this one)
+  worker        run the `block` and `block_all` workers on a running job's servers until told to
+                stop on stdin (what --processes starts)";
+
+/// What the command line asks for.
+enum Mode {
+    Embedded(PathBuf),
+    Servers {
+        store: String,
+        transport: String,
+        namespace: Option<String>,
+        processes: usize,
+    },
+    Worker {
+        store: String,
+        transport: String,
+        namespace: String,
+        mutant: Option<String>,
+    },
+}
+
+/// A flag's value, or else the environment variable's (unset or empty: none).
+fn or_env(flag: Option<String>, var: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+}
+
+fn parse(args: &[String]) -> Result<Mode, String> {
+    let worker = args.first().is_some_and(|a| a == "worker");
+    let mut rest = args.iter().skip(usize::from(worker));
+    let (mut store, mut transport, mut namespace, mut database) = (None, None, None, None);
+    let mut processes = 0;
+    let mut mutant = None;
+    while let Some(arg) = rest.next() {
+        if !arg.starts_with("--") {
+            if worker || database.is_some() {
+                return Err(format!("unexpected argument `{arg}`"));
+            }
+            database = Some(arg.clone());
+            continue;
+        }
+        let value = rest.next().ok_or_else(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--store" => store = Some(value.clone()),
+            "--transport" => transport = Some(value.clone()),
+            "--namespace" => namespace = Some(value.clone()),
+            // Testing only: a worker process with a deliberately broken executor.
+            "--mutant" if worker => mutant = Some(value.clone()),
+            "--processes" if !worker => {
+                processes = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        format!("--processes takes a whole number of at least 1, not `{value}`")
+                    })?;
+            }
+            _ => return Err(format!("unknown argument `{arg}`")),
+        }
+    }
+    if let Some(path) = database {
+        if store.is_some() {
+            return Err("give a DATABASE or --store, not both".to_owned());
+        }
+        store = Some(format!("sqlite:{path}"));
+    }
+    let store = or_env(store, cards::STORE_ENV);
+    let transport = or_env(transport, cards::TRANSPORT_ENV);
+    let namespace = or_env(namespace, cards::NAMESPACE_ENV);
+    let servers = |url: &str| url.starts_with("postgres://") || url.starts_with("postgresql://");
+    match store {
+        Some(url) if servers(&url) => {
+            let transport = transport
+                .filter(|t| t.starts_with("nats://") || t.starts_with("tls://"))
+                .ok_or_else(|| {
+                    "a PostgreSQL store needs --transport nats://HOST:PORT (or EFFECTS_TRANSPORT)"
+                        .to_owned()
+                })?;
+            if worker {
+                let namespace = namespace.ok_or_else(|| {
+                    format!(
+                        "worker needs --namespace NAME (or {})",
+                        cards::NAMESPACE_ENV
+                    )
+                })?;
+                return Ok(Mode::Worker {
+                    store: url,
+                    transport,
+                    namespace,
+                    mutant,
+                });
+            }
+            Ok(Mode::Servers {
+                store: url,
+                transport,
+                namespace,
+                processes,
+            })
+        }
+        _ if worker => Err(
+            "worker runs on the servers: give --store postgres://.. and --transport nats://.."
+                .to_owned(),
+        ),
+        Some(url) => {
+            let path = url
+                .strip_prefix("sqlite:")
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "--store `{url}`: use `sqlite:PATH`, or `postgres://USER@HOST:PORT/DB` \
+                         with --transport nats://HOST:PORT"
+                    )
+                })?;
+            embedded(PathBuf::from(path), transport.as_deref(), processes)
+        }
+        None => embedded(
+            cards::job::fresh_database_path(),
+            transport.as_deref(),
+            processes,
+        ),
+    }
+}
+
+/// The embedded default: the store's own log, in this process.
+fn embedded(path: PathBuf, transport: Option<&str>, processes: usize) -> Result<Mode, String> {
+    if let Some(t) = transport {
+        if t != format!("sqlite:{}", path.display()) {
+            return Err(format!(
+                "--transport `{t}`: the embedded store publishes to its own log; leave \
+                 --transport out, or give --store postgres://.. with --transport nats://.."
+            ));
+        }
+    }
+    if processes > 0 {
+        return Err(
+            "--processes runs the workers on the servers: give --store postgres://.. and \
+             --transport nats://.."
+                .to_owned(),
+        );
+    }
+    Ok(Mode::Embedded(path))
+}
+
 fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
     let mut args = std::env::args_os().skip(1).peekable();
     if args.peek().is_some_and(|a| a == "describe") {
@@ -47,19 +204,114 @@ fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
         print!("{}", describe(&rest)?);
         return Ok(());
     }
-    let database = args
-        .next()
-        .map_or_else(cards::job::fresh_database_path, PathBuf::from);
-    if args.next().is_some() {
-        return Err("usage: cards [DATABASE], where DATABASE does not exist yet".into());
+    let args: Vec<String> = args
+        .map(|a| a.into_string().map_err(|_| "arguments must be UTF-8"))
+        .collect::<Result<_, _>>()?;
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
     }
+    let mode = parse(&args).map_err(|e| format!("{e}\n\n{USAGE}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(cards::job::run(&database))?;
-    print!("{}", Printout(&report));
+    match mode {
+        Mode::Embedded(database) => {
+            let report = runtime.block_on(cards::job::run(&database))?;
+            print!("{}", Printout(&report));
+            Ok(())
+        }
+        Mode::Servers {
+            store,
+            transport,
+            namespace,
+            processes,
+        } => runtime.block_on(servers(store, transport, namespace, processes)),
+        Mode::Worker {
+            store,
+            transport,
+            namespace,
+            mutant,
+        } => runtime.block_on(worker(store, transport, namespace, mutant)),
+    }
+}
+
+#[cfg(all(feature = "postgres", feature = "nats"))]
+async fn servers(
+    store: String,
+    transport: String,
+    namespace: Option<String>,
+    processes: usize,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    use cards::servers::{self, ServersOptions};
+    let namespace = namespace.unwrap_or_else(servers::fresh_namespace);
+    servers::check_namespace(&namespace)?;
+    let program = if processes > 0 {
+        Some(std::env::current_exe()?)
+    } else {
+        None
+    };
+    let report = servers::run(ServersOptions {
+        store_url: store,
+        nats_url: transport,
+        namespace,
+        processes,
+        program,
+        mutant: None,
+    })
+    .await?;
+    print!("{report}");
+    let failed = report.checks().iter().filter(|c| !c.1).count();
+    if failed > 0 {
+        return Err(format!("{failed} check(s) failed").into());
+    }
     Ok(())
+}
+
+#[cfg(all(feature = "postgres", feature = "nats"))]
+async fn worker(
+    store: String,
+    transport: String,
+    namespace: String,
+    mutant: Option<String>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    let mutant = match mutant {
+        Some(name) => Some(
+            effects_core::executor::Mutant::from_name(&name)
+                .ok_or_else(|| format!("unknown mutant `{name}`"))?,
+        ),
+        None => None,
+    };
+    let line = cards::servers::work(&store, &transport, &namespace, mutant).await?;
+    println!("{line}");
+    Ok(())
+}
+
+/// What a build without the server backends says when asked to use them.
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+const NO_SERVERS: &str = "this build has no PostgreSQL store or NATS transport: build the \
+     example with `--features postgres,nats` (`cargo run -p cards --features postgres,nats -- \
+     --store postgres://.. --transport nats://..`)";
+
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+async fn servers(
+    _: String,
+    _: String,
+    _: Option<String>,
+    _: usize,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    Err(NO_SERVERS.into())
+}
+
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+async fn worker(
+    _: String,
+    _: String,
+    _: String,
+    _: Option<String>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    Err(NO_SERVERS.into())
 }
 
 /// `describe [--format mermaid|json]`: the handler catalogue, as a Mermaid diagram (the

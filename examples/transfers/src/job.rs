@@ -1,15 +1,19 @@
 //! The main job of the `transfers` binary.
 //!
-//! 1. Open the store and its log in a fresh SQLite file (`--store sqlite:PATH`).
+//! 1. Open the store and its log in a fresh SQLite file (`--store sqlite:PATH`), or the
+//!    PostgreSQL store and the NATS transport (`--store postgres://.. --transport nats://..`)
+//!    in a schema and a stream of the run's own ([`Namespace`]).
 //! 2. Start the fraud-check service on 127.0.0.1 ([`FraudService`]).
 //! 3. Seed the accounts of the [`Workload`] (a run like any other) and publish its transfers,
 //!    all at once, as an upstream service would — most of them from one hot account.
 //! 4. Push them through the `transfer` and `settle` workers: in this process
 //!    ([`run_until_drained`](crate::service::run_until_drained)), or in `--processes N` worker
-//!    processes on the same file, each the same binary started as `transfers worker`.
+//!    processes on the same store and transport, each the same binary started as
+//!    `transfers worker`.
 //! 5. Read back what happened, at the source: balances and transfers from the store, runs per
 //!    key from its `transactions` table, requests as the fraud-check service received them,
-//!    dead letters and published messages from the log; and check it ([`Report::checks`]).
+//!    dead letters and published messages from the transport; and check it
+//!    ([`Report::checks`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -21,12 +25,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use effects_core::executor::{Mutant, RunError};
 use effects_core::http::HttpConfigError;
-use effects_core::store::{SqliteStore, Store, StoreError};
+use effects_core::store::{Store, StoreError};
 use effects_core::transport::{DeadLetter, OutgoingMessage, Transport, TransportError};
 use effects_core::{DatomEffect, Effects, Handler, Message};
 use serde_json::json;
 
-use crate::backend::{StoreUrl, TransportUrl, UrlError};
+use crate::backend::{Backend, Embedded, Namespace, StoreUrl, TransportUrl, UrlError};
 use crate::fraud::{FraudService, Received};
 use crate::load::{account_ref, transfer_ref};
 use crate::service::{self, Counts, WorkerOptions, Workers};
@@ -109,13 +113,30 @@ pub enum Error {
     },
 }
 
+/// The environment variable a worker process reads its store URL from (and the job, when
+/// `--store` is not given).
+pub const STORE_ENV: &str = "EFFECTS_STORE";
+
+/// The environment variable of the transport URL.
+pub const TRANSPORT_ENV: &str = "EFFECTS_TRANSPORT";
+
+/// The environment variable of the namespace on the servers.
+pub const NAMESPACE_ENV: &str = "EFFECTS_NAMESPACE";
+
+/// What a build without the server backends says when asked to use them.
+pub const NO_SERVERS: &str = "this build has no PostgreSQL store or NATS transport: build the \
+     example with `--features postgres,nats` (`cargo run -p transfers --features postgres,nats \
+     -- --store postgres://.. --transport nats://..`)";
+
 /// How to run the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobOptions {
-    /// The store; a fresh SQLite file.
+    /// The store: a fresh SQLite file, or PostgreSQL.
     pub store: StoreUrl,
-    /// The transport; the store's own log.
+    /// The transport: the store's own log, or NATS.
     pub transport: TransportUrl,
+    /// On the servers, the schema and the stream of this run (fresh by default).
+    pub namespace: Namespace,
     /// Transfers in the workload (four more show the other paths: see [`Workload::generate`]).
     pub transfers: usize,
     /// Worker processes to start; 0 runs the workers in the job's own process.
@@ -127,10 +148,18 @@ pub struct JobOptions {
 }
 
 impl JobOptions {
-    /// 100 transfers through the workers of this process, on `store`.
-    pub fn new(store: StoreUrl) -> JobOptions {
+    /// 100 transfers through the workers of this process, on the embedded store and its log in
+    /// the SQLite file at `path`.
+    pub fn new(path: PathBuf) -> JobOptions {
+        JobOptions::on(StoreUrl::Sqlite(path.clone()), TransportUrl::Sqlite(path))
+    }
+
+    /// 100 transfers through the workers of this process, on `store` and `transport`, in a
+    /// fresh namespace.
+    pub fn on(store: StoreUrl, transport: TransportUrl) -> JobOptions {
         JobOptions {
-            transport: TransportUrl::beside(&store),
+            transport,
+            namespace: Namespace::fresh("transfers"),
             store,
             transfers: 100,
             processes: 0,
@@ -165,6 +194,8 @@ pub struct Ran {
 pub struct Report {
     /// The options it ran with.
     pub options: JobOptions,
+    /// Where the state and the messages were.
+    pub backend: String,
     /// The fraud-check service's URL.
     pub fraud_check_url: String,
     /// The workload.
@@ -398,28 +429,67 @@ pub async fn run(options: JobOptions) -> Result<Report, Error> {
             reason: "worker processes need the program to start".to_owned(),
         });
     }
-    let path = options.store.sqlite_path().to_owned();
-    if path.exists() {
-        return Err(Error::Setup {
-            reason: format!(
-                "{} already exists: the job seeds a fresh database; give a new path, or none",
-                path.display()
-            ),
-        });
+    match options.store.clone() {
+        StoreUrl::Sqlite(path) => {
+            if path.exists() {
+                return Err(Error::Setup {
+                    reason: format!(
+                        "{} already exists: the job seeds a fresh database; give a new path, or none",
+                        path.display()
+                    ),
+                });
+            }
+            let backend = Embedded::open(&path)?;
+            run_on(options, backend).await
+        }
+        StoreUrl::Postgres(url) => on_servers(options, url).await,
     }
-    let store = SqliteStore::open(&path)?;
-    let log = store.log();
+}
+
+#[cfg(all(feature = "postgres", feature = "nats"))]
+async fn on_servers(options: JobOptions, url: String) -> Result<Report, Error> {
+    let TransportUrl::Nats(nats) = options.transport.clone() else {
+        return Err(Error::Setup {
+            reason: "a PostgreSQL store needs --transport nats://HOST:PORT".to_owned(),
+        });
+    };
+    let pool = options.workers.concurrency * 2 + 4;
+    let backend = crate::servers::Servers::connect(&url, &nats, &options.namespace, pool).await?;
+    run_on(options, backend).await
+}
+
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+async fn on_servers(_: JobOptions, _: String) -> Result<Report, Error> {
+    Err(Error::Setup {
+        reason: NO_SERVERS.to_owned(),
+    })
+}
+
+/// The job on an opened backend.
+async fn run_on<B: Backend>(options: JobOptions, backend: B) -> Result<Report, Error> {
+    let store = backend.store().clone();
     let fraud = FraudService::start().await.map_err(|source| Error::Io {
         what: "cannot start the fraud-check service on 127.0.0.1".to_owned(),
         source,
     })?;
     let executor = Arc::new(service::executor(
-        &store,
+        &backend,
         &fraud.url(),
         options.workers.mutant,
     )?);
 
     let workload = Workload::generate(options.transfers);
+    if let Some(first) = workload.accounts.first() {
+        if store.entity(&account_ref(&first.id), None).await?.is_some() {
+            return Err(Error::Setup {
+                reason: format!(
+                    "{} holds accounts already: the job seeds a fresh store; give a new \
+                     --namespace, or none",
+                    backend.describe()
+                ),
+            });
+        }
+    }
     executor
         .run(SEED_KEY, seed_effects(&workload.accounts))
         .await?;
@@ -429,34 +499,35 @@ pub async fn run(options: JobOptions) -> Result<Report, Error> {
             reason: "`transfer` consumes no topic".to_owned(),
         })?;
     for published in &workload.published {
-        log.publish(OutgoingMessage {
-            id: published.message_id.clone(),
-            topic: topic.to_owned(),
-            partition_key: None,
-            headers: BTreeMap::new(),
-            payload: serde_json::to_vec(&published.transfer)?,
-        })
-        .await?;
+        backend
+            .transport()
+            .publish(OutgoingMessage {
+                id: published.message_id.clone(),
+                topic: topic.to_owned(),
+                partition_key: None,
+                headers: BTreeMap::new(),
+                payload: serde_json::to_vec(&published.transfer)?,
+            })
+            .await?;
     }
 
     let started = Instant::now();
     let ran = if options.processes == 0 {
-        let workers = service::run_until_drained(Arc::clone(&executor), &options.workers).await?;
+        let workers =
+            service::run_until_drained(Arc::clone(&executor), &backend, &options.workers).await?;
         vec![Ran {
             label: "this process".to_owned(),
             workers,
         }]
     } else {
         let program = options.worker_program.clone().unwrap_or_default();
-        let (store_url, url, count) = (options.store.clone(), fraud.url(), options.processes);
-        let workers = options.workers.clone();
-        tokio::task::spawn_blocking(move || {
-            run_processes(&program, &store_url, &url, count, &workers)
-        })
-        .await
-        .map_err(|e| Error::Setup {
-            reason: format!("the task supervising the worker processes failed: {e}"),
-        })??
+        let (url, count) = (fraud.url(), options.processes);
+        let (job, workers) = (options.clone(), options.workers.clone());
+        tokio::task::spawn_blocking(move || run_processes(&program, &job, &url, count, &workers))
+            .await
+            .map_err(|e| Error::Setup {
+                reason: format!("the task supervising the worker processes failed: {e}"),
+            })??
     };
     let elapsed = started.elapsed();
 
@@ -481,8 +552,10 @@ pub async fn run(options: JobOptions) -> Result<Report, Error> {
         };
         transfers.insert(id.clone(), record);
     }
-    let mut dead_letters = log.dead_letters(TransferHandler::DESCRIPTOR.name).await?;
-    dead_letters.extend(log.dead_letters(SettleHandler::DESCRIPTOR.name).await?);
+    let mut dead_letters = backend
+        .dead_letters(TransferHandler::DESCRIPTOR.name)
+        .await?;
+    dead_letters.extend(backend.dead_letters(SettleHandler::DESCRIPTOR.name).await?);
     let mut published = BTreeMap::new();
     for topic in [
         topic,
@@ -491,12 +564,13 @@ pub async fn run(options: JobOptions) -> Result<Report, Error> {
         TransferRefused::TOPIC,
         TransferReversed::TOPIC,
     ] {
-        published.insert(topic, log.messages(topic).await?.len());
+        published.insert(topic, backend.published(topic).await?);
     }
-    let runs_per_key = count_runs(&path)?;
+    let runs_per_key = backend.runs_per_key().await?;
     let received = fraud.received().await;
 
     Ok(Report {
+        backend: backend.describe(),
         expected: workload.expected(),
         fraud_check_url: fraud.url(),
         options,
@@ -510,6 +584,124 @@ pub async fn run(options: JobOptions) -> Result<Report, Error> {
         published,
         elapsed,
     })
+}
+
+/// A worker process (`transfers worker`): both workers on the store and transport of a job
+/// that is running, until everything is handled; the counts as `report {json}`.
+pub async fn work(
+    store: &StoreUrl,
+    transport: &TransportUrl,
+    namespace: &Namespace,
+    fraud_check_url: &str,
+    options: &WorkerOptions,
+    start_on_stdin: bool,
+) -> Result<String, Error> {
+    transport.check_with(store)?;
+    match store {
+        StoreUrl::Sqlite(path) => {
+            if !path.exists() {
+                return Err(Error::Setup {
+                    reason: format!(
+                        "{} does not exist: a worker joins a job's store",
+                        path.display()
+                    ),
+                });
+            }
+            let backend = Embedded::open(path)?;
+            work_on(backend, fraud_check_url, options, start_on_stdin).await
+        }
+        StoreUrl::Postgres(url) => {
+            work_on_servers(
+                url,
+                transport,
+                namespace,
+                fraud_check_url,
+                options,
+                start_on_stdin,
+            )
+            .await
+        }
+    }
+}
+
+#[cfg(all(feature = "postgres", feature = "nats"))]
+async fn work_on_servers(
+    url: &str,
+    transport: &TransportUrl,
+    namespace: &Namespace,
+    fraud_check_url: &str,
+    options: &WorkerOptions,
+    start_on_stdin: bool,
+) -> Result<String, Error> {
+    let TransportUrl::Nats(nats) = transport else {
+        return Err(Error::Setup {
+            reason: "a PostgreSQL store needs --transport nats://HOST:PORT".to_owned(),
+        });
+    };
+    let pool = options.concurrency * 2 + 4;
+    let backend = crate::servers::Servers::connect(url, nats, namespace, pool).await?;
+    work_on(backend, fraud_check_url, options, start_on_stdin).await
+}
+
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+async fn work_on_servers(
+    _: &str,
+    _: &TransportUrl,
+    _: &Namespace,
+    _: &str,
+    _: &WorkerOptions,
+    _: bool,
+) -> Result<String, Error> {
+    Err(Error::Setup {
+        reason: NO_SERVERS.to_owned(),
+    })
+}
+
+async fn work_on<B: Backend>(
+    backend: B,
+    fraud_check_url: &str,
+    options: &WorkerOptions,
+    start_on_stdin: bool,
+) -> Result<String, Error> {
+    let executor = Arc::new(service::executor(
+        &backend,
+        fraud_check_url,
+        options.mutant,
+    )?);
+    if start_on_stdin {
+        wait_for_start(options.patience).await?;
+    }
+    let workers = service::run_until_drained(executor, &backend, options).await?;
+    Ok(format!(
+        "{REPORT_PREFIX}{}",
+        serde_json::to_string(&workers)?
+    ))
+}
+
+/// Says `ready` on stdout and waits (at most `patience`) for `start` on stdin.
+async fn wait_for_start(patience: Duration) -> Result<(), Error> {
+    println!("{READY}");
+    let read = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    });
+    let io = |what: &str, source| Error::Io {
+        what: what.to_owned(),
+        source,
+    };
+    match tokio::time::timeout(patience, read).await {
+        Ok(Ok(Ok(line))) if line.trim() == START => Ok(()),
+        Ok(Ok(Ok(line))) => Err(Error::Setup {
+            reason: format!("expected `{START}` on stdin, got `{}`", line.trim()),
+        }),
+        Ok(Ok(Err(e))) => Err(io("cannot read stdin", e)),
+        Ok(Err(e)) => Err(Error::Setup {
+            reason: format!("the task reading stdin failed: {e}"),
+        }),
+        Err(_) => Err(Error::Timeout {
+            what: format!("not told to start within {}s", patience.as_secs()),
+        }),
+    }
 }
 
 /// Applied runs per idempotency key: rows of the store's `transactions` table, one per commit
@@ -547,7 +739,7 @@ pub fn parse_mutant(flag: &str) -> Option<Mutant> {
 /// patience, plus 15 s to start and stop); kills those still running after that.
 fn run_processes(
     program: &Path,
-    store: &StoreUrl,
+    job: &JobOptions,
     fraud_check_url: &str,
     count: usize,
     options: &WorkerOptions,
@@ -597,10 +789,13 @@ fn run_processes(
     let mut running = Vec::with_capacity(count);
     for n in 1..=count {
         let mut command = Command::new(program);
+        // The URLs go in the environment, where a password is not shown to every user of the
+        // machine as a command line is.
         command
             .arg("worker")
-            .arg("--store")
-            .arg(store.to_string())
+            .env(STORE_ENV, job.store.as_given())
+            .env(TRANSPORT_ENV, job.transport.as_given())
+            .env(NAMESPACE_ENV, job.namespace.as_str())
             .arg("--fraud-check")
             .arg(fraud_check_url)
             .arg("--concurrency")
@@ -739,11 +934,7 @@ impl fmt::Display for Printout<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = self.0;
         let o = &r.options;
-        writeln!(
-            f,
-            "Transfers on the embedded default: store and log in {}",
-            o.store.sqlite_path().display()
-        )?;
+        writeln!(f, "Transfers on {}", r.backend)?;
         writeln!(
             f,
             "Fraud-check service on {}: transfers of {FRAUD_CHECK_THRESHOLD} or more are held and checked",
@@ -765,9 +956,14 @@ impl fmt::Display for Printout<'_> {
         } else {
             writeln!(
                 f,
-                "{} transfers ({distinct} distinct) through {} worker processes on the same file, each running `transfer` and `settle`, {} at a time each{mutant}",
+                "{} transfers ({distinct} distinct) through {} worker processes on the same {}, each running `transfer` and `settle`, {} at a time each{mutant}",
                 r.workload.published.len(),
                 o.processes,
+                if o.store.sqlite_path().is_some() {
+                    "file"
+                } else {
+                    "servers"
+                },
                 o.workers.concurrency,
             )?;
         }
@@ -874,7 +1070,7 @@ impl fmt::Display for Printout<'_> {
             FraudChecked::TOPIC,
         )?;
 
-        writeln!(f, "\nMessages in the log")?;
+        writeln!(f, "\nMessages published, by topic")?;
         let mut rows = vec![row(["topic", "messages"])];
         for (topic, n) in &r.published {
             rows.push(vec![(*topic).to_owned(), n.to_string()]);

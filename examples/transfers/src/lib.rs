@@ -27,6 +27,8 @@ pub mod backend;
 pub mod fraud;
 pub mod job;
 pub mod load;
+#[cfg(all(feature = "postgres", feature = "nats"))]
+pub mod servers;
 pub mod service;
 pub mod workload;
 

@@ -1,41 +1,46 @@
 //! `cargo run -p transfers`: many concurrent transfers, most of them from one hot account,
-//! through the `transfer` and `settle` workers on an embedded SQLite file, with an HTTP fraud
-//! check; prints the balances, the conflicts and re-runs, the requests the fraud-check service
-//! received, and checks that money is conserved (exit status 1 if a check fails).
+//! through the `transfer` and `settle` workers, with an HTTP fraud check; prints the balances,
+//! the conflicts and re-runs, the requests the fraud-check service received, and checks that
+//! money is conserved (exit status 1 if a check fails). On an embedded SQLite file by default;
+//! on PostgreSQL and NATS JetStream when given their URLs (features `postgres` and `nats`).
 //!
 //! ```text
-//! transfers [--store sqlite:PATH] [--transport sqlite:PATH] [--transfers N]
+//! transfers [--store URL] [--transport URL] [--namespace NAME] [--transfers N]
 //!           [--processes N] [--concurrency N] [--patience SECS]
-//! transfers worker --store sqlite:PATH --fraud-check URL [--concurrency N] [--patience SECS]
+//! transfers worker --fraud-check URL [--store URL] [--transport URL] [--namespace NAME]
+//!           [--concurrency N] [--patience SECS]
 //! ```
 //!
-//! `--processes N` starts N worker processes — this binary in its `worker` mode — on the same
-//! file instead of running the workers in the job's process. A worker process runs both
-//! workers until every transfer is handled and prints its counts as `report {json}`.
+//! `--store`, `--transport` and `--namespace` default to `EFFECTS_STORE`, `EFFECTS_TRANSPORT`
+//! and `EFFECTS_NAMESPACE`. `--processes N` starts N worker processes — this binary in its
+//! `worker` mode, given the URLs in its environment — on the same store and transport instead
+//! of running the workers in the job's process. A worker process runs both workers until every
+//! transfer is handled and prints its counts as `report {json}`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use effects_core::store::SqliteStore;
-use transfers::backend::{StoreUrl, TransportUrl};
-use transfers::job::{self, JobOptions, Printout};
-use transfers::service::{self, WorkerOptions};
+use transfers::backend::{Namespace, StoreUrl, TransportUrl};
+use transfers::job::{self, JobOptions, NAMESPACE_ENV, Printout, STORE_ENV, TRANSPORT_ENV};
 
 const USAGE: &str = "\
-usage: transfers [--store sqlite:PATH] [--transport sqlite:PATH] [--transfers N]
+usage: transfers [--store URL] [--transport URL] [--namespace NAME] [--transfers N]
                  [--processes N] [--concurrency N] [--patience SECS]
-       transfers worker --store sqlite:PATH --fraud-check URL [--concurrency N] [--patience SECS]
+       transfers worker --fraud-check URL [--store URL] [--transport URL] [--namespace NAME]
+                 [--concurrency N] [--patience SECS]
 
-  --store        where the job keeps its state: a fresh SQLite file (default: a new file in the
-                 temporary directory)
-  --transport    where the transfers are published: the store's own log (the default)
+  --store        where the job keeps its state (or EFFECTS_STORE): `sqlite:PATH`, a fresh SQLite
+                 file (default: a new file in the temporary directory), or
+                 `postgres://USER@HOST:PORT/DB` (built with --features postgres,nats)
+  --transport    where the transfers are published (or EFFECTS_TRANSPORT): the SQLite store's
+                 own log (the default), or `nats://HOST:PORT` with a PostgreSQL store
+  --namespace    on the servers, the schema and the NATS stream of this run (or
+                 EFFECTS_NAMESPACE; default: a fresh `transfers_<pid>_<time>`)
   --transfers    how many transfers to publish, most from one hot account (default 100)
-  --processes    run the workers in N separate processes on the same file (default: in this one)
+  --processes    run the workers in N separate processes on the same store (default: in this one)
   --concurrency  deliveries each worker handles at once (default 8)
   --patience     seconds the workers may take to handle everything (default 60)
-  worker         run the `transfer` and `settle` workers on an existing store until every
+  worker         run the `transfer` and `settle` workers on a running job's store until every
                  transfer is handled (what --processes starts)";
 
 /// A command-line mistake: usage on stderr, exit status 2.
@@ -46,9 +51,8 @@ struct Usage(String);
 enum Mode {
     Job(JobOptions),
     Worker {
-        store: StoreUrl,
+        job: JobOptions,
         fraud_check_url: String,
-        options: WorkerOptions,
         start_on_stdin: bool,
     },
     Help,
@@ -66,12 +70,17 @@ where
     }
 }
 
+/// A flag's value, or else the environment variable's (unset or empty: none).
+fn or_env(flag: Option<String>, var: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+}
+
 fn parse(args: &[String]) -> Result<Mode, Usage> {
     let worker = args.first().is_some_and(|a| a == "worker");
     let mut rest = args.iter().skip(usize::from(worker));
-    let (mut store, mut transport, mut fraud_check_url) = (None, None, None);
+    let (mut store, mut transport, mut namespace, mut fraud_check_url) = (None, None, None, None);
     let mut start_on_stdin = false;
-    let mut options = JobOptions::new(StoreUrl::Sqlite(PathBuf::new()));
+    let mut options = JobOptions::new(job::fresh_database_path());
     while let Some(flag) = rest.next() {
         if flag == "--help" || flag == "-h" {
             return Ok(Mode::Help);
@@ -85,12 +94,9 @@ fn parse(args: &[String]) -> Result<Mode, Usage> {
             .next()
             .ok_or_else(|| Usage(format!("{flag} needs a value")))?;
         match (flag.as_str(), worker) {
-            ("--store", _) => {
-                store = Some(StoreUrl::parse(value).map_err(|e| Usage(e.to_string()))?);
-            }
-            ("--transport", false) => {
-                transport = Some(TransportUrl::parse(value).map_err(|e| Usage(e.to_string()))?);
-            }
+            ("--store", _) => store = Some(value.clone()),
+            ("--transport", _) => transport = Some(value.clone()),
+            ("--namespace", _) => namespace = Some(value.clone()),
             ("--transfers", false) => options.transfers = number(flag, value, 1)?,
             ("--processes", false) => options.processes = number(flag, value, 1)?,
             ("--concurrency", _) => options.workers.concurrency = number(flag, value, 1)?,
@@ -108,79 +114,38 @@ fn parse(args: &[String]) -> Result<Mode, Usage> {
             _ => return Err(Usage(format!("unknown argument `{flag}`"))),
         }
     }
+    let store = match or_env(store, STORE_ENV) {
+        Some(url) => StoreUrl::parse(&url).map_err(|e| Usage(e.to_string()))?,
+        None if worker => {
+            return Err(Usage(format!("worker needs --store URL (or {STORE_ENV})")));
+        }
+        None => options.store.clone(),
+    };
+    let transport = match or_env(transport, TRANSPORT_ENV) {
+        Some(url) => TransportUrl::parse(&url).map_err(|e| Usage(e.to_string()))?,
+        None => TransportUrl::beside(&store).ok_or_else(|| {
+            Usage(format!(
+                "a PostgreSQL store needs --transport nats://HOST:PORT (or {TRANSPORT_ENV})"
+            ))
+        })?,
+    };
+    transport
+        .check_with(&store)
+        .map_err(|e| Usage(e.to_string()))?;
+    if let Some(name) = or_env(namespace, NAMESPACE_ENV) {
+        options.namespace = Namespace::parse(&name).map_err(Usage)?;
+    }
+    options.store = store;
+    options.transport = transport;
     if worker {
         return Ok(Mode::Worker {
-            store: store.ok_or_else(|| Usage("worker needs --store sqlite:PATH".to_owned()))?,
+            job: options,
             fraud_check_url: fraud_check_url
                 .ok_or_else(|| Usage("worker needs --fraud-check URL".to_owned()))?,
-            options: options.workers,
             start_on_stdin,
         });
     }
-    let store = store.unwrap_or_else(|| StoreUrl::Sqlite(job::fresh_database_path()));
-    options.transport = transport.unwrap_or_else(|| TransportUrl::beside(&store));
-    options
-        .transport
-        .check_with(&store)
-        .map_err(|e| Usage(e.to_string()))?;
-    options.store = store;
     Ok(Mode::Job(options))
-}
-
-/// A worker process: both workers on an existing store until everything is handled; the
-/// counts on stdout.
-async fn worker(
-    store: &StoreUrl,
-    fraud_check_url: &str,
-    options: &WorkerOptions,
-    start_on_stdin: bool,
-) -> Result<String, job::Error> {
-    let path = store.sqlite_path();
-    if !path.exists() {
-        return Err(job::Error::Setup {
-            reason: format!(
-                "{} does not exist: a worker joins a job's store",
-                path.display()
-            ),
-        });
-    }
-    let store = SqliteStore::open(path)?;
-    let executor = Arc::new(service::executor(&store, fraud_check_url, options.mutant)?);
-    if start_on_stdin {
-        wait_for_start(options.patience).await?;
-    }
-    let workers = service::run_until_drained(executor, options).await?;
-    Ok(format!(
-        "{}{}",
-        job::REPORT_PREFIX,
-        serde_json::to_string(&workers)?
-    ))
-}
-
-/// Says `ready` on stdout and waits (at most `patience`) for `start` on stdin.
-async fn wait_for_start(patience: Duration) -> Result<(), job::Error> {
-    println!("{}", job::READY);
-    let read = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line).map(|_| line)
-    });
-    let io = |what: &str, source| job::Error::Io {
-        what: what.to_owned(),
-        source,
-    };
-    match tokio::time::timeout(patience, read).await {
-        Ok(Ok(Ok(line))) if line.trim() == job::START => Ok(()),
-        Ok(Ok(Ok(line))) => Err(job::Error::Setup {
-            reason: format!("expected `{}` on stdin, got `{}`", job::START, line.trim()),
-        }),
-        Ok(Ok(Err(e))) => Err(io("cannot read stdin", e)),
-        Ok(Err(e)) => Err(job::Error::Setup {
-            reason: format!("the task reading stdin failed: {e}"),
-        }),
-        Err(_) => Err(job::Error::Timeout {
-            what: format!("not told to start within {}s", patience.as_secs()),
-        }),
-    }
 }
 
 #[tokio::main]
@@ -199,11 +164,19 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Mode::Worker {
-            store,
+            job,
             fraud_check_url,
-            options,
             start_on_stdin,
-        } => match worker(&store, &fraud_check_url, &options, start_on_stdin).await {
+        } => match job::work(
+            &job.store,
+            &job.transport,
+            &job.namespace,
+            &fraud_check_url,
+            &job.workers,
+            start_on_stdin,
+        )
+        .await
+        {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS

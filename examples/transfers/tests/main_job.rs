@@ -30,6 +30,9 @@ impl Drop for TempDatabase {
 fn transfers(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_transfers"))
         .args(args)
+        .env_remove("EFFECTS_STORE")
+        .env_remove("EFFECTS_TRANSPORT")
+        .env_remove("EFFECTS_NAMESPACE")
         .output()
         .unwrap()
 }
@@ -117,7 +120,24 @@ fn flags_it_cannot_use_are_usage_errors() {
     for (args, message) in [
         (
             &["--store", "postgres://127.0.0.1/test"][..],
-            "error: --store `postgres://127.0.0.1/test`: `postgres` is not supported by this example yet: use `sqlite:PATH`",
+            "error: a PostgreSQL store needs --transport nats://HOST:PORT (or EFFECTS_TRANSPORT)",
+        ),
+        (
+            &[
+                "--store",
+                "sqlite:/tmp/a.db",
+                "--transport",
+                "nats://127.0.0.1:4222",
+            ][..],
+            "error: --transport `nats://127.0.0.1:4222`: NATS goes with the PostgreSQL store",
+        ),
+        (
+            &["--store", "mysql://127.0.0.1/test"][..],
+            "error: --store `mysql://127.0.0.1/test`: is not a store URL this example knows",
+        ),
+        (
+            &["--namespace", "Bad-Name"][..],
+            "error: --namespace `Bad-Name`: use lower-case letters",
         ),
         (
             &[
@@ -141,6 +161,10 @@ fn flags_it_cannot_use_are_usage_errors() {
             &["worker", "--store", "sqlite:/tmp/x.db"][..],
             "error: worker needs --fraud-check URL",
         ),
+        (
+            &["worker", "--fraud-check", "http://127.0.0.1:1"][..],
+            "error: worker needs --store URL (or EFFECTS_STORE)",
+        ),
     ] {
         let output = transfers(args);
         let stderr = text(&output.stderr);
@@ -152,4 +176,22 @@ fn flags_it_cannot_use_are_usage_errors() {
     let help = transfers(&["--help"]);
     assert!(help.status.success());
     assert!(text(&help.stdout).starts_with("usage: transfers"));
+}
+
+/// Without the server features, server URLs are refused with the command that builds them.
+#[cfg(not(all(feature = "postgres", feature = "nats")))]
+#[test]
+fn server_urls_need_the_server_features() {
+    let output = transfers(&[
+        "--store",
+        "postgres://postgres@127.0.0.1:1/test",
+        "--transport",
+        "nats://127.0.0.1:1",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("build the example with `--features postgres,nats`"),
+        "{stderr}"
+    );
 }

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use effects_core::executor::Mutant;
-use transfers::backend::StoreUrl;
 use transfers::job::{self, JobOptions, Report};
 use transfers::service::WorkerOptions;
 use transfers::workload::HOT;
@@ -63,7 +62,7 @@ fn options(database: &TempDatabase, processes: usize, mutant: Option<Mutant>) ->
             mutant,
         },
         worker_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_transfers"))),
-        ..JobOptions::new(StoreUrl::Sqlite(database.0.clone()))
+        ..JobOptions::new(database.0.clone())
     }
 }
 
