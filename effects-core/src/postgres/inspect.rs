@@ -17,8 +17,8 @@ use tokio_postgres::types::ToSql;
 
 use super::db::{Db, Isolation, PostgresOptions, execute, query, query_one, query_opt};
 use super::store::{
-    OUTBOX_COLUMNS, PostgresStore, RUN_COLUMNS, corrupt, decode_outbox, decode_run, get, load_run,
-    lock_run, millis, next_counter, now, to_u32,
+    OUTBOX_COLUMNS, PostgresStore, RUN_COLUMNS, corrupt, decode_outbox, decode_run, find_entity,
+    get, load_run, lock_run, millis, next_counter, now, to_u32,
 };
 use crate::datom::{LookupRef, Op};
 use crate::store::{
@@ -315,24 +315,9 @@ async fn entity_history_tx(
     as_of: Option<Tx>,
 ) -> Result<Option<EntityHistory>, StoreError> {
     const OP: &str = "reading an entity's history";
-    let identity_value = crate::effects::canonical_json(&lookup.value);
-    let what = || format!("entity {lookup}");
-    let Some(row) = query_opt(
-        tx,
-        OP,
-        "SELECT id, created_tx, updated_tx FROM entities \
-         WHERE identity = $1 AND identity_value = $2",
-        &[&lookup.attribute, &identity_value],
-    )
-    .await?
-    else {
+    let Some((id, created, updated)) = find_entity(tx, OP, lookup).await? else {
         return Ok(None);
     };
-    let (id, created, updated): (i64, i64, i64) = (
-        get(&row, 0, &what)?,
-        get(&row, 1, &what)?,
-        get(&row, 2, &what)?,
-    );
     let until = as_of.map_or(i64::MAX, |t| t.0);
     if created > until {
         return Ok(Some(EntityHistory {

@@ -1263,30 +1263,42 @@ async fn record_request_tx(
     Ok(true)
 }
 
+/// An entity's row id, created and updated `tx`, by lookup ref.
+pub(crate) async fn find_entity(
+    tx: &Transaction<'_>,
+    operation: &'static str,
+    lookup: &LookupRef,
+) -> Result<Option<(i64, i64, i64)>, StoreError> {
+    let identity_value = crate::effects::canonical_json(&lookup.value);
+    let what = || format!("entity {lookup}");
+    let row = query_opt(
+        tx,
+        operation,
+        "SELECT id, created_tx, updated_tx FROM entities \
+         WHERE identity = $1 AND identity_value = $2",
+        &[&lookup.attribute, &identity_value],
+    )
+    .await?;
+    row.map(|row| {
+        Ok((
+            get(&row, 0, &what)?,
+            get(&row, 1, &what)?,
+            get(&row, 2, &what)?,
+        ))
+    })
+    .transpose()
+}
+
 async fn entity_tx(
     tx: &Transaction<'_>,
     lookup: &LookupRef,
     as_of: Option<Tx>,
 ) -> Result<Option<Entity>, StoreError> {
     const OP: &str = "reading an entity";
-    let identity_value = crate::effects::canonical_json(&lookup.value);
     let what = || format!("entity {lookup}");
-    let Some(row) = query_opt(
-        tx,
-        OP,
-        "SELECT id, created_tx, updated_tx FROM entities \
-         WHERE identity = $1 AND identity_value = $2",
-        &[&lookup.attribute, &identity_value],
-    )
-    .await?
-    else {
+    let Some((id, created, updated)) = find_entity(tx, OP, lookup).await? else {
         return Ok(None);
     };
-    let (id, created, updated): (i64, i64, i64) = (
-        get(&row, 0, &what)?,
-        get(&row, 1, &what)?,
-        get(&row, 2, &what)?,
-    );
     let parse = |text: &str| -> Result<Value, StoreError> {
         serde_json::from_str(text).map_err(|e| corrupt(what(), format!("value: {e}")))
     };
@@ -1598,36 +1610,8 @@ impl Store for PostgresStore {
         id: &str,
         lease: &Lease,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let db = Arc::clone(&self.db);
-        let id = id.to_owned();
-        let lease = lease.clone();
-        async move {
-            db.transaction("marking a row dispatched", Isolation::Write, |tx| {
-                let (id, lease) = (id.clone(), lease.clone());
-                Box::pin(async move {
-                    const OP: &str = "marking a row dispatched";
-                    let key = query_opt(
-                        tx,
-                        OP,
-                        "UPDATE outbox SET dispatched_at_ms = effects_now_ms(), \
-                         lease_owner = NULL, lease_until_ms = NULL, lease_token = NULL, \
-                         last_error = NULL WHERE id = $1 AND dispatched_at_ms IS NULL \
-                         AND lease_token = $2 AND lease_owner = $3 RETURNING run_key",
-                        &[&id, &lease.token, &lease.owner],
-                    )
-                    .await?;
-                    let Some(key) = key else {
-                        return Ok(false);
-                    };
-                    let key: String = get(&key, 0, &|| format!("outbox row `{id}`"))?;
-                    // Pipelined, run in this order.
-                    let (_, now) = tokio::try_join!(lock_run(tx, &key), now(tx))?;
-                    complete_if_done(tx, &key, now).await?;
-                    Ok(true)
-                })
-            })
-            .await
-        }
+        let marked = self.mark_dispatched_many(vec![(id.to_owned(), lease.clone())]);
+        async move { Ok(marked.await?.first().copied().unwrap_or(false)) }
     }
 
     fn mark_dispatched_many(

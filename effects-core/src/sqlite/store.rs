@@ -1444,30 +1444,8 @@ impl Store for SqliteStore {
         id: &str,
         lease: &Lease,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let id = id.to_owned();
-        let lease = lease.clone();
-        self.db.write("marking a row dispatched", move |tx| {
-            const OP: &str = "marking a row dispatched";
-            let now = now_millis();
-            let key: Option<String> = tx
-                .prepare_cached(
-                    "UPDATE outbox SET dispatched_at_ms = ?2, lease_owner = NULL, \
-                     lease_until_ms = NULL, lease_token = NULL, last_error = NULL \
-                     WHERE id = ?1 AND dispatched_at_ms IS NULL AND lease_token = ?3 \
-                     AND lease_owner = ?4 RETURNING run_key",
-                )
-                .ctx(OP)?
-                .query_row(params![id, now, lease.token, lease.owner], |r| r.get(0))
-                .optional()
-                .ctx(OP)?;
-            match key {
-                Some(key) => {
-                    complete_if_done(tx, &key, now)?;
-                    Ok(true)
-                }
-                None => Ok(false),
-            }
-        })
+        let marked = self.mark_dispatched_many(vec![(id.to_owned(), lease.clone())]);
+        async move { Ok(marked.await?.first().copied().unwrap_or(false)) }
     }
 
     fn mark_dispatched_many(
