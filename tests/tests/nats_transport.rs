@@ -245,7 +245,11 @@ async fn run_order_processes(keyed: bool, die_after: Option<usize>) -> OrderRun 
             child,
             total: KEYS * PER_KEY,
             die_after: if child == 0 { die_after } else { None },
-            visibility_ms: 1_500,
+            // Long enough that a loaded machine (three processes writing one events file) acks
+            // inside it: a message acknowledged after its ack wait comes back, and the check
+            // would count a late acknowledgement as an order failure. The dead child's message
+            // is handed over after it.
+            visibility_ms: 5_000,
         };
         children.push(
             Command::new(&exe)
