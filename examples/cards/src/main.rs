@@ -51,7 +51,7 @@ usage: cards [DATABASE]
                 (built with --features postgres,nats)
   --transport   with a PostgreSQL store, `nats://HOST:PORT` (or EFFECTS_TRANSPORT)
   --namespace   on the servers, the schema and the NATS stream of this run (or
-                EFFECTS_NAMESPACE; default: a fresh `cards_<pid>_<time>`)
+                EFFECTS_NAMESPACE; default: a fresh `cards_<pid>_<time>_<n>`)
   --processes   on the servers, run the workers in N separate processes (default: in this one)
   worker        run the `block` and `block_all` workers on a running job's servers until told to
                 stop on stdin (what --processes starts)";

@@ -62,12 +62,15 @@ pub struct ServersOptions {
     pub mutant: Option<Mutant>,
 }
 
-/// A name no other run uses: `cards_<pid>_<milliseconds>`.
+/// A name no other run uses: `cards_<pid>_<milliseconds>_<n>` (n counts within the process).
 pub fn fresh_namespace() -> String {
+    // Two runs of one process in the same millisecond (tests started together) still differ.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    format!("cards_{}_{millis}", std::process::id())
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("cards_{}_{millis}_{n}", std::process::id())
 }
 
 /// Checks a namespace given on the command line: lower-case letters, digits and `_`, starting

@@ -227,18 +227,21 @@ impl fmt::Debug for TransportUrl {
 
 /// The name of a run's PostgreSQL schema and NATS stream (and subject prefix), so that runs on
 /// the same servers cannot see each other's data: `--namespace NAME` (or `EFFECTS_NAMESPACE`),
-/// by default a fresh `transfers_<pid>_<time>`. Lower-case letters, digits and `_`, starting
+/// by default a fresh `transfers_<pid>_<time>_<n>`. Lower-case letters, digits and `_`, starting
 /// with a letter, at most 48 characters: a valid schema, stream and subject token as it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace(String);
 
 impl Namespace {
-    /// A name no other run uses: `<prefix>_<pid>_<milliseconds>`.
+    /// A name no other run uses: `<prefix>_<pid>_<milliseconds>_<n>` (n counts within the process).
     pub fn fresh(prefix: &str) -> Namespace {
+        // Two runs of one process in the same millisecond (tests started together) still differ.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        Namespace(format!("{prefix}_{}_{millis}", std::process::id()))
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Namespace(format!("{prefix}_{}_{millis}_{n}", std::process::id()))
     }
 
     /// Checks a name given on the command line.

@@ -35,7 +35,7 @@ usage: transfers [--store URL] [--transport URL] [--namespace NAME] [--transfers
   --transport    where the transfers are published (or EFFECTS_TRANSPORT): the SQLite store's
                  own log (the default), or `nats://HOST:PORT` with a PostgreSQL store
   --namespace    on the servers, the schema and the NATS stream of this run (or
-                 EFFECTS_NAMESPACE; default: a fresh `transfers_<pid>_<time>`)
+                 EFFECTS_NAMESPACE; default: a fresh `transfers_<pid>_<time>_<n>`)
   --transfers    how many transfers to publish, most from one hot account (default 100)
   --processes    run the workers in N separate processes on the same store (default: in this one)
   --concurrency  deliveries each worker handles at once (default 8)
