@@ -883,11 +883,15 @@ async fn relay_pause(name: &str, runs: u64, mutant: Option<Mutant>) -> Pause {
         .map(str::to_owned),
     );
     let paused: Vec<ChildProcess> = (1..=3).map(|n| servers.child(n, "relay", &slow)).collect();
-    // Pause them all in the middle of their work, past their leases.
+    // Pause them all in the middle of their work, past their leases. A relay publishes a
+    // batch's messages together (they reach NATS at once, 400 ms after it claimed, and marked
+    // them under the mutant); 250 ms after the first of them arrive, it is waiting out the 400
+    // ms of its next batch, whose rows it holds and has not published.
     let deadline = Instant::now() + Duration::from_secs(30);
     while events_now(&servers).total(PUBLISH) < 4 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    tokio::time::sleep(Duration::from_millis(250)).await;
     for child in &paused {
         sigstop(child, "-STOP");
     }
