@@ -623,23 +623,7 @@ fn entity_history_tx(
     as_of: Option<Tx>,
 ) -> Result<Option<EntityHistory>, StoreError> {
     const OP: &str = "reading an entity's history";
-    let identity_value = crate::effects::canonical_json(&lookup.value);
-    let Some((id, created, updated)) = conn
-        .prepare_cached(
-            "SELECT id, created_tx, updated_tx FROM entities \
-             WHERE identity = ?1 AND identity_value = ?2",
-        )
-        .ctx(OP)?
-        .query_row(params![lookup.attribute, identity_value], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
-        .optional()
-        .ctx(OP)?
-    else {
+    let Some((id, created, updated)) = super::store::find_entity(conn, OP, lookup)? else {
         return Ok(None);
     };
     let until = as_of.map_or(i64::MAX, |t| t.0);

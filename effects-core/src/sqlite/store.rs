@@ -1038,29 +1038,32 @@ fn finish_requests_tx(
     })
 }
 
+/// An entity's row id, created and updated `tx`, by lookup ref.
+pub(crate) fn find_entity(
+    conn: &Connection,
+    operation: &'static str,
+    lookup: &LookupRef,
+) -> Result<Option<(i64, i64, i64)>, StoreError> {
+    let identity_value = crate::effects::canonical_json(&lookup.value);
+    conn.prepare_cached(
+        "SELECT id, created_tx, updated_tx FROM entities \
+         WHERE identity = ?1 AND identity_value = ?2",
+    )
+    .ctx(operation)?
+    .query_row(params![lookup.attribute, identity_value], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+    .optional()
+    .ctx(operation)
+}
+
 fn entity_tx(
     conn: &Connection,
     lookup: &LookupRef,
     as_of: Option<Tx>,
 ) -> Result<Option<Entity>, StoreError> {
     const OP: &str = "reading an entity";
-    let identity_value = crate::effects::canonical_json(&lookup.value);
-    let Some((id, created, updated)) = conn
-        .prepare_cached(
-            "SELECT id, created_tx, updated_tx FROM entities \
-             WHERE identity = ?1 AND identity_value = ?2",
-        )
-        .ctx(OP)?
-        .query_row(params![lookup.attribute, identity_value], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
-        .optional()
-        .ctx(OP)?
-    else {
+    let Some((id, created, updated)) = find_entity(conn, OP, lookup)? else {
         return Ok(None);
     };
     let what = || format!("entity {lookup}");
