@@ -12,9 +12,10 @@
 //!   partly redelivered: every run's message is on the stream once, under its own key; what
 //!   was published again (a publish whose acknowledgement did not come) is absorbed by the
 //!   stream and counted.
-//! - **A relay paused past its lease** (SIGSTOP) while a second relay takes over, then killed:
-//!   every message on the stream once, none lost; rows the paused relay had published but not
-//!   marked are published again by the second one, absorbed by the stream and counted.
+//! - **A relay paused past its lease** (SIGSTOP) while a second relay takes over, then resumed:
+//!   every message on the stream once, none lost; the batch the paused relays held is
+//!   published again by the second relay and again by the resumed ones, absorbed by the stream
+//!   and counted, and their marks of rows they no longer hold are refused.
 //! - **A relay kept down longer than the stream's duplicate window**: a relay dies after
 //!   publishing a message and before marking it, and the next one comes only after the window;
 //!   the copy is stored again and reaches the consumers, whose idempotency keys absorb it.
