@@ -24,7 +24,7 @@ pub trait Schema {
     /// The erased effects, without consuming the value.
     fn to_effects(&self) -> Effects;
 
-    /// The erased effects, moving what can be moved; `From<Schema> for Effects` calls it.
+    /// The erased effects, moving what can be moved; `Effects::from(schema)` calls it.
     fn into_effects(self) -> Effects
     where
         Self: Sized;
@@ -33,6 +33,15 @@ pub trait Schema {
     /// schema's shape.
     fn validate(effects: &Effects) -> Result<(), ShapeError> {
         Self::SHAPE.validate(effects)
+    }
+}
+
+/// Every schema converts into its erased effects (through [`Schema::into_effects`]), so
+/// `effects.into()` works for any of them; one impl here rather than one per declared schema.
+impl<S: Schema> From<S> for Effects {
+    #[inline]
+    fn from(schema: S) -> Self {
+        schema.into_effects()
     }
 }
 
@@ -500,12 +509,6 @@ impl Empty {
     /// `Empty`, for symmetry with generated builders.
     pub const fn new() -> Self {
         Empty
-    }
-}
-
-impl From<Empty> for Effects {
-    fn from(_: Empty) -> Self {
-        Effects::new()
     }
 }
 

@@ -30,8 +30,9 @@ use proc_macro::TokenStream;
 /// ```
 ///
 /// Per schema it generates the struct (one public field per slot: `T`, `Option<T>`, `Vec<T>`,
-/// `NonEmpty<T>`), `Schema::builder()` returning a typestate builder, `From<Schema> for Effects`,
-/// canonical `Serialize`, `Schema` (shape metadata and run-time validation) and typed `merge`.
+/// `NonEmpty<T>`), `Schema::builder()` returning a typestate builder, canonical `Serialize`,
+/// `Schema` (shape metadata and run-time validation; `From<Schema> for Effects` comes with it,
+/// from one blanket impl in `effects_core`) and typed `merge`.
 ///
 /// # Slots
 ///

@@ -15,7 +15,12 @@ and the median wall time is reported, with the ratio generated / hand, next to t
 time. With `--expanded`, it also prints the lines of the macro-expanded source of each crate, per
 schema (`rustc -Zunpretty=expanded`, through RUSTC_BOOTSTRAP=1 since the flag is unstable).
 
+With `--macros-opt`, a third crate is the generated one built with the proc macros optimised
+(`[profile.dev.build-override] opt-level = 3` in its own Cargo.toml): a setting users may choose
+for their profile, not the default figure.
+
 Usage: python3 tests/compile-time/run.py [--schemas 100] [--runs 5] [--profile dev|release] [--expanded]
+       [--before CHECKOUT] [--macros-opt]
 """
 
 import argparse
@@ -108,7 +113,7 @@ effects_core::effects! {{
 """
 
 
-def write_crate(base, name, n, hand, root=ROOT):
+def write_crate(base, name, n, hand, root=ROOT, macros_opt=False):
     path = os.path.join(base, name)
     os.makedirs(os.path.join(path, "src"))
     with open(os.path.join(path, "Cargo.toml"), "w") as f:
@@ -124,6 +129,12 @@ publish = false
 effects-core = {{ path = "{root}/effects-core", default-features = false }}
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
+""")
+        if macros_opt:
+            # A setting of the user's own profile, not something a library can choose.
+            f.write("""
+[profile.dev.build-override]
+opt-level = 3
 """)
     with open(os.path.join(path, "src", "lib.rs"), "w") as f:
         f.write("#![allow(missing_docs)]\n")
@@ -163,6 +174,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", default="dev", choices=["dev", "release"])
     ap.add_argument("--expanded", action="store_true", help="also count expanded lines per schema")
+    ap.add_argument("--macros-opt", action="store_true",
+                    help="also build the generated crate with `[profile.dev.build-override] opt-level = 3` "
+                         "(proc macros compiled optimised: a setting of the user's profile)")
     ap.add_argument("--before", metavar="CHECKOUT",
                     help="also build the generated crate against another checkout's effects-core "
                          "(an earlier version), interleaved with the others in the same run")
@@ -173,6 +187,9 @@ def main():
             "generated": write_crate(base, "generated", args.schemas, hand=False),
             "hand": write_crate(base, "hand", args.schemas, hand=True),
         }
+        if args.macros_opt:
+            crates["macros-opt"] = write_crate(
+                base, "macros-opt", args.schemas, hand=False, macros_opt=True)
         if args.before:
             crates["before"] = write_crate(
                 base, "before", args.schemas, hand=False, root=os.path.abspath(args.before))
@@ -197,6 +214,9 @@ def main():
         if args.before:
             print(f"  before ({args.before})  {med['before']:.2f}s wall  {med_cpu['before']:.2f}s cpu")
             print(f"  ratio before/hand     {med['before'] / med['hand']:.2f} wall  {med_cpu['before'] / med_cpu['hand']:.2f} cpu")
+        if args.macros_opt:
+            print(f"  generated, proc macros optimised  {med['macros-opt']:.2f}s wall  {med_cpu['macros-opt']:.2f}s cpu")
+            print(f"  ratio optimised macros/hand  {med['macros-opt'] / med['hand']:.2f} wall  {med_cpu['macros-opt'] / med_cpu['hand']:.2f} cpu")
         if args.expanded:
             for name, path in crates.items():
                 n = expanded_lines(path, target)

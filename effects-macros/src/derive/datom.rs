@@ -209,7 +209,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         if by_ref {
             quote!(#to_value(#source, #type_name, #what))
         } else {
-            quote!(::effects_core::__private::IntoValue(#source).into_value(#to_value, #type_name, #what))
+            quote!(__effects_private::IntoValue(#source).into_value(#to_value, #type_name, #what))
         }
     };
     // One `datom.attribute(..)` or `datom.expected(..)` call per field.
@@ -280,7 +280,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let id_moved = value_of(false, &id_to_value, &id_what, quote!(self.#id_field));
     let mutability = (!attributes.is_empty() || !resolved.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // Inside the block, `__effects_private::X` names `::effects_core::__private::X` in a third of
+    // the tokens (the field types' `to_value::<T>` too, spanned at the user's type).
     Ok(quote! {
+        const _: () = {
+        use ::effects_core::__private as __effects_private;
         #[automatically_derived]
         impl #impl_generics ::effects_core::Datom for #ident #ty_generics #where_clause {
             const ENTITY: &'static str = #ns;
@@ -289,7 +293,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
 
             #[inline]
             fn to_datom(&self) -> ::effects_core::DatomEffect {
-                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_ref);
+                let #mutability datom = __effects_private::DatomParts::new(#identity, #id_ref);
                 #ref_inserts
                 datom.finish()
             }
@@ -297,12 +301,13 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             #[inline]
             fn into_datom(self) -> ::effects_core::DatomEffect {
                 #[allow(unused_imports)]
-                use ::effects_core::__private::{MoveIntoValue as _, SerializeIntoValue as _};
-                let #mutability datom = ::effects_core::__private::DatomParts::new(#identity, #id_moved);
+                use __effects_private::{MoveIntoValue as _, SerializeIntoValue as _};
+                let #mutability datom = __effects_private::DatomParts::new(#identity, #id_moved);
                 #move_inserts
                 datom.finish()
             }
         }
+        };
     })
 }
 

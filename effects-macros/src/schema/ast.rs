@@ -103,17 +103,21 @@ pub(crate) struct Slot {
     pub(crate) name: Ident,
     /// The `as name` token, when given.
     pub(crate) rename: Option<Ident>,
+    /// `name` without `r#`, computed once: the expansion quotes it many times.
+    name_text: String,
+    /// `ty` as text, computed once.
+    type_text: String,
 }
 
 impl Slot {
     /// The slot's name without `r#`.
-    pub(crate) fn name_str(&self) -> String {
-        unraw(&self.name)
+    pub(crate) fn name_str(&self) -> &str {
+        &self.name_text
     }
 
     /// The slot's type as the user wrote it, compactly.
-    pub(crate) fn type_str(&self) -> String {
-        type_string(&self.ty)
+    pub(crate) fn type_str(&self) -> &str {
+        &self.type_text
     }
 }
 
@@ -352,6 +356,8 @@ fn parse_slots(
                 docs,
                 kind,
                 cardinality,
+                name_text: unraw(&name),
+                type_text: type_string(&ty),
                 ty,
                 name,
                 rename,

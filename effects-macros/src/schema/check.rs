@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::ctxt::Ctxt;
-use crate::schema::ast::{Cardinality, Input, Kind, SchemaDef, type_string};
+use crate::schema::ast::{Cardinality, Input, Kind, SchemaDef};
 
 pub(crate) fn check(input: &mut Input, cx: &Ctxt) {
     unique_schema_names(input, cx);
@@ -34,8 +34,8 @@ fn one_slot_per_type(schema: &mut SchemaDef, cx: &Ctxt) {
     let mut seen: BTreeMap<String, (Kind, Cardinality)> = BTreeMap::new();
     let name = &schema.name;
     schema.slots.retain(|slot| {
-        let ty = type_string(&slot.ty);
-        if let Some(&(kind, cardinality)) = seen.get(&ty) {
+        let ty = slot.type_str();
+        if let Some(&(kind, cardinality)) = seen.get(ty) {
             let fix = if kind == slot.kind {
                 format!("for several, declare one slot `many {ty}`")
             } else {
@@ -54,7 +54,7 @@ fn one_slot_per_type(schema: &mut SchemaDef, cx: &Ctxt) {
             );
             false
         } else {
-            seen.insert(ty, (slot.kind, slot.cardinality));
+            seen.insert(ty.to_owned(), (slot.kind, slot.cardinality));
             true
         }
     });
@@ -66,10 +66,10 @@ fn unique_method_names(schema: &mut SchemaDef, cx: &Ctxt) {
     taken.insert("build".to_owned(), "the builder's `build()`".to_owned());
     schema.slots.retain(|slot| {
         let name = slot.name_str();
-        let methods = builder_methods(slot.cardinality, &name);
+        let methods = builder_methods(slot.cardinality, name);
         let clash = methods.iter().find_map(|m| taken.get(m).map(|owner| (m, owner)));
         if let Some((method, owner)) = clash {
-            let ty = type_string(&slot.ty);
+            let ty = slot.type_str();
             let card = slot.cardinality.keyword();
             cx.error_spanned_by(
                 slot.rename.as_ref().map_or_else(
@@ -82,7 +82,7 @@ fn unique_method_names(schema: &mut SchemaDef, cx: &Ctxt) {
             );
             false
         } else {
-            let owner = format!("the slot `{} {}`", slot.cardinality.keyword(), type_string(&slot.ty));
+            let owner = format!("the slot `{} {}`", slot.cardinality.keyword(), slot.type_str());
             for m in methods {
                 taken.insert(m, owner.clone());
             }

@@ -172,7 +172,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
     let with_set = |slot: &Slot| {
         let args = tracked.iter().map(|(s, p)| {
             if std::ptr::eq(*s, slot) {
-                quote!(::effects_core::__private::Set)
+                quote!(__effects_private::Set)
             } else {
                 quote!(#p)
             }
@@ -183,17 +183,19 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             quote!(#builder<#(#args),*>)
         }
     };
-    // A builder literal moving every field but `slot`, which becomes `value`.
-    let rebuild = |slot: &Slot, value: TokenStream| {
-        let fields = all_fields.iter().map(|f| {
-            if *f == &slot.name {
-                quote!(#f: #value)
-            } else {
-                quote!(#f: self.#f)
+    // The same builder with other state parameters: what every setter that fills a tracked slot
+    // returns after storing its value, so each setter is a line rather than a builder literal.
+    let retype = (!params.is_empty()).then(|| {
+        let to: Vec<Ident> = (0..params.len())
+            .map(|i| format_ident!("__T{}", i))
+            .collect();
+        quote! {
+            #[inline]
+            fn __effects_retype<#(#to),*>(self) -> #builder<#(#to),*> {
+                #builder { #(#all_fields: self.#all_fields,)* __state: ::core::marker::PhantomData }
             }
-        });
-        quote!(#builder { #(#fields,)* __state: ::core::marker::PhantomData })
-    };
+        }
+    });
     let param_of = |slot: &Slot| {
         tracked
             .iter()
@@ -223,16 +225,16 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                         slot.name_str()
                     )
                 };
-                let body = rebuild(slot, quote!(::core::option::Option::Some(value)));
                 let bound = slot_bound(slot, quote!(#p: #state_mod::#unset));
                 setters.extend(quote! {
                     #[doc = #set_doc]
                     #[inline]
-                    pub fn #field(self, value: #ty) -> #ret
+                    pub fn #field(mut self, value: #ty) -> #ret
                     where
                         #bound,
                     {
-                        #body
+                        self.#field = ::core::option::Option::Some(value);
+                        self.__effects_retype()
                     }
                 });
                 if slot.cardinality == Cardinality::Optional {
@@ -241,15 +243,15 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                         " Sets the `{tystr}` {} if `value` is `Some`; counts as the one call either way. {summary}",
                         slot.kind.singular()
                     );
-                    let body = rebuild(slot, quote!(value));
                     setters.extend(quote! {
                         #[doc = #doc]
                         #[inline]
-                        pub fn #maybe(self, value: ::core::option::Option<#ty>) -> #ret
+                        pub fn #maybe(mut self, value: ::core::option::Option<#ty>) -> #ret
                         where
                             #bound,
                         {
-                            #body
+                            self.#field = value;
+                            self.__effects_retype()
                         }
                     });
                 }
@@ -282,12 +284,10 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                     }
                 } else {
                     let ret = with_set(slot);
-                    let body = rebuild(slot, quote!(values));
                     quote! {
-                        pub fn #field(self, value: #ty) -> #ret {
-                            let mut values = self.#field;
-                            values.push(value);
-                            #body
+                        pub fn #field(mut self, value: #ty) -> #ret {
+                            self.#field.push(value);
+                            self.__effects_retype()
                         }
                     }
                 };
@@ -321,12 +321,12 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         let fstr = slot.name_str();
         match slot.cardinality {
             Cardinality::One => quote! {
-                #field: ::effects_core::__private::filled(self.#field, #schema_str, #fstr)
+                #field: __effects_private::filled(self.#field, #schema_str, #fstr)
             },
             Cardinality::Optional | Cardinality::Many => quote!(#field: self.#field),
             Cardinality::AtLeastOne => quote! {
-                #field: ::effects_core::__private::filled(
-                    ::effects_core::__private::NonEmpty::from_vec(self.#field),
+                #field: __effects_private::filled(
+                    __effects_private::NonEmpty::from_vec(self.#field),
                     #schema_str,
                     #fstr,
                 )
@@ -348,7 +348,6 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         " Moves every effect of `other` into this `{name}`. Compiles only when `{name}` has a `many` or `at_least_one` slot for each of `other`'s effect types."
     );
     quote! {
-        #[automatically_derived]
         impl #name {
             #[doc = #builder_doc]
             #[inline]
@@ -359,14 +358,15 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             #[doc = #merge_doc]
             #[inline]
             #[must_use]
-            pub fn merge<__M: ::effects_core::MergeInto<Self>>(mut self, other: __M) -> Self {
-                ::effects_core::MergeInto::merge_into(other, &mut self);
+            pub fn merge<__M: __effects_core::MergeInto<Self>>(mut self, other: __M) -> Self {
+                __effects_core::MergeInto::merge_into(other, &mut self);
                 self
             }
         }
 
-        #[automatically_derived]
         impl #generics #builder #generics {
+            #retype
+
             #setters
 
             #[doc = #build_doc]

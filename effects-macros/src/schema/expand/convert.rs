@@ -1,4 +1,5 @@
-//! `Schema` (shape metadata and erasure), `From<Schema> for Effects` and canonical `Serialize`.
+//! `Schema` (shape metadata and erasure; `From<Schema> for Effects` is one blanket impl in
+//! effects-core) and canonical `Serialize`.
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
@@ -8,25 +9,25 @@ use super::Names;
 use crate::schema::ast::{Cardinality, Kind, Slot};
 use crate::util::doc_text;
 
-/// `<BlockedCard as ::effects_core::__private::DatomSlot>`, spanned at the user's type: every use
+/// `<BlockedCard as __effects_private::DatomSlot>`, spanned at the user's type: every use
 /// of a slot's type goes through this one path, so a type in the wrong list is reported once,
 /// there ("`Card` is not a datom").
 pub(super) fn as_trait(slot: &Slot) -> TokenStream {
     let ty = &slot.ty;
     let span = ty.span();
     match slot.kind {
-        Kind::Datoms => quote_spanned!(span=> <#ty as ::effects_core::__private::DatomSlot>),
-        Kind::Requests => quote_spanned!(span=> <#ty as ::effects_core::__private::RequestSlot>),
-        Kind::Messages => quote_spanned!(span=> <#ty as ::effects_core::__private::MessageSlot>),
+        Kind::Datoms => quote_spanned!(span=> <#ty as __effects_private::DatomSlot>),
+        Kind::Requests => quote_spanned!(span=> <#ty as __effects_private::RequestSlot>),
+        Kind::Messages => quote_spanned!(span=> <#ty as __effects_private::MessageSlot>),
     }
 }
 
 fn cardinality(c: Cardinality) -> TokenStream {
     match c {
-        Cardinality::One => quote!(::effects_core::Cardinality::One),
-        Cardinality::Optional => quote!(::effects_core::Cardinality::Optional),
-        Cardinality::Many => quote!(::effects_core::Cardinality::Many),
-        Cardinality::AtLeastOne => quote!(::effects_core::Cardinality::AtLeastOne),
+        Cardinality::One => quote!(__effects_core::Cardinality::One),
+        Cardinality::Optional => quote!(__effects_core::Cardinality::Optional),
+        Cardinality::Many => quote!(__effects_core::Cardinality::Many),
+        Cardinality::AtLeastOne => quote!(__effects_core::Cardinality::AtLeastOne),
     }
 }
 
@@ -43,7 +44,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             let type_name = slot.type_str();
             let card = cardinality(slot.cardinality);
             let t = as_trait(slot);
-            quote!(::effects_core::__private::slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
+            quote!(__effects_private::slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
         });
         quote!(&[#(#slots),*])
     });
@@ -71,7 +72,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
             Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
             Cardinality::AtLeastOne => {
-                quote!(#t::push_vec(::effects_core::NonEmpty::into_vec(self.#field), &mut effects);)
+                quote!(#t::push_vec(__effects_core::NonEmpty::into_vec(self.#field), &mut effects);)
             }
         }
     });
@@ -79,8 +80,8 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
 
     quote! {
         #[automatically_derived]
-        impl ::effects_core::Schema for #name {
-            const SHAPE: &'static ::effects_core::Shape = &::effects_core::Shape {
+        impl __effects_core::Schema for #name {
+            const SHAPE: &'static __effects_core::Shape = &__effects_core::Shape {
                 name: #name_str,
                 doc: #doc,
                 datoms: #datom_slots,
@@ -90,36 +91,28 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             };
 
             #[inline]
-            fn to_effects(&self) -> ::effects_core::Effects {
-                let #effects_mut effects = ::effects_core::Effects::default();
+            fn to_effects(&self) -> __effects_core::Effects {
+                let #effects_mut effects = __effects_core::Effects::default();
                 #(#by_ref)*
                 effects
             }
 
             #[inline]
-            fn into_effects(self) -> ::effects_core::Effects {
-                let #effects_mut effects = ::effects_core::Effects::default();
+            fn into_effects(self) -> __effects_core::Effects {
+                let #effects_mut effects = __effects_core::Effects::default();
                 #(#moved)*
                 effects
             }
         }
 
         #[automatically_derived]
-        impl ::core::convert::From<#name> for ::effects_core::Effects {
-            #[inline]
-            fn from(value: #name) -> Self {
-                ::effects_core::Schema::into_effects(value)
-            }
-        }
-
-        #[automatically_derived]
-        impl ::effects_core::__private::serde::Serialize for #name {
+        impl __effects_private::serde::Serialize for #name {
             fn serialize<__S>(&self, serializer: __S) -> ::core::result::Result<__S::Ok, __S::Error>
             where
-                __S: ::effects_core::__private::serde::Serializer,
+                __S: __effects_private::serde::Serializer,
             {
-                ::effects_core::__private::serde::Serialize::serialize(
-                    &::effects_core::Schema::to_effects(self),
+                __effects_private::serde::Serialize::serialize(
+                    &__effects_core::Schema::to_effects(self),
                     serializer,
                 )
             }
