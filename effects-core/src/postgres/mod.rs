@@ -120,6 +120,7 @@
 mod commit;
 mod db;
 mod inspect;
+mod single;
 mod store;
 
 #[cfg(feature = "postgres-tls")]

@@ -338,7 +338,7 @@ pub(crate) async fn next_counter(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn insert_outbox(
+pub(super) async fn insert_outbox(
     tx: &Transaction<'_>,
     key: &str,
     txid: i64,
@@ -403,15 +403,19 @@ pub(crate) async fn lock_run(
     .transpose()
 }
 
-/// Commits a batch of runs (see [`Store::commit_runs`]): the runs set-based
-/// ([`commit`](super::commit)), then the applied runs' ready rows claimed together, in ready
-/// order, each run's handed back with its commit.
+/// Commits runs (see [`Store::commit_runs`]): one run with its own statements
+/// ([`single`](super::single)), several set-based ([`commit`](super::commit)); then the applied
+/// runs' ready rows claimed together, in ready order, each run's handed back with its commit.
 async fn commit_runs_tx(
     tx: &Transaction<'_>,
     runs: &[NewRun],
     options: &ClaimOptions,
 ) -> Result<Vec<Commit>, StoreError> {
-    let (mut out, now) = super::commit::commit_runs_tx(tx, runs).await?;
+    let (mut out, now) = if runs.len() == 1 {
+        super::single::commit_runs_tx(tx, runs).await?
+    } else {
+        super::commit::commit_runs_tx(tx, runs).await?
+    };
     let applied: Vec<&str> = runs
         .iter()
         .zip(&out)
