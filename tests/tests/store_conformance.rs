@@ -25,8 +25,8 @@ use effects_core::executor::{
 };
 use effects_core::relay::{Relay, RelayConfig, Retention};
 use effects_core::store::{
-    ClaimOptions, Conflict, Entity, Inspect, Lease, OutboxKind, PruneOlderThan, ReadVersion, RequestOutcome,
-    RunStatus, Store, StoreError, Tracked, Tx,
+    ClaimOptions, Conflict, Entity, Inspect, Lease, OutboxKind, PruneOlderThan, ReadVersion,
+    RequestOutcome, RunStatus, Store, StoreError, Tracked, Tx,
 };
 use effects_core::transport::{HEADER_KEY, HEADER_TX, OutgoingMessage, SqliteLog, Transport};
 use effects_core::worker::{LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport};
@@ -1694,7 +1694,9 @@ where
         .collect();
     // The history, from each run's datoms, in tx order.
     let mut datoms = Vec::new();
-    for key in ["setup", "k1", "k2", "k3", "k6", "k7", "k8", "k9", "k10", "k11"] {
+    for key in [
+        "setup", "k1", "k2", "k3", "k6", "k7", "k8", "k9", "k10", "k11",
+    ] {
         if let Some(detail) = store.run_detail(&format!("{ns}:{key}")).await.unwrap() {
             datoms.extend(detail.datoms);
         }

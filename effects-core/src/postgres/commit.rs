@@ -1,8 +1,8 @@
 //! Committing runs: a batch of runs in one transaction, with one statement per table for all
 //! of its runs.
 //!
-//! A batch is committed in four round trips whatever its size (see the [module
-//! documentation](super) for the lock order):
+//! A batch is committed in three round trips whatever its size, four when some of its keys are
+//! taken already (see the [module documentation](super) for the lock order):
 //!
 //! 1. **Keys.** Every distinct key is claimed in one `INSERT .. SELECT FROM unnest(..)`; the
 //!    records of the keys already taken are read in one statement.
