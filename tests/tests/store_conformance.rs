@@ -25,8 +25,8 @@ use effects_core::executor::{
 };
 use effects_core::relay::{Relay, RelayConfig, Retention};
 use effects_core::store::{
-    ClaimOptions, Conflict, Lease, OutboxKind, PruneOlderThan, ReadVersion, RequestOutcome,
-    RunStatus, Store, StoreError, Tracked, Tx,
+    ClaimOptions, Conflict, Entity, Inspect, Lease, OutboxKind, PruneOlderThan, ReadVersion,
+    RequestOutcome, RunStatus, Store, StoreError, Tracked, Tx,
 };
 use effects_core::transport::{HEADER_KEY, HEADER_TX, OutgoingMessage, SqliteLog, Transport};
 use effects_core::worker::{LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport};
@@ -90,6 +90,8 @@ conformance!(
     pruning_removes_only_old_finished_work,
     a_batch_commits_once_and_reports_each_run,
     a_batch_with_a_database_error_writes_nothing,
+    a_batch_gives_what_its_runs_give_one_by_one,
+    concurrent_batches_on_shared_entities_number_their_runs_densely,
     one_key_from_two_tasks_applies_exactly_once,
     mutant_without_the_duplicate_check_applies_one_key_from_two_tasks_twice,
     invalid_effects_are_refused_before_any_write,
@@ -1518,6 +1520,466 @@ async fn a_batch_with_a_database_error_writes_nothing<B: Backend>(b: B) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The items of [`a_batch_gives_what_its_runs_give_one_by_one`] in the namespace `ns` (keys
+/// `ns:..`, entities `ns-..`), carrying reads of `a` and `r` as they were before.
+fn batch_scenario(ns: &str, a: &Entity, r: &Entity) -> Vec<BatchItem> {
+    let e = |id: &str| card(&format!("{ns}-{id}"));
+    let message = |partition: Option<&str>, n: i64| {
+        let m = MessageEffect::new(
+            "card-batch",
+            json!({"card": format!("{ns}-{}", partition.unwrap_or("none")), "n": n}),
+        );
+        match partition {
+            Some(p) => m.with_key(format!("{ns}-{p}")),
+            None => m,
+        }
+    };
+    let item = |key: &str, effects: Effects, reads: Vec<ReadVersion>| BatchItem {
+        key: format!("{ns}:{key}"),
+        effects,
+        options: RunOptions::reading(reads),
+    };
+    let first = Effects::from(DatomEffect::assert(e("a"), [("card/limit", json!(20))]))
+        .merge(DatomEffect::assert(
+            e("n1"),
+            [("card/status", json!("new"))],
+        ))
+        .merge(message(Some("a"), 1));
+    vec![
+        // Changes a and creates n1; a message in a's partition.
+        item("k1", first.clone(), vec![]),
+        // Read a before the batch; the item before changed it: refused, no tx.
+        item(
+            "k2",
+            DatomEffect::assert(e("a"), [("card/status", json!("blocked"))]).into(),
+            vec![ReadVersion::of(a)],
+        ),
+        // Retracts what k1 asserted; a compare-and-set on b that holds.
+        item(
+            "k3",
+            Effects::from(DatomEffect::retract(e("a"), [("card/limit", json!(20))])).merge(
+                DatomEffect::assert(e("b"), [("card/status", json!("blocked"))])
+                    .expecting("card/status", json!("active")),
+            ),
+            vec![],
+        ),
+        // The key of the refused item, other effects: applied, expecting what k3 wrote.
+        item(
+            "k2",
+            Effects::from(
+                DatomEffect::assert(e("b"), [("card/status", json!("closed"))])
+                    .expecting("card/status", json!("blocked")),
+            )
+            .merge(message(Some("a"), 2)),
+            vec![],
+        ),
+        // k1 again: a duplicate of it.
+        item("k1", first, vec![]),
+        // A compare-and-set that held before the batch, no longer.
+        item(
+            "k6",
+            DatomEffect::assert(e("b"), [("card/status", json!("open"))])
+                .expecting("card/status", json!("active"))
+                .into(),
+            vec![],
+        ),
+        // Two datoms on n1 (created by k1) in one run; a keyed and an unkeyed message.
+        item(
+            "k7",
+            Effects::from(DatomEffect::assert(e("n1"), [("card/limit", json!(5))]))
+                .merge(DatomEffect::retract(
+                    e("n1"),
+                    [("card/status", json!("new"))],
+                ))
+                .merge(message(Some("a"), 3))
+                .merge(message(None, 4)),
+            vec![],
+        ),
+        // Reads that hold (r unchanged, m missing); creates m.
+        item(
+            "k8",
+            DatomEffect::assert(e("m"), [("card/status", json!("created"))]).into(),
+            vec![ReadVersion::of(r), ReadVersion::missing(e("m"))],
+        ),
+        // m read as missing, created by k8: refused.
+        item(
+            "k9",
+            DatomEffect::assert(e("m"), [("card/limit", json!(1))]).into(),
+            vec![ReadVersion::missing(e("m"))],
+        ),
+        // A retraction on an entity that does not exist changes nothing; a's limit asserted
+        // again after its retraction, next to the status it already holds.
+        item(
+            "k10",
+            Effects::from(DatomEffect::retract(
+                e("ghost"),
+                [("card/status", json!("x"))],
+            ))
+            .merge(DatomEffect::assert(
+                e("a"),
+                [("card/limit", json!(30)), ("card/status", json!("active"))],
+            )),
+            vec![],
+        ),
+        // A compare-and-set expecting no value on an attribute k7 retracted.
+        item(
+            "k11",
+            DatomEffect::assert(e("n1"), [("card/status", json!("back"))])
+                .expecting("card/status", serde_json::Value::Null)
+                .into(),
+            vec![],
+        ),
+        // k3 with other effects: a reused key.
+        item(
+            "k3",
+            DatomEffect::assert(e("b"), [("card/status", json!("x"))]).into(),
+            vec![],
+        ),
+    ]
+}
+
+/// What a namespace of [`a_batch_gives_what_its_runs_give_one_by_one`] ended with, its `tx`
+/// numbers counted from its setup run and its names without the namespace.
+#[derive(Debug, PartialEq)]
+struct BatchResult {
+    outcomes: Vec<String>,
+    history: Vec<String>,
+    entities: Vec<String>,
+    runs: Vec<String>,
+    messages: BTreeMap<String, Vec<String>>,
+}
+
+async fn batch_result<B: Backend>(
+    b: &B,
+    store: &B::Store,
+    broker: &SqliteLog,
+    ns: &str,
+    base: Tx,
+    outcomes: &[Result<RunOutcome, RunError>],
+) -> BatchResult
+where
+    B::Store: Inspect,
+{
+    let strip = |text: &str| {
+        text.replace(&format!("{ns}-"), "")
+            .replace(&format!("{ns}:"), "")
+    };
+    let at = |tx: Tx| tx.0 - base.0;
+    let outcomes = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Ok(RunOutcome::Applied { tx, .. }) => format!("applied at {}", at(*tx)),
+            Ok(RunOutcome::Duplicate { original_tx, .. }) => {
+                format!("duplicate of {}", at(*original_tx))
+            }
+            Err(RunError::KeyReuse { original_tx, .. }) => {
+                format!("key reused, applied at {}", at(*original_tx))
+            }
+            Err(RunError::Conflict { conflict, .. }) => match &**conflict {
+                Conflict::Read {
+                    entity,
+                    read,
+                    found,
+                } => strip(&format!(
+                    "conflict: {entity} read at {:?}, found at {:?}",
+                    read.map(at),
+                    found.map(at)
+                )),
+                other => strip(&format!("conflict: {other}")),
+            },
+            Err(other) => strip(&format!("error: {other}")),
+        })
+        .collect();
+    // The history, from each run's datoms, in tx order.
+    let mut datoms = Vec::new();
+    for key in [
+        "setup", "k1", "k2", "k3", "k6", "k7", "k8", "k9", "k10", "k11",
+    ] {
+        if let Some(detail) = store.run_detail(&format!("{ns}:{key}")).await.unwrap() {
+            datoms.extend(detail.datoms);
+        }
+    }
+    datoms.sort_by_key(|d| d.tx);
+    let history = datoms
+        .into_iter()
+        .map(|d| {
+            strip(&format!(
+                "{} {} {} {} {} {:?}",
+                at(d.tx),
+                d.run_key,
+                d.entity,
+                d.attribute,
+                d.value,
+                d.op
+            ))
+        })
+        .collect();
+    // Every entity now and as of every tx of the namespace.
+    let mut entities = Vec::new();
+    let last = store.latest_tx().await.unwrap().expect("a tx").0;
+    for id in ["a", "b", "r", "n1", "m", "ghost"] {
+        let lookup = card(&format!("{ns}-{id}"));
+        let mut as_of: Vec<Option<Tx>> = vec![None];
+        as_of.extend((base.0..=last).map(|t| Some(Tx(t))));
+        for when in as_of {
+            let entity = store.entity(&lookup, when).await.unwrap();
+            entities.push(strip(&format!(
+                "{id} as of {:?}: {:?}",
+                when.map(at),
+                entity.map(|e| (e.attributes, at(e.tx)))
+            )));
+        }
+    }
+    let mut runs = Vec::new();
+    for key in ["k1", "k2", "k3", "k6", "k7", "k8", "k9", "k10", "k11"] {
+        let key = format!("{ns}:{key}");
+        let run = store.run(&key).await.unwrap();
+        let outbox = store.outbox(&key).await.unwrap();
+        runs.push(strip(&format!(
+            "{key}: {:?}; outbox {:?}",
+            run.map(|r| (r.status, at(r.tx), r.outbox_count, r.completed_at.is_some())),
+            outbox
+                .iter()
+                .map(|o| (
+                    o.id.clone(),
+                    o.seq,
+                    o.partition_key.clone(),
+                    o.payload.clone(),
+                    at(o.tx),
+                    o.dispatched_at.is_some()
+                ))
+                .collect::<Vec<_>>()
+        )));
+    }
+    let mut messages: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in broker.messages("card-batch").await.unwrap() {
+        if !m.message_id.starts_with(&format!("{ns}:")) {
+            continue;
+        }
+        let payload = String::from_utf8(m.payload).unwrap();
+        messages
+            .entry(strip(&format!("{:?}", m.partition_key)))
+            .or_default()
+            .push(strip(&format!(
+                "{} {payload} tx {}",
+                m.message_id,
+                m.headers[HEADER_TX].parse::<i64>().unwrap() - base.0
+            )));
+    }
+    // The namespace's transactions are numbered densely.
+    let (first, count, span) = (
+        b.count(&format!(
+            "SELECT MIN(tx) FROM transactions WHERE run_key LIKE '{ns}:%'"
+        ))
+        .await,
+        b.count(&format!(
+            "SELECT COUNT(*) FROM transactions WHERE run_key LIKE '{ns}:%'"
+        ))
+        .await,
+        b.count(&format!(
+            "SELECT MAX(tx) - MIN(tx) + 1 FROM transactions WHERE run_key LIKE '{ns}:%'"
+        ))
+        .await,
+    );
+    assert_eq!(
+        first, base.0,
+        "{ns}: the setup run is the namespace's first tx"
+    );
+    assert_eq!(count, span, "{ns}: tx numbers without gaps");
+    BatchResult {
+        outcomes,
+        history,
+        entities,
+        runs,
+        messages,
+    }
+}
+
+/// A batch commits what its items would commit one after the other, row for row: duplicate and
+/// reused keys, a key refused and then used again, retractions, several datoms on one entity
+/// within a run and across runs, compare-and-set and reads against what earlier items changed,
+/// entities created in the batch, `tx` numbers dense and in item order (refused items take
+/// none), the history and every state as of every `tx`, the outbox rows and their order per
+/// partition key. Each way runs in a namespace of its own (keys and entities), on one store.
+async fn a_batch_gives_what_its_runs_give_one_by_one<B: Backend>(b: B)
+where
+    B::Store: Inspect,
+{
+    let store = b.open().await;
+    let broker = b.broker();
+    let executor = Executor::builder(store.clone(), broker.clone()).build();
+    let mut results = Vec::new();
+    for (ns, batched) in [("solo", false), ("bulk", true)] {
+        let setup = Effects::from(DatomEffect::assert(
+            card(&format!("{ns}-a")),
+            [("card/status", json!("active")), ("card/limit", json!(10))],
+        ))
+        .merge(DatomEffect::assert(
+            card(&format!("{ns}-b")),
+            [("card/status", json!("active"))],
+        ))
+        .merge(DatomEffect::assert(
+            card(&format!("{ns}-r")),
+            [("card/status", json!("active"))],
+        ));
+        let base = executor
+            .run(format!("{ns}:setup"), setup)
+            .await
+            .unwrap()
+            .tx();
+        let a = store
+            .entity(&card(&format!("{ns}-a")), None)
+            .await
+            .unwrap()
+            .unwrap();
+        let r = store
+            .entity(&card(&format!("{ns}-r")), None)
+            .await
+            .unwrap()
+            .unwrap();
+        let items = batch_scenario(ns, &a, &r);
+        let outcomes = if batched {
+            executor.run_batch(items).await.unwrap()
+        } else {
+            let mut outcomes = Vec::new();
+            for item in items {
+                outcomes.push(
+                    executor
+                        .run_with(item.key, item.effects, item.options)
+                        .await,
+                );
+            }
+            outcomes
+        };
+        // What a run left to the relay (a store may leave a batch's later messages of one
+        // partition to it) goes out now, in partition order.
+        while executor.dispatch_due(100).await.unwrap().claimed > 0 {}
+        results.push(batch_result(&b, &store, &broker, ns, base, &outcomes).await);
+    }
+    let batched = results.pop().unwrap();
+    let one_by_one = results.pop().unwrap();
+    // The scenario does what it says (so that the comparison compares something).
+    assert_eq!(
+        one_by_one.outcomes,
+        [
+            "applied at 1",
+            "conflict: [card/id \"a\"] read at Some(0), found at Some(1)",
+            "applied at 2",
+            "applied at 3",
+            "duplicate of 1",
+            "conflict: datoms[0] expected card/status of [card/id \"b\"] to be \"active\" but it is \"closed\"",
+            "applied at 4",
+            "applied at 5",
+            "conflict: [card/id \"m\"] read at None, found at Some(5)",
+            "applied at 6",
+            "applied at 7",
+            "key reused, applied at 2",
+        ],
+        "{one_by_one:#?}"
+    );
+    assert_eq!(one_by_one.messages["Some(\"a\")"].len(), 3);
+    assert_eq!(batched.outcomes, one_by_one.outcomes);
+    assert_eq!(batched.history, one_by_one.history);
+    assert_eq!(batched.entities, one_by_one.entities);
+    assert_eq!(batched.runs, one_by_one.runs);
+    assert_eq!(batched.messages, one_by_one.messages);
+}
+
+/// Batches committed at once by several tasks, their items touching the same entities in
+/// different orders: every run applied, none waits forever (the locks are taken in one global
+/// order), and the `tx` numbers are dense with each key's datoms under its own `tx`.
+async fn concurrent_batches_on_shared_entities_number_their_runs_densely<B: Backend>(b: B)
+where
+    B::Store: Inspect,
+{
+    const TASKS: usize = 4;
+    const BATCHES: usize = 5;
+    const ITEMS: usize = 10;
+    let store = b.open().await;
+    let broker = b.broker();
+    let executor = Arc::new(Executor::builder(store.clone(), broker).build());
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let executor = Arc::clone(&executor);
+        tasks.spawn(async move {
+            for batch in 0..BATCHES {
+                let items = (0..ITEMS)
+                    .map(|i| {
+                        // Two of six shared entities, in an order that differs by task.
+                        let first = (task + i) % 6;
+                        let second = (task * 5 + i * 7 + batch) % 6;
+                        let n = json!(task * 1000 + batch * 100 + i);
+                        let mut effects = Effects::from(DatomEffect::assert(
+                            card(&format!("shared-{first}")),
+                            [("card/n", n.clone())],
+                        ));
+                        if second != first {
+                            effects = effects.merge(DatomEffect::assert(
+                                card(&format!("shared-{second}")),
+                                [("card/m", n)],
+                            ));
+                        }
+                        BatchItem::new(format!("t{task}:b{batch}:i{i}"), effects)
+                    })
+                    .collect();
+                let results =
+                    tokio::time::timeout(Duration::from_secs(60), executor.run_batch(items))
+                        .await
+                        .expect("a batch commits within 60 s")
+                        .unwrap();
+                let txs: Vec<Tx> = results.iter().map(|r| r.as_ref().unwrap().tx()).collect();
+                assert!(
+                    txs.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+                    "a batch's runs take consecutive tx numbers in item order: {txs:?}"
+                );
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let total = i64::try_from(TASKS * BATCHES * ITEMS).unwrap();
+    assert_eq!(b.count("SELECT COUNT(*) FROM transactions").await, total);
+    assert_eq!(
+        b.count("SELECT MAX(tx) - MIN(tx) + 1 FROM transactions")
+            .await,
+        total
+    );
+    // Each entity's current values are those of the last tx that wrote them.
+    let mut history = Vec::new();
+    for task in 0..TASKS {
+        for batch in 0..BATCHES {
+            for i in 0..ITEMS {
+                let key = format!("t{task}:b{batch}:i{i}");
+                let detail = store.run_detail(&key).await.unwrap().expect("applied");
+                history.extend(detail.datoms);
+            }
+        }
+    }
+    for id in 0..6 {
+        let entity = store
+            .entity(&card(&format!("shared-{id}")), None)
+            .await
+            .unwrap()
+            .expect("every shared entity was written");
+        for attribute in ["card/n", "card/m"] {
+            let last = history
+                .iter()
+                .filter(|d| {
+                    d.entity == card(&format!("shared-{id}"))
+                        && d.attribute == attribute
+                        && d.op == effects_core::Op::Assert
+                })
+                .max_by_key(|d| d.tx);
+            assert_eq!(
+                entity.attributes.get(attribute),
+                last.map(|d| &d.value),
+                "shared-{id} {attribute}"
+            );
+        }
+    }
 }
 
 /// 50 keys, each run by two tasks at once.

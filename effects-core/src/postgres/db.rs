@@ -531,6 +531,20 @@ impl Isolation {
     }
 }
 
+/// Prepares `sqls` through the connection's cache of prepared statements. Statements sent
+/// together afterwards go out in the order they are first polled (a statement still to be
+/// prepared would wait for its own round trip and go out after the others), and the server runs
+/// them in that order: one round trip for all of them.
+pub(crate) async fn prepare_all(
+    tx: &Transaction<'_>,
+    operation: &'static str,
+    sqls: &[&str],
+) -> Result<Vec<tokio_postgres::Statement>, StoreError> {
+    futures_util::future::try_join_all(sqls.iter().map(|sql| tx.prepare_cached(sql)))
+        .await
+        .map_err(db_error(operation))
+}
+
 /// Statements through the connection's cache of prepared statements.
 pub(crate) async fn query(
     tx: &Transaction<'_>,

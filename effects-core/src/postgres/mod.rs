@@ -36,7 +36,7 @@
 //!    transaction-scoped advisory lock on its identity, then `FOR UPDATE` if it exists. Every
 //!    transaction creating or changing an entity holds its advisory lock, so "it did not exist"
 //!    is a read that holds until the commit as well. The lock statements are pipelined (sent
-//!    together, run by the server in order): two round trips for any number of entities.
+//!    together, run by the server in order).
 //! 3. **Read validation** then compares each read's version (the entity's `updated_tx`) and each
 //!    compare-and-set expectation with the locked rows: nothing can change them between the
 //!    check and the commit. A run that fails it is refused ([`Commit::Conflict`](crate::store::Commit::Conflict)),
@@ -50,6 +50,18 @@
 //!    and overlap freely; commit several runs in one transaction
 //!    ([`Executor::run_batch`](crate::executor::Executor::run_batch)) to pay for it once per
 //!    batch.
+//!
+//! A commit of one run takes these steps with a statement per key, entity, datom and outbox
+//! row. A commit of several runs takes them **set-based**, in three round trips whatever its
+//! size (four when some keys are taken already): every key claimed in one statement; the advisory locks, the entities' rows, the
+//! current values of the attributes the runs name and the counter rows (`tx`, then
+//! `outbox_ready`) locked and read in one pipeline; then, with everything locked, the runs are
+//! played in order in memory exactly as they would be applied one after the other (a key taken
+//! by an earlier item is a duplicate, a key of a refused item can be used by a later one, reads
+//! and compare-and-set see what earlier items changed, only the runs that commit take a `tx`,
+//! densely and in batch order); and the result is written with one `INSERT .. SELECT FROM
+//! unnest(..)` (or `UPDATE .. FROM unnest(..)`) per table. Both give the same rows; the store
+//! conformance suite compares them.
 //!
 //! `SERIALIZABLE` was not chosen: every commit updates the counter row, so under serializable
 //! snapshot isolation every pair of concurrent commits would conflict and one of them fail;
@@ -117,8 +129,10 @@
 //! connection then fails rather than fall back to plain text. The bridge is the
 //! `tokio-postgres-rustls` crate (it adds `x509-cert` and its DER parser for channel binding).
 
+mod commit;
 mod db;
 mod inspect;
+mod single;
 mod store;
 
 #[cfg(feature = "postgres-tls")]

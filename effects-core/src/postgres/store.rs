@@ -6,18 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
-use futures_util::future::try_join_all;
 use serde_json::Value;
 use tokio_postgres::Row;
 
 use super::db::{
-    Db, ENTITY_LOCK_CLASS, Isolation, PostgresOptions, execute, query, query_one, query_opt,
+    Db, Isolation, PostgresOptions, db_error, execute, prepare_all, query, query_one, query_opt,
 };
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    Backlog, ClaimOptions, Claimed, Commit, Conflict, Entity, Finish, HistoryDatom, Lease, Millis,
-    NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport,
-    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    Backlog, ClaimOptions, Claimed, Commit, Entity, Finish, HistoryDatom, Lease, Millis,
+    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport, RecordedRequest,
+    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
 };
 
 /// The store on PostgreSQL: see the [module documentation](super) for its concurrency, locking
@@ -76,7 +75,7 @@ pub(crate) fn millis(d: Duration) -> Millis {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn headers_json(headers: &BTreeMap<String, String>) -> String {
+pub(super) fn headers_json(headers: &BTreeMap<String, String>) -> String {
     // A map of strings always serializes.
     serde_json::to_string(headers).unwrap_or_else(|_| "{}".to_owned())
 }
@@ -317,7 +316,7 @@ pub(crate) async fn now(tx: &Transaction<'_>) -> Result<Millis, StoreError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Locks and read validation.
+// Counters, the outbox and runs' rows.
 
 /// Allocates `count` values of a counter row; returns the first. The row stays locked until
 /// the transaction ends, so values are handed out in commit order.
@@ -338,295 +337,8 @@ pub(crate) async fn next_counter(
     Ok(last - count + 1)
 }
 
-/// What a commit knows of the entities it locked: by (identity, identity value), the row id
-/// and version (`updated_tx`), or `None` while it does not exist. Kept up to date as the
-/// commit's runs create and change entities, so nothing locked is read twice.
-type Known = HashMap<(String, String), Option<(i64, i64)>>;
-
-/// Locks entities for the rest of the transaction and records their row id and version in
-/// `known`. Each identity is locked through a transaction-scoped advisory lock, which every
-/// transaction creating or changing it holds too, so that "it does not exist" also holds until
-/// the transaction ends; an entity that exists is locked `FOR UPDATE` as well. `entities` come
-/// sorted (the global lock order). The statements are pipelined: the server runs them in
-/// order, the client waits for two round trips (the advisory locks, then the rows).
-async fn lock_entities(
-    tx: &Transaction<'_>,
-    entities: &[(&str, &str)],
-    known: &mut Known,
-) -> Result<(), StoreError> {
-    const OP: &str = "locking entities";
-    let entities: Vec<(&str, &str)> = entities
-        .iter()
-        .copied()
-        .filter(|(i, v)| !known.contains_key(&((*i).to_owned(), (*v).to_owned())))
-        .collect();
-    if entities.is_empty() {
-        return Ok(());
-    }
-    let advisory = entities.iter().map(|(identity, value)| async move {
-        query(
-            tx,
-            OP,
-            "SELECT pg_advisory_xact_lock($1, hashtext($2 || ' ' || $3))",
-            &[&ENTITY_LOCK_CLASS, identity, value],
-        )
-        .await
-    });
-    let rows = entities.iter().map(|(identity, value)| async move {
-        query_opt(
-            tx,
-            OP,
-            "SELECT id, updated_tx FROM entities \
-             WHERE identity = $1 AND identity_value = $2 FOR UPDATE",
-            &[identity, value],
-        )
-        .await
-    });
-    // Every advisory lock before any row lock, whatever the statement cache holds.
-    try_join_all(advisory).await?;
-    let rows = try_join_all(rows).await?;
-    for ((identity, value), row) in entities.iter().zip(rows) {
-        let what = || format!("entity `{identity}` {value}");
-        let found = row
-            .map(|row| Ok::<_, StoreError>((get(&row, 0, &what)?, get(&row, 1, &what)?)))
-            .transpose()?;
-        known.insert(((*identity).to_owned(), (*value).to_owned()), found);
-    }
-    Ok(())
-}
-
-/// A locked entity's row id and version, from `known`.
-fn locked_entity(
-    known: &Known,
-    identity: &str,
-    value: &str,
-) -> Result<Option<(i64, i64)>, StoreError> {
-    known
-        .get(&(identity.to_owned(), value.to_owned()))
-        .copied()
-        .ok_or_else(|| {
-            corrupt(
-                format!("entity `{identity}` {value}"),
-                "used before it was locked",
-            )
-        })
-}
-
-/// Read validation, against the state before the run: the first read whose entity changed
-/// since, or the first expected value of a compare-and-set datom that does not hold. Every
-/// entity involved is locked ([`lock_entities`]) before this runs, so nothing can change between
-/// this check and the commit.
-async fn check_reads(
-    tx: &Transaction<'_>,
-    run: &NewRun,
-    known: &Known,
-) -> Result<Option<Conflict>, StoreError> {
-    const OP: &str = "validating reads";
-    for read in &run.reads {
-        let found =
-            locked_entity(known, &read.entity.attribute, &read.identity_value)?.map(|(_, v)| Tx(v));
-        if found != read.tx {
-            return Ok(Some(Conflict::Read {
-                entity: read.entity.clone(),
-                read: read.tx,
-                found,
-            }));
-        }
-    }
-    for (index, datom) in run.datoms.iter().enumerate() {
-        if datom.expected.is_empty() {
-            continue;
-        }
-        let entity = locked_entity(known, &datom.identity, &datom.identity_value)?;
-        for (attribute, expected) in &datom.expected {
-            let current: Option<String> = match entity {
-                None => None,
-                Some((id, _)) => query_opt(
-                    tx,
-                    OP,
-                    "SELECT value FROM entity_attributes WHERE entity_id = $1 AND attribute = $2",
-                    &[&id, attribute],
-                )
-                .await?
-                .map(|r| get(&r, 0, &|| format!("compare-and-set of datoms[{index}]")))
-                .transpose()?,
-            };
-            let holds = match current.as_deref() {
-                Some(value) => value == expected,
-                None => expected == "null",
-            };
-            if !holds {
-                let what = || format!("compare-and-set of datoms[{index}]");
-                let parse = |text: &str| -> Result<Value, StoreError> {
-                    serde_json::from_str(text).map_err(|e| corrupt(what(), e.to_string()))
-                };
-                let expected = Some(parse(expected)?).filter(|v| !v.is_null());
-                let found = current.as_deref().map(parse).transpose()?;
-                return Ok(Some(Conflict::Expected {
-                    datom: index,
-                    entity: LookupRef::new(datom.identity.as_str(), parse(&datom.identity_value)?),
-                    attribute: attribute.clone(),
-                    expected,
-                    found,
-                }));
-            }
-        }
-    }
-    Ok(None)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Writing runs.
-
-async fn apply_datom(
-    tx: &Transaction<'_>,
-    txid: i64,
-    datom: &NewDatom,
-    known: &mut Known,
-) -> Result<(), StoreError> {
-    const OP: &str = "applying datoms";
-    // The entity is locked already (`lock_entities`, before the tx was allocated).
-    let existing = locked_entity(known, &datom.identity, &datom.identity_value)?;
-    let (entity, is_new) = match existing {
-        Some((id, _)) => (id, false),
-        // Nothing to retract, and no entity to create.
-        None if datom.op == Op::Retract => return Ok(()),
-        None => {
-            let row = query_one(
-                tx,
-                OP,
-                "INSERT INTO entities (identity, identity_value, created_tx, updated_tx) \
-                 VALUES ($1, $2, $3, $3) RETURNING id",
-                &[&datom.identity, &datom.identity_value, &txid],
-            )
-            .await?;
-            let id = get(&row, 0, &|| "a new entity".to_owned())?;
-            known.insert(
-                (datom.identity.clone(), datom.identity_value.clone()),
-                Some((id, txid)),
-            );
-            (id, true)
-        }
-    };
-    // The current values of the named attributes, in one statement. An entity created by this
-    // datom has none yet, and one datom names each attribute once (a later datom on the same
-    // entity finds it existing).
-    let mut current: HashMap<String, String> = HashMap::new();
-    if !is_new {
-        let names: Vec<&str> = datom.attributes.iter().map(|(a, _)| a.as_str()).collect();
-        let rows = query(
-            tx,
-            OP,
-            "SELECT attribute, value FROM entity_attributes \
-             WHERE entity_id = $1 AND attribute = ANY($2)",
-            &[&entity, &names],
-        )
-        .await?;
-        for row in rows {
-            let what = || format!("an attribute of entity {entity}");
-            current.insert(get(&row, 0, &what)?, get(&row, 1, &what)?);
-        }
-    }
-    let mut writes: Vec<DatomWrite<'_>> = Vec::new();
-    for (attribute, value) in &datom.attributes {
-        let current = current.get(attribute);
-        match datom.op {
-            Op::Assert if current == Some(value) => {}
-            Op::Assert => {
-                if let Some(old) = current {
-                    writes.push(DatomWrite::History(attribute, old.clone(), false));
-                }
-                writes.push(DatomWrite::History(attribute, value.clone(), true));
-                writes.push(DatomWrite::Set(attribute, value));
-            }
-            Op::Retract if current == Some(value) => {
-                writes.push(DatomWrite::History(attribute, value.clone(), false));
-                writes.push(DatomWrite::Remove(attribute));
-            }
-            Op::Retract => {}
-        }
-    }
-    let changed = !writes.is_empty();
-    if changed && !is_new {
-        writes.push(DatomWrite::Version);
-    }
-    // Pipelined, run by the server in this order (history rows get their ids in order).
-    try_join_all(writes.iter().map(|write| write.execute(tx, txid, entity))).await?;
-    if changed && !is_new {
-        known.insert(
-            (datom.identity.clone(), datom.identity_value.clone()),
-            Some((entity, txid)),
-        );
-    }
-    Ok(())
-}
-
-/// One write of a datom (see [`apply_datom`]).
-enum DatomWrite<'a> {
-    /// A history row: attribute, value, added.
-    History(&'a str, String, bool),
-    /// The attribute's current value.
-    Set(&'a str, &'a str),
-    /// The attribute retracted.
-    Remove(&'a str),
-    /// The entity's version: this tx.
-    Version,
-}
-
-impl DatomWrite<'_> {
-    async fn execute(
-        &self,
-        tx: &Transaction<'_>,
-        txid: i64,
-        entity: i64,
-    ) -> Result<u64, StoreError> {
-        const OP: &str = "applying datoms";
-        match self {
-            DatomWrite::History(attribute, value, added) => {
-                execute(
-                    tx,
-                    OP,
-                    "INSERT INTO datoms (tx, entity_id, attribute, value, added) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[&txid, &entity, attribute, value, added],
-                )
-                .await
-            }
-            DatomWrite::Set(attribute, value) => {
-                execute(
-                    tx,
-                    OP,
-                    "INSERT INTO entity_attributes (entity_id, attribute, value, tx) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (entity_id, attribute) \
-                     DO UPDATE SET value = excluded.value, tx = excluded.tx",
-                    &[&entity, attribute, value, &txid],
-                )
-                .await
-            }
-            DatomWrite::Remove(attribute) => {
-                execute(
-                    tx,
-                    OP,
-                    "DELETE FROM entity_attributes WHERE entity_id = $1 AND attribute = $2",
-                    &[&entity, attribute],
-                )
-                .await
-            }
-            DatomWrite::Version => {
-                execute(
-                    tx,
-                    OP,
-                    "UPDATE entities SET updated_tx = $1 WHERE id = $2",
-                    &[&txid, &entity],
-                )
-                .await
-            }
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
-async fn insert_outbox(
+pub(super) async fn insert_outbox(
     tx: &Transaction<'_>,
     key: &str,
     txid: i64,
@@ -691,88 +403,19 @@ pub(crate) async fn lock_run(
     .transpose()
 }
 
-/// Claims a run's key: inserts its row with placeholder values, filled in when the run is
-/// applied (or deleted again if it is refused). A key committed by another transaction is left
-/// alone (`false`); one being committed by another transaction waits for it to end.
-async fn claim_key(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
-    let inserted = execute(
-        tx,
-        "claiming a key",
-        "INSERT INTO effect_runs (key, effects_sha256, tx, status, outbox_count, created_at_ms, \
-         updated_at_ms) VALUES ($1, '', 0, 'requests_pending', 0, effects_now_ms(), \
-         effects_now_ms()) ON CONFLICT (key) DO NOTHING",
-        &[&key],
-    )
-    .await?;
-    Ok(inserted > 0)
-}
-
-/// Commits a batch of runs (see [`Store::commit_runs`]). Locks are taken in one global order so
-/// that concurrent commits cannot deadlock: the batch's keys (sorted), then every entity its
-/// runs read or write (sorted), then the `tx` counter row, held to the end.
+/// Commits runs (see [`Store::commit_runs`]): one run with its own statements
+/// ([`single`](super::single)), several set-based ([`commit`](super::commit)); then the applied
+/// runs' ready rows claimed together, in ready order, each run's handed back with its commit.
 async fn commit_runs_tx(
     tx: &Transaction<'_>,
     runs: &[NewRun],
     options: &ClaimOptions,
 ) -> Result<Vec<Commit>, StoreError> {
-    let keys: Vec<&str> = runs
-        .iter()
-        .map(|r| r.key.as_str())
-        .collect::<BTreeSet<&str>>()
-        .into_iter()
-        .collect();
-    // Pipelined: the server claims the keys one after the other, in this order.
-    let (now, claims) = tokio::try_join!(
-        now(tx),
-        try_join_all(keys.iter().map(|key| claim_key(tx, key)))
-    )?;
-    let mut claimed: HashSet<&str> = keys
-        .iter()
-        .zip(claims)
-        .filter(|(_, claimed)| *claimed)
-        .map(|(key, _)| *key)
-        .collect();
-    let entities: Vec<(&str, &str)> = runs
-        .iter()
-        .filter(|r| claimed.contains(r.key.as_str()))
-        .flat_map(run_entities)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut known = Known::new();
-    lock_entities(tx, &entities, &mut known).await?;
-    let mut out = Vec::with_capacity(runs.len());
-    for run in runs {
-        if !claimed.remove(run.key.as_str()) {
-            match load_run(tx, &run.key).await? {
-                Some(existing) => {
-                    out.push(Commit::Existing(existing));
-                    continue;
-                }
-                // An earlier item of this batch with the same key was refused: claim it now.
-                None => {
-                    if !claim_key(tx, &run.key).await? {
-                        let existing = load_run(tx, &run.key).await?.ok_or_else(|| {
-                            corrupt(
-                                format!("effect run `{}`", run.key),
-                                "vanished while claimed",
-                            )
-                        })?;
-                        out.push(Commit::Existing(existing));
-                        continue;
-                    }
-                    let mine: Vec<(&str, &str)> = run_entities(run)
-                        .collect::<BTreeSet<_>>()
-                        .into_iter()
-                        .collect();
-                    lock_entities(tx, &mine, &mut known).await?;
-                }
-            }
-        }
-        out.push(apply_run(tx, run, now, &mut known).await?);
-    }
-    // The applied runs' ready rows, claimed together in ready order, each run's handed back
-    // with its commit.
+    let (mut out, now) = if runs.len() == 1 {
+        super::single::commit_runs_tx(tx, runs).await?
+    } else {
+        super::commit::commit_runs_tx(tx, runs).await?
+    };
     let applied: Vec<&str> = runs
         .iter()
         .zip(&out)
@@ -794,120 +437,6 @@ async fn commit_runs_tx(
         hook();
     }
     Ok(out)
-}
-
-/// The entities a run reads or writes, as (identity, identity value).
-fn run_entities(run: &NewRun) -> impl Iterator<Item = (&str, &str)> {
-    run.reads
-        .iter()
-        .map(|read| (read.entity.attribute.as_str(), read.identity_value.as_str()))
-        .chain(
-            run.datoms
-                .iter()
-                .map(|d| (d.identity.as_str(), d.identity_value.as_str())),
-        )
-}
-
-async fn apply_run(
-    tx: &Transaction<'_>,
-    run: &NewRun,
-    now: Millis,
-    known: &mut Known,
-) -> Result<Commit, StoreError> {
-    const OP: &str = "committing a run";
-    if let Some(conflict) = check_reads(tx, run, known).await? {
-        execute(
-            tx,
-            OP,
-            "DELETE FROM effect_runs WHERE key = $1",
-            &[&run.key],
-        )
-        .await?;
-        return Ok(Commit::Conflict(conflict));
-    }
-    let txid = next_counter(tx, "tx", 1).await?;
-
-    let has_requests = run.outbox.iter().any(|r| r.kind == OutboxKind::Request);
-    let status = if has_requests {
-        RunStatus::RequestsPending
-    } else if !run.outbox.is_empty() {
-        RunStatus::MessagesPending
-    } else {
-        RunStatus::Done
-    };
-    let outbox_count = i64::try_from(run.outbox.len()).unwrap_or(i64::MAX);
-    // Ready rows get an order: requests always, messages only when the run has no requests
-    // (otherwise they wait for `finish_requests`).
-    let ready_count = run
-        .outbox
-        .iter()
-        .filter(|r| !has_requests || r.kind == OutboxKind::Request)
-        .count();
-
-    // Independent statements, pipelined: the server runs them in this order while the client
-    // waits for their answers together (the datoms' own statements follow one another).
-    let transaction = async {
-        execute(
-            tx,
-            OP,
-            "INSERT INTO transactions (tx, run_key, committed_at_ms) VALUES ($1, $2, $3)",
-            &[&txid, &run.key, &now],
-        )
-        .await
-    };
-    let datoms = async {
-        for datom in &run.datoms {
-            apply_datom(tx, txid, datom, known).await?;
-        }
-        Ok::<(), StoreError>(())
-    };
-    let record = async {
-        execute(
-            tx,
-            OP,
-            "UPDATE effect_runs SET effects_sha256 = $2, tx = $3, status = $4, \
-             after_requests = $5, outbox_count = $6, created_at_ms = $7, updated_at_ms = $7, \
-             completed_at_ms = $8 WHERE key = $1",
-            &[
-                &run.key,
-                &run.effects_sha256,
-                &txid,
-                &status.as_str(),
-                &run.after_requests,
-                &outbox_count,
-                &now,
-                &(status == RunStatus::Done).then_some(now),
-            ],
-        )
-        .await
-    };
-    let first_ready = async {
-        if ready_count > 0 {
-            next_counter(tx, "outbox_ready", ready_count).await
-        } else {
-            Ok(0)
-        }
-    };
-    let (_, (), _, first_ready) = tokio::try_join!(transaction, datoms, record, first_ready)?;
-
-    let mut ready = first_ready;
-    let rows = run.outbox.iter().map(|row| {
-        let ready_seq = if !has_requests || row.kind == OutboxKind::Request {
-            ready += 1;
-            Some(ready - 1)
-        } else {
-            None
-        };
-        insert_outbox(tx, &run.key, txid, row, ready_seq, now)
-    });
-    try_join_all(rows).await?;
-    // Its ready rows are claimed with those of the rest of the batch (`commit_runs_tx`).
-    Ok(Commit::Applied {
-        tx: Tx(txid),
-        status,
-        claimed: Vec::new(),
-        published_inline: 0,
-    })
 }
 
 /// Claims pending, ready, due, unleased rows (of some runs, or of all), in ready order, following
@@ -1627,31 +1156,66 @@ impl Store for PostgresStore {
                 let rows = rows.clone();
                 Box::pin(async move {
                     const OP: &str = "marking rows dispatched";
-                    // Pipelined: the updates in order, then the runs' rows in one order (see
-                    // `lock_run`), each completed if that was its last pending row.
-                    let updates = rows.iter().map(|(id, lease)| async move {
-                        query_opt(
+                    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+                    let tokens: Vec<i64> = rows.iter().map(|(_, lease)| lease.token).collect();
+                    let owners: Vec<&str> =
+                        rows.iter().map(|(_, lease)| lease.owner.as_str()).collect();
+                    // Every row still leased to the caller, in one statement; then the runs'
+                    // rows in one order (see `lock_run`), each completed if that was its last
+                    // pending row: two statements for all the runs, sent together.
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                        [&ids, &tokens, &owners];
+                    let (found, now) = tokio::try_join!(
+                        query(
                             tx,
                             OP,
-                            "UPDATE outbox SET dispatched_at_ms = effects_now_ms(), \
+                            "UPDATE outbox o SET dispatched_at_ms = effects_now_ms(), \
                              lease_owner = NULL, lease_until_ms = NULL, lease_token = NULL, \
-                             last_error = NULL WHERE id = $1 AND dispatched_at_ms IS NULL \
-                             AND lease_token = $2 AND lease_owner = $3 RETURNING run_key",
-                            &[id, &lease.token, &lease.owner],
+                             last_error = NULL \
+                             FROM unnest($1::text[], $2::bigint[], $3::text[]) \
+                             AS u(id, token, owner) \
+                             WHERE o.id = u.id AND o.dispatched_at_ms IS NULL \
+                             AND o.lease_token = u.token AND o.lease_owner = u.owner \
+                             RETURNING o.id, o.run_key",
+                            &params,
+                        ),
+                        now(tx)
+                    )?;
+                    let mut done: HashSet<String> = HashSet::with_capacity(found.len());
+                    let mut keys = BTreeSet::new();
+                    for row in &found {
+                        let what = || "a row marked dispatched".to_owned();
+                        done.insert(get(row, 0, &what)?);
+                        keys.insert(get::<String>(row, 1, &what)?);
+                    }
+                    // A row named twice is marked once, by its first mention.
+                    let marked: Vec<bool> = rows.iter().map(|(id, _)| done.remove(id)).collect();
+                    if !keys.is_empty() {
+                        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                        let statements = prepare_all(
+                            tx,
+                            OP,
+                            &[
+                                &format!(
+                                    "SELECT {RUN_COLUMNS} FROM effect_runs WHERE key = ANY($1) \
+                                     ORDER BY key COLLATE \"C\" FOR UPDATE"
+                                ),
+                                "UPDATE effect_runs r SET status = 'done', completed_at_ms = $2, \
+                                 updated_at_ms = $2 WHERE r.key = ANY($1) \
+                                 AND r.status = 'messages_pending' AND NOT EXISTS (SELECT 1 \
+                                 FROM outbox o WHERE o.run_key = r.key \
+                                 AND o.dispatched_at_ms IS NULL \
+                                 AND o.dead_lettered_reason IS NULL)",
+                            ],
+                        )
+                        .await?;
+                        futures_util::future::try_join(
+                            tx.query(&statements[0], &[&keys]),
+                            tx.execute(&statements[1], &[&keys, &now]),
                         )
                         .await
-                    });
-                    let (found, now) = tokio::try_join!(try_join_all(updates), now(tx))?;
-                    let mut marked = Vec::with_capacity(rows.len());
-                    let mut keys = BTreeSet::new();
-                    for ((id, _), key) in rows.iter().zip(found) {
-                        marked.push(key.is_some());
-                        if let Some(key) = key {
-                            keys.insert(get::<String>(&key, 0, &|| format!("outbox row `{id}`"))?);
-                        }
+                        .map_err(db_error(OP))?;
                     }
-                    try_join_all(keys.iter().map(|key| lock_run(tx, key))).await?;
-                    try_join_all(keys.iter().map(|key| complete_if_done(tx, key, now))).await?;
                     Ok(marked)
                 })
             })
