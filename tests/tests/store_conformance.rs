@@ -1121,7 +1121,8 @@ async fn leases_fence_a_claimant_that_lost_its_rows<B: Backend>(b: B) {
     let executor = Executor::builder(store.clone(), b.broker())
         .http(http_client(&server.uri(), 1))
         .owner("committer")
-        .lease(Duration::from_secs(1))
+        // Long enough that the early claim below comes inside it on a loaded machine.
+        .lease(Duration::from_secs(3))
         .fault_hook(crash_after_commit())
         .build();
     let effects: Effects = (0..3)
@@ -1147,7 +1148,7 @@ async fn leases_fence_a_claimant_that_lost_its_rows<B: Backend>(b: B) {
         .await
         .unwrap();
     assert!(early.rows.is_empty(), "{early:?}");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     // Expired: another claimant takes them, in order, under a new and higher token.
     let taken = store
         .claim_due(10, claim_options("taker", Duration::from_secs(30)))
