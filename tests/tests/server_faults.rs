@@ -1307,7 +1307,14 @@ async fn relay_down_past_the_duplicate_window_is_absorbed_by_the_consumers() {
     assert_eq!(delivered, w.on_stream.len());
     // And were absorbed: one transaction per message id.
     assert_eq!(window_differences(&w), Vec::<String>::new());
-    assert_eq!(w.handler_calls, w.runs as usize);
+    if large(w.runs) {
+        // Eight deliveries at a time: a copy handled beside its original reaches the handler
+        // too (the key refuses it at the commit), so calls are bounded by the deliveries.
+        assert!(w.handler_calls <= delivered, "{} calls", w.handler_calls);
+    } else {
+        // One delivery at a time: a copy finds its run there and never reaches the handler.
+        assert_eq!(w.handler_calls, w.runs as usize);
+    }
 }
 
 /// Without the duplicate check, the copies are applied again.

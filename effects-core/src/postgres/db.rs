@@ -104,6 +104,15 @@ pub struct PostgresOptions {
     /// is cancelled (and its transaction rolled back). `None` keeps the server's setting.
     /// Default 30 s.
     pub statement_timeout: Option<Duration>,
+    /// The server's `idle_in_transaction_session_timeout` for the store's connections: a
+    /// transaction left open with no statement running for longer — its process stopped,
+    /// frozen or cut off between two statements — is ended by the server and rolled back,
+    /// releasing the rows it locked. Without it such a process keeps its rows from every other
+    /// worker and relay (they claim with `FOR UPDATE SKIP LOCKED`, which passes over locked
+    /// rows) for as long as it is frozen, whatever its lease says. The store never leaves a
+    /// transaction idle on purpose: its transactions send their statements and commit. `None`
+    /// keeps the server's setting. Default 10 s.
+    pub idle_in_transaction_timeout: Option<Duration>,
     /// How many times a transaction that failed for a serialization failure (`40001`) or a
     /// deadlock (`40P01`) is run again, after a short random backoff, before the error is
     /// returned. Default 8.
@@ -123,6 +132,7 @@ impl PostgresOptions {
             connect_timeout: Duration::from_secs(5),
             pool_timeout: Duration::from_secs(30),
             statement_timeout: Some(Duration::from_secs(30)),
+            idle_in_transaction_timeout: Some(Duration::from_secs(10)),
             retries: 8,
             #[cfg(feature = "postgres-tls")]
             tls: None,
@@ -145,6 +155,10 @@ impl fmt::Debug for PostgresOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_timeout", &self.pool_timeout)
             .field("statement_timeout", &self.statement_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
             .field("retries", &self.retries);
         #[cfg(feature = "postgres-tls")]
         s.field("tls", &self.tls);
@@ -416,6 +430,12 @@ impl Db {
         if let Some(timeout) = options.statement_timeout {
             startup.push_str(&format!(
                 " -c statement_timeout={}",
+                timeout.as_millis().max(1)
+            ));
+        }
+        if let Some(timeout) = options.idle_in_transaction_timeout {
+            startup.push_str(&format!(
+                " -c idle_in_transaction_session_timeout={}",
                 timeout.as_millis().max(1)
             ));
         }
