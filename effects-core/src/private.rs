@@ -14,6 +14,19 @@ pub use ::insta;
 
 pub use crate::schema::NonEmpty;
 
+/// The type itself. A handler's union holds `<S as Same>::Type` in its variant `S`, not `S`:
+/// the same type wherever a variant is built or matched, but not one rustc offers to wrap a
+/// value in, so a forgotten `.into()` gets rustc's "call `Into::into`" help rather than
+/// "try wrapping the expression in `XEffects::S`".
+pub trait Same {
+    /// `Self`.
+    type Type: ?Sized;
+}
+
+impl<T: ?Sized> Same for T {
+    type Type = T;
+}
+
 /// Typestate marker: a builder slot that has not been filled.
 #[derive(Debug)]
 pub enum Unset {}

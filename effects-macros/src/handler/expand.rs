@@ -77,7 +77,8 @@ fn union_items(
     );
     let variants = union.members.iter().map(|(v, ty)| {
         let vdoc = format!(" [`{fn_str}`] returned `{}`.", unraw(v));
-        quote!(#[doc = #vdoc] #v(#ty),)
+        // Not `#v(#ty)`: see `__private::Same`; `#ty` keeps the user's span.
+        quote!(#[doc = #vdoc] #v(<#ty as ::effects_core::__private::Same>::Type),)
     });
     // `From<T>` for every `T` in the union, through a trait of the union's own, so that returning
     // a schema outside it is reported in our words: "`T` is not in `effects![A | B]`".

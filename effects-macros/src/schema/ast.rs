@@ -20,6 +20,8 @@ pub(crate) struct SchemaDef {
     pub(crate) attrs: Vec<Attribute>,
     pub(crate) vis: Visibility,
     pub(crate) name: Ident,
+    /// The body, `{ .. }` after the name.
+    pub(crate) body: proc_macro2::Span,
     pub(crate) slots: Vec<Slot>,
     pub(crate) merges: Vec<syn::Path>,
 }
@@ -189,11 +191,12 @@ fn parse_schema(input: ParseStream<'_>, cx: &Ctxt) -> syn::Result<SchemaDef> {
         ));
     }
     let content;
-    braced!(content in input);
+    let brace = braced!(content in input);
     let mut schema = SchemaDef {
         attrs,
         vis,
         name,
+        body: brace.span.join(),
         slots: Vec::new(),
         merges: Vec::new(),
     };

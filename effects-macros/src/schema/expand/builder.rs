@@ -8,7 +8,7 @@
 //! trait's message at the user's call instead of "method not found".
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 
 use super::Names;
 use super::structure::slot_summary;
@@ -70,8 +70,6 @@ pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
     let (vis, builder) = (&schema.vis, &names.builder);
     let params: Vec<Ident> = tracked(names).into_iter().map(|(_, p)| p).collect();
-    let generics =
-        (!params.is_empty()).then(|| quote!(<#(#params = ::effects_core::__private::Unset),*>));
     let fields = schema.slots.iter().map(|slot| {
         let (name, ty) = (&slot.name, &slot.ty);
         match slot.cardinality {
@@ -85,13 +83,29 @@ pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
         " Builds a [`{}`]: one setter call per effect, then `.build()`, which compiles only once every required slot is filled.",
         schema.name
     );
+    // The keyword, the generics' brackets and the braces spanned at the schema's body, the name
+    // at the schema's name: the item's span, which rustc labels "method not found for this
+    // struct" when a setter the schema does not have is called, then runs from the name through
+    // the declared slots (`pub Freeze { datoms: [..] }`), so the error shows which schema's
+    // builder it is and what it takes, instead of the whole `effects!` block (rustc widens a mix
+    // of the invocation's and the user's spans to the invocation). Generics are written even
+    // when empty (`<>`): their span is what reaches the body. Everything inside keeps the
+    // macro's span, so lints still see generated code there.
+    let span = schema.body;
+    let defaults = quote!(#(#params = ::effects_core::__private::Unset),*);
+    let body = quote! {
+        #(#fields)*
+        __state: ::core::marker::PhantomData<fn() -> (#(#params,)*)>,
+    };
+    let (keyword, generics, body) = (
+        quote_spanned!(span=> struct),
+        quote_spanned!(span=> <#defaults>),
+        quote_spanned!(span=> {#body}),
+    );
     quote! {
         #[doc = #doc]
         #[must_use = "a builder does nothing until `.build()` is called"]
-        #vis struct #builder #generics {
-            #(#fields)*
-            __state: ::core::marker::PhantomData<fn() -> (#(#params,)*)>,
-        }
+        #vis #keyword #builder #generics #body
     }
 }
 

@@ -24,7 +24,7 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
     let name = &schema.name;
     let names = Names {
         schema,
-        // Spanned at the schema's name: "method not found for this struct" points there.
+        // Spanned at the schema's name; see `builder::declaration` for the item's other tokens.
         builder: format_ident!("{}Builder", name, span = name.span()),
         state_mod: format_ident!("__effects_{}", snake_case(&crate::util::unraw(name))),
     };
