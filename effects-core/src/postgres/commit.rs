@@ -28,12 +28,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use deadpool_postgres::Transaction;
 use futures_util::future::try_join_all;
-use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use super::db::{ENTITY_LOCK_CLASS, db_error, prepare_all};
 use super::store::{corrupt, decode_run, get, headers_json, now};
-use crate::datom::{LookupRef, Op};
+use crate::datom::Op;
 use crate::store::{
     Commit, Conflict, Millis, NewDatom, NewRun, OutboxKind, RunRecord, RunStatus, StoreError, Tx,
 };
@@ -495,12 +494,8 @@ impl<'r> Plan<'r> {
             let found = self
                 .locked(&read.entity.attribute, &read.identity_value)?
                 .map(|l| Tx(l.version));
-            if found != read.tx {
-                return Ok(Some(Conflict::Read {
-                    entity: read.entity.clone(),
-                    read: read.tx,
-                    found,
-                }));
+            if let Some(conflict) = Conflict::of_read(read, found) {
+                return Ok(Some(conflict));
             }
         }
         for (index, datom) in run.datoms.iter().enumerate() {
@@ -516,27 +511,14 @@ impl<'r> Plan<'r> {
                         attribute.as_str(),
                     ))
                 });
-                let holds = match current {
-                    Some(value) => value == expected,
-                    None => expected == "null",
-                };
-                if !holds {
-                    let what = || format!("compare-and-set of datoms[{index}]");
-                    let parse = |text: &str| -> Result<Value, StoreError> {
-                        serde_json::from_str(text).map_err(|e| corrupt(what(), e.to_string()))
-                    };
-                    let expected = Some(parse(expected)?).filter(|v| !v.is_null());
-                    let found = current.map(|v| parse(v)).transpose()?;
-                    return Ok(Some(Conflict::Expected {
-                        datom: index,
-                        entity: LookupRef::new(
-                            datom.identity.as_str(),
-                            parse(&datom.identity_value)?,
-                        ),
-                        attribute: attribute.clone(),
-                        expected,
-                        found,
-                    }));
+                if let Some(conflict) = Conflict::of_expectation(
+                    index,
+                    datom,
+                    attribute,
+                    expected,
+                    current.map(String::as_str),
+                )? {
+                    return Ok(Some(conflict));
                 }
             }
         }

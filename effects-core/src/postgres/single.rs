@@ -7,11 +7,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use deadpool_postgres::Transaction;
 use futures_util::future::try_join_all;
-use serde_json::Value;
 
 use super::db::{ENTITY_LOCK_CLASS, execute, query, query_one, query_opt};
 use super::store::{corrupt, get, insert_outbox, load_run, next_counter, now};
-use crate::datom::{LookupRef, Op};
+use crate::datom::Op;
 use crate::store::{
     Commit, Conflict, Millis, NewDatom, NewRun, OutboxKind, RunStatus, StoreError, Tx,
 };
@@ -103,12 +102,8 @@ async fn check_reads(
     for read in &run.reads {
         let found =
             locked_entity(known, &read.entity.attribute, &read.identity_value)?.map(|(_, v)| Tx(v));
-        if found != read.tx {
-            return Ok(Some(Conflict::Read {
-                entity: read.entity.clone(),
-                read: read.tx,
-                found,
-            }));
+        if let Some(conflict) = Conflict::of_read(read, found) {
+            return Ok(Some(conflict));
         }
     }
     for (index, datom) in run.datoms.iter().enumerate() {
@@ -129,24 +124,10 @@ async fn check_reads(
                 .map(|r| get(&r, 0, &|| format!("compare-and-set of datoms[{index}]")))
                 .transpose()?,
             };
-            let holds = match current.as_deref() {
-                Some(value) => value == expected,
-                None => expected == "null",
-            };
-            if !holds {
-                let what = || format!("compare-and-set of datoms[{index}]");
-                let parse = |text: &str| -> Result<Value, StoreError> {
-                    serde_json::from_str(text).map_err(|e| corrupt(what(), e.to_string()))
-                };
-                let expected = Some(parse(expected)?).filter(|v| !v.is_null());
-                let found = current.as_deref().map(parse).transpose()?;
-                return Ok(Some(Conflict::Expected {
-                    datom: index,
-                    entity: LookupRef::new(datom.identity.as_str(), parse(&datom.identity_value)?),
-                    attribute: attribute.clone(),
-                    expected,
-                    found,
-                }));
+            if let Some(conflict) =
+                Conflict::of_expectation(index, datom, attribute, expected, current.as_deref())?
+            {
+                return Ok(Some(conflict));
             }
         }
     }

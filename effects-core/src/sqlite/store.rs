@@ -482,12 +482,8 @@ fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Conflict>, S
     for read in &run.reads {
         let found =
             entity_version(tx, &read.entity.attribute, &read.identity_value)?.map(|(_, v)| Tx(v));
-        if found != read.tx {
-            return Ok(Some(Conflict::Read {
-                entity: read.entity.clone(),
-                read: read.tx,
-                found,
-            }));
+        if let Some(conflict) = Conflict::of_read(read, found) {
+            return Ok(Some(conflict));
         }
     }
     for (index, datom) in run.datoms.iter().enumerate() {
@@ -507,24 +503,10 @@ fn check_reads(tx: &Transaction<'_>, run: &NewRun) -> Result<Option<Conflict>, S
                     .optional()
                     .ctx(OP)?,
             };
-            let holds = match current.as_deref() {
-                Some(value) => value == expected,
-                None => expected == "null",
-            };
-            if !holds {
-                let what = || format!("compare-and-set of datoms[{index}]");
-                let parse = |text: &str| -> Result<Value, StoreError> {
-                    serde_json::from_str(text).map_err(|e| corrupt(what(), e.to_string()))
-                };
-                let expected = Some(parse(expected)?).filter(|v| !v.is_null());
-                let found = current.as_deref().map(parse).transpose()?;
-                return Ok(Some(Conflict::Expected {
-                    datom: index,
-                    entity: LookupRef::new(datom.identity.as_str(), parse(&datom.identity_value)?),
-                    attribute: attribute.clone(),
-                    expected,
-                    found,
-                }));
+            if let Some(conflict) =
+                Conflict::of_expectation(index, datom, attribute, expected, current.as_deref())?
+            {
+                return Ok(Some(conflict));
             }
         }
     }

@@ -260,6 +260,48 @@ impl Conflict {
             Conflict::Read { entity, .. } | Conflict::Expected { entity, .. } => entity,
         }
     }
+
+    /// Read validation of one read, whatever the store: a conflict when the entity it saw is
+    /// now at another version (`found`, `None` when it does not exist).
+    pub(crate) fn of_read(read: &NewRead, found: Option<Tx>) -> Option<Conflict> {
+        (found != read.tx).then(|| Conflict::Read {
+            entity: read.entity.clone(),
+            read: read.tx,
+            found,
+        })
+    }
+
+    /// Compare-and-set of one attribute of `datoms[index]`, whatever the store: a conflict when
+    /// the attribute's stored JSON text `current` (`None` when unset) is not `expected` (the
+    /// text `null` expects it unset).
+    pub(crate) fn of_expectation(
+        index: usize,
+        datom: &NewDatom,
+        attribute: &str,
+        expected: &str,
+        current: Option<&str>,
+    ) -> Result<Option<Conflict>, StoreError> {
+        let holds = match current {
+            Some(value) => value == expected,
+            None => expected == "null",
+        };
+        if holds {
+            return Ok(None);
+        }
+        let parse = |text: &str| -> Result<Value, StoreError> {
+            serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+                what: format!("compare-and-set of datoms[{index}]"),
+                reason: e.to_string(),
+            })
+        };
+        Ok(Some(Conflict::Expected {
+            datom: index,
+            entity: LookupRef::new(datom.identity.as_str(), parse(&datom.identity_value)?),
+            attribute: attribute.to_owned(),
+            expected: Some(parse(expected)?).filter(|v| !v.is_null()),
+            found: current.map(parse).transpose()?,
+        }))
+    }
 }
 
 fn version(tx: Option<Tx>) -> String {
