@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use deadpool_postgres::Transaction;
 use futures_util::future::try_join_all;
 
-use super::db::{ENTITY_LOCK_CLASS, execute, query, query_one, query_opt};
-use super::store::{corrupt, get, insert_outbox, load_run, next_counter, now};
+use super::db::{ENTITY_LOCK_CLASS, db_error, execute, prepare_all, query, query_one, query_opt};
+use super::store::{COUNTER_SQL, corrupt, get, insert_outbox, load_run, next_counter, now};
 use crate::datom::Op;
 use crate::store::{
     Commit, Conflict, Millis, NewDatom, NewRun, OutboxKind, RunStatus, StoreError, Tx,
@@ -21,47 +21,62 @@ use crate::store::{
 type Known = HashMap<(String, String), Option<(i64, i64)>>;
 
 /// Locks entities for the rest of the transaction and records their row id and version in
-/// `known`. Each identity is locked through a transaction-scoped advisory lock, which every
-/// transaction creating or changing it holds too, so that "it does not exist" also holds until
-/// the transaction ends; an entity that exists is locked `FOR UPDATE` as well. `entities` come
-/// sorted (the global lock order). The statements are pipelined: the server runs them in
-/// order, the client waits for two round trips (the advisory locks, then the rows).
+/// `known`; then allocates `counters` (name, how many), each counter row locked until the
+/// transaction ends, and returns the first value of each. Each identity is locked through a
+/// transaction-scoped advisory lock, which every transaction creating or changing it holds too,
+/// so that "it does not exist" also holds until the transaction ends; an entity that exists is
+/// locked `FOR UPDATE` as well. `entities` come sorted: with the counters last, that is the
+/// global lock order. The statements are prepared first and then pipelined: the server runs
+/// them in the order they are sent (every advisory lock before any row lock, the counters last)
+/// while the client waits for one round trip.
 async fn lock_entities(
     tx: &Transaction<'_>,
     entities: &[(&str, &str)],
     known: &mut Known,
-) -> Result<(), StoreError> {
+    counters: &[(&str, usize)],
+) -> Result<Vec<i64>, StoreError> {
     const OP: &str = "locking entities";
     let entities: Vec<(&str, &str)> = entities
         .iter()
         .copied()
         .filter(|(i, v)| !known.contains_key(&((*i).to_owned(), (*v).to_owned())))
         .collect();
-    if entities.is_empty() {
-        return Ok(());
+    if entities.is_empty() && counters.is_empty() {
+        return Ok(Vec::new());
     }
-    let advisory = entities.iter().map(|(identity, value)| async move {
-        query(
-            tx,
-            OP,
+    let statements = prepare_all(
+        tx,
+        OP,
+        &[
             "SELECT pg_advisory_xact_lock($1, hashtext($2 || ' ' || $3))",
-            &[&ENTITY_LOCK_CLASS, identity, value],
-        )
-        .await
-    });
-    let rows = entities.iter().map(|(identity, value)| async move {
-        query_opt(
-            tx,
-            OP,
             "SELECT id, updated_tx FROM entities \
              WHERE identity = $1 AND identity_value = $2 FOR UPDATE",
-            &[identity, value],
-        )
-        .await
-    });
-    // Every advisory lock before any row lock, whatever the statement cache holds.
-    try_join_all(advisory).await?;
-    let rows = try_join_all(rows).await?;
+            COUNTER_SQL,
+        ],
+    )
+    .await?;
+    let (advisory, rows, counter) = (&statements[0], &statements[1], &statements[2]);
+    let advisory = try_join_all(entities.iter().map(|(identity, value)| async move {
+        tx.query(advisory, &[&ENTITY_LOCK_CLASS, identity, value])
+            .await
+    }));
+    let rows = try_join_all(
+        entities
+            .iter()
+            .map(|(identity, value)| async move { tx.query_opt(rows, &[identity, value]).await }),
+    );
+    let counts: Vec<i64> = counters
+        .iter()
+        .map(|(_, count)| i64::try_from(*count).unwrap_or(i64::MAX))
+        .collect();
+    let lasts = try_join_all(
+        counters
+            .iter()
+            .zip(&counts)
+            .map(|((name, _), count)| async move { tx.query_one(counter, &[count, name]).await }),
+    );
+    // Polled in this order, so sent in this order.
+    let (_, rows, lasts) = tokio::try_join!(advisory, rows, lasts).map_err(db_error(OP))?;
     for ((identity, value), row) in entities.iter().zip(rows) {
         let what = || format!("entity `{identity}` {value}");
         let found = row
@@ -69,7 +84,15 @@ async fn lock_entities(
             .transpose()?;
         known.insert(((*identity).to_owned(), (*value).to_owned()), found);
     }
-    Ok(())
+    counters
+        .iter()
+        .zip(&counts)
+        .zip(lasts)
+        .map(|(((name, _), count), row)| {
+            let last: i64 = get(&row, 0, &|| format!("sequence `{name}`"))?;
+            Ok(last - count + 1)
+        })
+        .collect()
 }
 
 /// A locked entity's row id and version, from `known`.
@@ -333,8 +356,24 @@ pub(super) async fn commit_runs_tx(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    // A lone run that cannot be refused (no reads, no compare-and-set) takes its counters with
+    // its entity locks, in the same round trip: the values it takes are committed with it.
+    let settled = match runs {
+        [run] if claimed.contains(run.key.as_str()) && !can_be_refused(run) => Some(run),
+        _ => None,
+    };
+    let counters: Vec<(&str, usize)> = settled.map_or_else(Vec::new, |run| {
+        let ready = ready_count(run);
+        std::iter::once(("tx", 1))
+            .chain((ready > 0).then_some(("outbox_ready", ready)))
+            .collect()
+    });
     let mut known = Known::new();
-    lock_entities(tx, &entities, &mut known).await?;
+    let firsts = lock_entities(tx, &entities, &mut known, &counters).await?;
+    let mut taken = settled.map(|_| Taken {
+        tx: firsts.first().copied().unwrap_or_default(),
+        first_ready: firsts.get(1).copied(),
+    });
     let mut out = Vec::with_capacity(runs.len());
     for run in runs {
         if !claimed.remove(run.key.as_str()) {
@@ -359,13 +398,36 @@ pub(super) async fn commit_runs_tx(
                         .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect();
-                    lock_entities(tx, &mine, &mut known).await?;
+                    lock_entities(tx, &mine, &mut known, &[]).await?;
                 }
             }
         }
-        out.push(apply_run(tx, run, now, &mut known).await?);
+        out.push(apply_run(tx, run, now, &mut known, taken.take()).await?);
     }
     Ok((out, now))
+}
+
+/// Whether read validation can refuse the run: it read entities or compares and sets values.
+fn can_be_refused(run: &NewRun) -> bool {
+    !run.reads.is_empty() || run.datoms.iter().any(|d| !d.expected.is_empty())
+}
+
+/// How many of a run's outbox rows are ready when it commits: requests always, messages only
+/// when the run has no requests (otherwise they wait for `finish_requests`).
+fn ready_count(run: &NewRun) -> usize {
+    let has_requests = run.outbox.iter().any(|r| r.kind == OutboxKind::Request);
+    run.outbox
+        .iter()
+        .filter(|r| !has_requests || r.kind == OutboxKind::Request)
+        .count()
+}
+
+/// Counter values a run took before it was applied (see [`lock_entities`]): its `tx`, and the
+/// first `ready_seq` of its ready rows if it has any.
+#[derive(Clone, Copy)]
+struct Taken {
+    tx: i64,
+    first_ready: Option<i64>,
 }
 
 /// The entities a run reads or writes, as (identity, identity value).
@@ -380,24 +442,38 @@ fn run_entities(run: &NewRun) -> impl Iterator<Item = (&str, &str)> {
         )
 }
 
+/// Applies a claimed run whose entities are locked: read validation (unless the run's
+/// counters were `taken` already, which only a run that cannot be refused does), its `tx`, then
+/// its writes.
 async fn apply_run(
     tx: &Transaction<'_>,
     run: &NewRun,
     now: Millis,
     known: &mut Known,
+    taken: Option<Taken>,
 ) -> Result<Commit, StoreError> {
     const OP: &str = "committing a run";
-    if let Some(conflict) = check_reads(tx, run, known).await? {
-        execute(
-            tx,
-            OP,
-            "DELETE FROM effect_runs WHERE key = $1",
-            &[&run.key],
-        )
-        .await?;
-        return Ok(Commit::Conflict(conflict));
-    }
-    let txid = next_counter(tx, "tx", 1).await?;
+    let ready_count = ready_count(run);
+    let taken = match taken {
+        Some(taken) => taken,
+        None => {
+            if let Some(conflict) = check_reads(tx, run, known).await? {
+                execute(
+                    tx,
+                    OP,
+                    "DELETE FROM effect_runs WHERE key = $1",
+                    &[&run.key],
+                )
+                .await?;
+                return Ok(Commit::Conflict(conflict));
+            }
+            Taken {
+                tx: next_counter(tx, "tx", 1).await?,
+                first_ready: None,
+            }
+        }
+    };
+    let txid = taken.tx;
 
     let has_requests = run.outbox.iter().any(|r| r.kind == OutboxKind::Request);
     let status = if has_requests {
@@ -408,16 +484,10 @@ async fn apply_run(
         RunStatus::Done
     };
     let outbox_count = i64::try_from(run.outbox.len()).unwrap_or(i64::MAX);
-    // Ready rows get an order: requests always, messages only when the run has no requests
-    // (otherwise they wait for `finish_requests`).
-    let ready_count = run
-        .outbox
-        .iter()
-        .filter(|r| !has_requests || r.kind == OutboxKind::Request)
-        .count();
 
     // Independent statements, pipelined: the server runs them in this order while the client
-    // waits for their answers together (the datoms' own statements follow one another).
+    // waits for their answers together (the datoms' own statements follow one another, and the
+    // outbox rows follow the allocation of their ready order unless it was taken already).
     let transaction = async {
         execute(
             tx,
@@ -453,26 +523,25 @@ async fn apply_run(
         )
         .await
     };
-    let first_ready = async {
-        if ready_count > 0 {
-            next_counter(tx, "outbox_ready", ready_count).await
-        } else {
-            Ok(0)
-        }
-    };
-    let (_, (), _, first_ready) = tokio::try_join!(transaction, datoms, record, first_ready)?;
-
-    let mut ready = first_ready;
-    let rows = run.outbox.iter().map(|row| {
-        let ready_seq = if !has_requests || row.kind == OutboxKind::Request {
-            ready += 1;
-            Some(ready - 1)
-        } else {
-            None
+    let outbox = async {
+        let first_ready = match taken.first_ready {
+            Some(first) => first,
+            None if ready_count > 0 => next_counter(tx, "outbox_ready", ready_count).await?,
+            None => 0,
         };
-        insert_outbox(tx, &run.key, txid, row, ready_seq, now)
-    });
-    try_join_all(rows).await?;
+        let mut ready = first_ready;
+        let rows = run.outbox.iter().map(|row| {
+            let ready_seq = if !has_requests || row.kind == OutboxKind::Request {
+                ready += 1;
+                Some(ready - 1)
+            } else {
+                None
+            };
+            insert_outbox(tx, &run.key, txid, row, ready_seq, now)
+        });
+        try_join_all(rows).await
+    };
+    tokio::try_join!(transaction, datoms, record, outbox)?;
     // Its ready rows are claimed with those of the rest of the batch (`commit_runs_tx`).
     Ok(Commit::Applied {
         tx: Tx(txid),

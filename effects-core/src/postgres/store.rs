@@ -318,6 +318,10 @@ pub(crate) async fn now(tx: &Transaction<'_>) -> Result<Millis, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Counters, the outbox and runs' rows.
 
+/// Allocates `$1` values of the counter row named `$2`; returns the last.
+pub(super) const COUNTER_SQL: &str =
+    "UPDATE sequences SET value = value + $1 WHERE name = $2 RETURNING value";
+
 /// Allocates `count` values of a counter row; returns the first. The row stays locked until
 /// the transaction ends, so values are handed out in commit order.
 pub(crate) async fn next_counter(
@@ -326,13 +330,7 @@ pub(crate) async fn next_counter(
     count: usize,
 ) -> Result<i64, StoreError> {
     let count = i64::try_from(count).unwrap_or(i64::MAX);
-    let row = query_one(
-        tx,
-        "allocating a sequence",
-        "UPDATE sequences SET value = value + $1 WHERE name = $2 RETURNING value",
-        &[&count, &name],
-    )
-    .await?;
+    let row = query_one(tx, "allocating a sequence", COUNTER_SQL, &[&count, &name]).await?;
     let last: i64 = get(&row, 0, &|| format!("sequence `{name}`"))?;
     Ok(last - count + 1)
 }
@@ -424,7 +422,16 @@ async fn commit_runs_tx(
         .collect();
     if !applied.is_empty() {
         let mut by_run: HashMap<String, Vec<OutboxRow>> = HashMap::new();
-        for row in claim(tx, Some(&applied), usize::MAX, options, now).await? {
+        for row in claim(
+            tx,
+            ClaimScope::Written,
+            Some(&applied),
+            usize::MAX,
+            options,
+            now,
+        )
+        .await?
+        {
             by_run.entry(row.run_key.clone()).or_default().push(row);
         }
         for (run, commit) in runs.iter().zip(out.iter_mut()) {
@@ -439,6 +446,15 @@ async fn commit_runs_tx(
     Ok(out)
 }
 
+/// Whose rows a claim takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClaimScope {
+    /// Rows committed by earlier transactions, which other claimants may be taking.
+    Committed,
+    /// Rows of runs this very transaction applied: nobody else can see them yet.
+    Written,
+}
+
 /// Claims pending, ready, due, unleased rows (of some runs, or of all), in ready order, following
 /// the ordering rules of [`Store::claim_due`].
 ///
@@ -450,6 +466,7 @@ async fn commit_runs_tx(
 /// the ordering rules; the next candidates are tried instead, for a few rounds.
 async fn claim(
     tx: &Transaction<'_>,
+    scope: ClaimScope,
     run_keys: Option<&[&str]>,
     limit: usize,
     options: &ClaimOptions,
@@ -537,22 +554,27 @@ async fn claim(
         }
 
         // Lock the chosen rows that nobody else is taking and that are still due, as they are
-        // now.
-        let ids: Vec<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
+        // now. Rows this transaction wrote itself are unseen by every other one, let alone
+        // locked, and were just read as they are.
         let mut locked: HashMap<String, OutboxRow> = HashMap::new();
-        for row in query(
-            tx,
-            OP,
-            &format!(
-                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($2) AND {due} \
-                 FOR UPDATE SKIP LOCKED"
-            ),
-            &[&now, &ids],
-        )
-        .await?
-        {
-            let row = decode_outbox(&row)?;
-            locked.insert(row.id.clone(), row);
+        if scope == ClaimScope::Written {
+            locked.extend(chosen.iter().map(|r| (r.id.clone(), r.clone())));
+        } else {
+            let ids: Vec<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
+            for row in query(
+                tx,
+                OP,
+                &format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($2) AND {due} \
+                     FOR UPDATE SKIP LOCKED"
+                ),
+                &[&now, &ids],
+            )
+            .await?
+            {
+                let row = decode_outbox(&row)?;
+                locked.insert(row.id.clone(), row);
+            }
         }
         // Groups (a run's requests, a partition's messages) in which a chosen row was taken by
         // another claimant: nothing behind it may go.
@@ -701,7 +723,15 @@ async fn finish_requests_tx(
     )
     .await?;
     complete_if_done(tx, key, now).await?;
-    let claimed = claim(tx, Some(&[key]), usize::MAX, options, now).await?;
+    let claimed = claim(
+        tx,
+        ClaimScope::Committed,
+        Some(&[key]),
+        usize::MAX,
+        options,
+        now,
+    )
+    .await?;
     let status = load_run(tx, key)
         .await?
         .map_or(RunStatus::MessagesPending, |r| r.status);
@@ -985,7 +1015,15 @@ impl Store for PostgresStore {
                 let (key, options) = (key.clone(), Arc::clone(&options));
                 Box::pin(async move {
                     let now = now(tx).await?;
-                    let rows = claim(tx, Some(&[&key]), usize::MAX, &options, now).await?;
+                    let rows = claim(
+                        tx,
+                        ClaimScope::Committed,
+                        Some(&[&key]),
+                        usize::MAX,
+                        &options,
+                        now,
+                    )
+                    .await?;
                     Ok(Claimed {
                         rows,
                         published_inline: 0,
@@ -1008,7 +1046,7 @@ impl Store for PostgresStore {
                 let options = Arc::clone(&options);
                 Box::pin(async move {
                     let now = now(tx).await?;
-                    let rows = claim(tx, None, limit, &options, now).await?;
+                    let rows = claim(tx, ClaimScope::Committed, None, limit, &options, now).await?;
                     Ok(Claimed {
                         rows,
                         published_inline: 0,
