@@ -6,6 +6,10 @@
 //! balances that the booked transfers explain exactly. The same check against an executor
 //! without read validation ([`Mutant::SkipReadValidation`]) fails.
 //!
+//! The CI size is 150 transfers and 4 restarts; the larger run (figures in RELIABILITY.md):
+//! `EFFECTS_SERVER_FAULTS_MESSAGES=100000 cargo test --release -p effects-tests --features
+//! postgres --test postgres_faults runs_complete -- --nocapture`.
+//!
 //! Needs PostgreSQL 15's server binaries in `/usr/lib/postgresql/15/bin` and the `postgres`
 //! user (the Debian `postgresql-15` package), and runs as root (`runuser -u postgres`).
 
@@ -33,7 +37,6 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 const TOPIC: &str = "transfers";
-const ACCOUNTS: usize = 6;
 const START: i64 = 1_000;
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -150,6 +153,54 @@ impl Lcg {
     }
 }
 
+/// How much a run does. The CI size, or `EFFECTS_SERVER_FAULTS_MESSAGES=N` transfers (the
+/// variable that sizes tests/tests/server_faults.rs too): then 30 accounts, fewer conflicts, and
+/// a restart per thousand transfers, spread over the run (up 2–8 s between them) and stopped
+/// once the work is done.
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    transfers: usize,
+    accounts: usize,
+    restarts: usize,
+    /// How long the server stays up between restarts, in ms: at least, and at most.
+    up_ms: (u64, u64),
+    large: bool,
+}
+
+impl Size {
+    fn ci(transfers: usize, restarts: usize) -> Size {
+        Size {
+            transfers,
+            accounts: 6,
+            restarts,
+            up_ms: (200, 800),
+            large: false,
+        }
+    }
+
+    /// The CI size unless `EFFECTS_SERVER_FAULTS_MESSAGES` says otherwise.
+    fn from_env(transfers: usize, restarts: usize) -> Size {
+        match std::env::var("EFFECTS_SERVER_FAULTS_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(n) if n > transfers => Size {
+                transfers: n,
+                accounts: 30,
+                restarts: (n / 1_000).max(restarts),
+                up_ms: (2_000, 8_000),
+                large: true,
+            },
+            _ => Size::ci(transfers, restarts),
+        }
+    }
+
+    /// A bound on finishing: 180 s, and one more per hundred transfers.
+    fn bound(&self) -> Duration {
+        Duration::from_secs(180 + self.transfers as u64 / 100)
+    }
+}
+
 struct Outcome {
     report: WorkerReport,
     handler_calls: usize,
@@ -161,12 +212,14 @@ struct Outcome {
     published: usize,
 }
 
-async fn transfers_through_restarts(
-    name: &str,
-    transfers: usize,
-    restarts: usize,
-    mutant: Option<Mutant>,
-) -> Outcome {
+async fn transfers_through_restarts(name: &str, size: Size, mutant: Option<Mutant>) -> Outcome {
+    let Size {
+        transfers,
+        accounts,
+        restarts,
+        ..
+    } = size;
+    let started = Instant::now();
     let server = PrivateServer::start(name);
     let db = Postgres::create_on(server.port, name).await;
     let options = PostgresOptions {
@@ -184,7 +237,7 @@ async fn transfers_through_restarts(
     }
     let executor = Arc::new(builder.build());
 
-    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("a{i}")).collect();
+    let names: Vec<String> = (0..accounts).map(|i| format!("a{i}")).collect();
     let seed: Effects = names
         .iter()
         .map(|n| DatomEffect::assert(account(n), [("account/balance", json!(START))]))
@@ -196,8 +249,8 @@ async fn transfers_through_restarts(
     let mut rng = Lcg(seed_value);
     let mut requests = Vec::new();
     for i in 0..transfers {
-        let from = rng.next(ACCOUNTS as u64) as usize;
-        let to = (from + 1 + rng.next(ACCOUNTS as u64 - 1) as usize) % ACCOUNTS;
+        let from = rng.next(accounts as u64) as usize;
+        let to = (from + 1 + rng.next(accounts as u64 - 1) as usize) % accounts;
         let request = TransferRequest {
             id: format!("t{i}"),
             from: names[from].clone(),
@@ -247,8 +300,18 @@ async fn transfers_through_restarts(
 
     // The restarts, while the worker runs: up 0.2–0.8 s, then down 0–2 s.
     let mut done_restarts = 0;
+    let (up_least, up_most) = size.up_ms;
     for _ in 0..restarts {
-        tokio::time::sleep(Duration::from_millis(200 + rng.next(600))).await;
+        tokio::time::sleep(Duration::from_millis(
+            up_least + rng.next(up_most - up_least),
+        ))
+        .await;
+        if size.large
+            && broker.unacknowledged("transfer", TOPIC).await.unwrap() == 0
+            && store.backlog().await.map(|b| b.pending_rows).unwrap_or(1) == 0
+        {
+            break;
+        }
         let down_for = Duration::from_millis(rng.next(2_000));
         tokio::task::block_in_place(|| server.down());
         tokio::time::sleep(down_for).await;
@@ -257,7 +320,7 @@ async fn transfers_through_restarts(
     }
 
     // Bounded: everything acknowledged and every outbox row dispatched.
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + size.bound();
     loop {
         let unacked = broker.unacknowledged("transfer", TOPIC).await.unwrap();
         let pending = store.backlog().await.map(|b| b.pending_rows).unwrap_or(1);
@@ -266,7 +329,8 @@ async fn transfers_through_restarts(
         }
         assert!(
             Instant::now() < deadline,
-            "not done after 180 s: {unacked} unacknowledged, {pending} pending, {:?}",
+            "not done after {:?}: {unacked} unacknowledged, {pending} pending, {:?}",
+            size.bound(),
             worker.report()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -289,7 +353,7 @@ async fn transfers_through_restarts(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut expected = vec![START; ACCOUNTS];
+    let mut expected = vec![START; accounts];
     let mut booked = 0;
     for (i, (from, to, amount)) in requests.iter().enumerate() {
         let record = store
@@ -321,8 +385,10 @@ async fn transfers_through_restarts(
     let published = broker.messages("transfer-booked").await.unwrap().len();
     println!(
         "FIGURE postgres_restarts seed={seed_value} mutant={mutant:?} transfers={transfers} \
+         accounts={accounts} seconds={:.0} \
          restarts={done_restarts} applied={} duplicates={} conflicts={} retried={} \
          handler_calls={} booked={booked} published={published} balances={balances:?}",
+        started.elapsed().as_secs_f64(),
         report.applied,
         report.duplicates,
         report.conflicts,
@@ -347,26 +413,28 @@ async fn transfers_through_restarts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_complete_correctly_through_postgres_restarts() {
-    const TRANSFERS: usize = 150;
-    let o = transfers_through_restarts("restarts", TRANSFERS, 4, None).await;
-    assert_eq!(o.restarts, 4);
+    let size = Size::from_env(150, 4);
+    let o = transfers_through_restarts("restarts", size, None).await;
+    if size.large {
+        // Restarts stop once the work is done.
+        assert!(o.restarts >= 1, "no restart happened");
+    } else {
+        assert_eq!(o.restarts, size.restarts);
+    }
     // Each transfer committed exactly once: one transaction per business key, and the seed.
-    assert_eq!(o.transactions.len(), TRANSFERS + 1, "{:?}", o.transactions);
-    assert!(
-        o.transactions.values().all(|n| *n == 1),
-        "a run applied twice: {:?}",
-        o.transactions
-    );
+    assert_eq!(o.transactions.len(), size.transfers + 1);
+    let twice: Vec<_> = o.transactions.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "runs applied more than once: {twice:?}");
     // No lost update: the booked transfers explain every balance, and money is conserved.
     assert_eq!(o.balances, o.expected);
-    assert_eq!(o.balances.iter().sum::<i64>(), START * ACCOUNTS as i64);
+    assert_eq!(o.balances.iter().sum::<i64>(), START * size.accounts as i64);
     assert!(o.balances.iter().all(|b| *b >= 0), "{:?}", o.balances);
     // Every booked transfer's message went out.
     assert_eq!(o.published, o.booked);
     // The handler ran once per applied run, once per re-run after a conflict, and once per
     // delivery whose commit the outage interrupted: never fewer than the runs.
-    assert!(o.handler_calls >= TRANSFERS, "{}", o.handler_calls);
-    assert!(o.report.applied + o.report.duplicates >= TRANSFERS as u64);
+    assert!(o.handler_calls >= size.transfers, "{}", o.handler_calls);
+    assert!(o.report.applied + o.report.duplicates >= size.transfers as u64);
     assert_eq!(o.report.dead_lettered, 0, "{:?}", o.report);
 }
 
@@ -374,7 +442,11 @@ async fn runs_complete_correctly_through_postgres_restarts() {
 /// transfers (lost updates), so the check above can fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mutant_without_read_validation_loses_updates_through_restarts() {
-    let o = transfers_through_restarts("restarts-mutant", 150, 2, Some(Mutant::SkipReadValidation))
-        .await;
+    let o = transfers_through_restarts(
+        "restarts-mutant",
+        Size::ci(150, 2),
+        Some(Mutant::SkipReadValidation),
+    )
+    .await;
     assert_ne!(o.balances, o.expected, "the mutant lost no update");
 }

@@ -740,36 +740,79 @@ async fn commit_pending(
     assert_eq!(servers.transaction_count().await, count);
 }
 
-/// Every message of `topic` on the stream, `(id, stream sequence)`, read through a fresh
-/// consumer group (bounded).
+/// Every message of `topic` on the stream, `(id, stream sequence)`, oldest first: read straight
+/// off the stream by a reader of its own that acknowledges nothing, so each stored copy counts
+/// once, whatever any consumer group took, acknowledged or left. `reader` names it in errors;
+/// `expected` sizes the bound.
 async fn read_back(
     nats: &NatsTransport,
-    group: &str,
+    reader: &str,
     topic: &str,
     expected: usize,
 ) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
+    use effects_core::nats::async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt;
+    let every_partition = nats.subject_for(topic, None);
+    let every_partition = every_partition
+        .strip_suffix(".u")
+        .map(|prefix| format!("{prefix}.>"))
+        .unwrap_or_else(|| panic!("an unpartitioned subject ends in `.u`: {every_partition}"));
+    let stream = nats.config().stream.clone();
+    let consumer = nats
+        .jetstream()
+        .create_consumer_on_stream(
+            pull::Config {
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                filter_subject: every_partition,
+                inactive_threshold: Duration::from_secs(60),
+                ..pull::Config::default()
+            },
+            stream.as_str(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{reader}: a reader of the stream: {e}"));
+    // What the filter matches on the stream as the reader is created, read in full.
+    let stored = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1024)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap_or_else(|e| panic!("{reader}: reading the stream: {e}"));
     let deadline = Instant::now() + bound(60, expected as u64);
-    let mut quiet = 0;
-    while Instant::now() < deadline && quiet < 3 {
-        let batch = nats
-            .fetch(FetchRequest {
-                consumer: group.to_owned(),
-                topic: topic.to_owned(),
-                max: 256,
-                visibility: Duration::from_secs(120),
-                wait: Duration::from_millis(if out.len() < expected { 500 } else { 200 }),
-            })
+    let mut out = Vec::with_capacity(stored);
+    while out.len() < stored {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let next = tokio::time::timeout(left, messages.next())
             .await
-            .expect("read back");
-        if batch.is_empty() {
-            quiet += usize::from(out.len() >= expected);
-            continue;
-        }
-        for d in batch {
-            nats.ack(&d).await.expect("ack");
-            out.push((d.message_id, d.sequence));
-        }
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{reader}: {} of the {stored} messages read when the bound ran out",
+                    out.len()
+                )
+            })
+            .unwrap_or_else(|| panic!("{reader}: the stream ended after {} messages", out.len()))
+            .unwrap_or_else(|e| panic!("{reader}: reading the stream: {e}"));
+        let sequence = next
+            .info()
+            .unwrap_or_else(|e| panic!("{reader}: a message without its stream sequence: {e}"))
+            .stream_sequence;
+        let id = next
+            .headers
+            .as_ref()
+            .and_then(|h| {
+                h.iter()
+                    .find(|(name, _)| {
+                        let name: &str = name.as_ref();
+                        name.eq_ignore_ascii_case("Nats-Msg-Id")
+                    })
+                    .and_then(|(_, values)| values.last())
+                    .map(|v| v.as_str().to_owned())
+            })
+            .unwrap_or_else(|| format!("(no id, sequence {sequence})"));
+        out.push((id, sequence));
     }
     out
 }
