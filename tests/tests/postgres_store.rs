@@ -218,3 +218,80 @@ async fn bad_options_and_a_missing_server_are_clear_errors() {
     let err = PostgresTls::with_ca_pem(b"not a certificate").unwrap_err();
     assert!(err.to_string().contains("no certificate"), "{err}");
 }
+
+/// A transaction left open with nothing running — its process frozen between two statements —
+/// is ended by the server after `idle_in_transaction_timeout`, which releases what it locked:
+/// the frozen commit fails and writes nothing, and its key and entities are free for a run that
+/// comes while it is frozen. Without the setting the same frozen commit holds its locks to the
+/// end (the other run waits for it) and then commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_left_idle_is_ended_by_the_server() {
+    use effects_core::executor::FaultPoint;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let db = Postgres::create("pg-idle").await;
+    backends::run_case(db, |db| async move {
+        let broker = db.broker();
+        for (schema, idle) in [
+            ("idle_ended", Some(Duration::from_millis(500))),
+            ("idle_kept", None),
+        ] {
+            let options = PostgresOptions {
+                idle_in_transaction_timeout: idle,
+                ..db.options().with_schema(schema)
+            };
+            let store = PostgresStore::connect(options).await.unwrap();
+            // The first commit freezes for 2 s before `COMMIT`: the thread sleeps, no statement
+            // runs on its connection.
+            let freeze = Arc::new(AtomicBool::new(true));
+            let hook = {
+                let freeze = Arc::clone(&freeze);
+                Arc::new(move |point: FaultPoint, _key: &str| {
+                    if point == FaultPoint::BeforeCommit && freeze.swap(false, Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                })
+            };
+            let frozen = Executor::builder(store.clone(), broker.clone())
+                .fault_hook(hook)
+                .build();
+            let other = Executor::builder(store.clone(), broker.clone()).build();
+            let first = tokio::spawn(async move { frozen.run("k1", status("c1", "active")).await });
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            // The same run again, while the first is frozen.
+            let second = other.run("k1", status("c1", "active")).await.unwrap();
+            let first = first.await.unwrap();
+            let entity = store.entity(&card("c1"), None).await.unwrap().unwrap();
+            let runs = db
+                .raw()
+                .query_one(
+                    &format!("SELECT COUNT(*) FROM \"{schema}\".transactions WHERE run_key = 'k1'"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            assert_eq!(runs, 1, "{schema}: one transaction for the key");
+            assert_eq!(entity.get("card/status"), Some(&json!("active")));
+            match idle {
+                Some(_) => {
+                    let err = first.expect_err("the frozen commit was ended by the server");
+                    assert!(
+                        format!("{err:?}").contains("idle-in-transaction timeout"),
+                        "{schema}: not the server's timeout: {err:?}"
+                    );
+                    assert!(!second.is_duplicate(), "{schema}: the key was free");
+                }
+                None => {
+                    assert!(
+                        !first.unwrap().is_duplicate(),
+                        "{schema}: the frozen run commits"
+                    );
+                    assert!(second.is_duplicate(), "{schema}: the key was taken");
+                }
+            }
+        }
+    })
+    .await;
+}
