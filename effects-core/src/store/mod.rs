@@ -263,6 +263,7 @@ impl Conflict {
 
     /// Read validation of one read, whatever the store: a conflict when the entity it saw is
     /// now at another version (`found`, `None` when it does not exist).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn of_read(read: &NewRead, found: Option<Tx>) -> Option<Conflict> {
         (found != read.tx).then(|| Conflict::Read {
             entity: read.entity.clone(),
@@ -274,6 +275,7 @@ impl Conflict {
     /// Compare-and-set of one attribute of `datoms[index]`, whatever the store: a conflict when
     /// the attribute's stored JSON text `current` (`None` when unset) is not `expected` (the
     /// text `null` expects it unset).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn of_expectation(
         index: usize,
         datom: &NewDatom,
