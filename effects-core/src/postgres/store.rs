@@ -422,16 +422,7 @@ async fn commit_runs_tx(
         .collect();
     if !applied.is_empty() {
         let mut by_run: HashMap<String, Vec<OutboxRow>> = HashMap::new();
-        for row in claim(
-            tx,
-            ClaimScope::Written,
-            Some(&applied),
-            usize::MAX,
-            options,
-            now,
-        )
-        .await?
-        {
+        for row in claim_written(tx, &applied, options, now).await? {
             by_run.entry(row.run_key.clone()).or_default().push(row);
         }
         for (run, commit) in runs.iter().zip(out.iter_mut()) {
@@ -446,13 +437,48 @@ async fn commit_runs_tx(
     Ok(out)
 }
 
-/// Whose rows a claim takes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ClaimScope {
-    /// Rows committed by earlier transactions, which other claimants may be taking.
-    Committed,
-    /// Rows of runs this very transaction applied: nobody else can see them yet.
-    Written,
+/// Claims the ready rows of runs this very transaction committed, in ready order, in one
+/// statement. They follow the rules of [`claim`], which for rows no other transaction can see
+/// yet (due, unleased, a run's requests all its own and ready in order) come down to one: a
+/// message with a partition key waits while an earlier message of its topic and partition key
+/// from a run not committed here is pending. A row that waits blocks the later ones of its
+/// partition, whose earlier pending row is the same. There is nothing to lock first: no other
+/// transaction can take these rows.
+async fn claim_written(
+    tx: &Transaction<'_>,
+    run_keys: &[&str],
+    options: &ClaimOptions,
+    now: Millis,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    const OP: &str = "claiming outbox rows";
+    let lease_ms = millis(options.lease);
+    let rows = query(
+        tx,
+        OP,
+        &format!(
+            "WITH claim AS (SELECT nextval('lease_token') AS token) \
+             UPDATE outbox SET lease_owner = $2, lease_until_ms = effects_now_ms() + $3, \
+             lease_token = claim.token, attempts = attempts + 1 FROM claim \
+             WHERE run_key = ANY($1) AND dispatched_at_ms IS NULL \
+             AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
+             AND next_attempt_at_ms <= $4 AND (lease_until_ms IS NULL OR lease_until_ms <= $4) \
+             AND NOT (kind = 'message' AND partition_key IS NOT NULL AND EXISTS (SELECT 1 \
+                 FROM outbox e WHERE e.kind = 'message' AND e.destination = outbox.destination \
+                 AND e.partition_key = outbox.partition_key AND e.dispatched_at_ms IS NULL \
+                 AND e.dead_lettered_reason IS NULL AND e.ready_seq < outbox.ready_seq \
+                 AND e.run_key <> ALL($1))) \
+             RETURNING {OUTBOX_COLUMNS}"
+        ),
+        &[&run_keys, &options.owner, &lease_ms, &now],
+    )
+    .await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let ready: Option<i64> = get(row, 14, &|| "a claimed row".to_owned())?;
+        claimed.push((ready, decode_outbox(row)?));
+    }
+    claimed.sort_by_key(|(ready, _)| *ready);
+    Ok(claimed.into_iter().map(|(_, row)| row).collect())
 }
 
 /// Claims pending, ready, due, unleased rows (of some runs, or of all), in ready order, following
@@ -466,7 +492,6 @@ enum ClaimScope {
 /// the ordering rules; the next candidates are tried instead, for a few rounds.
 async fn claim(
     tx: &Transaction<'_>,
-    scope: ClaimScope,
     run_keys: Option<&[&str]>,
     limit: usize,
     options: &ClaimOptions,
@@ -554,27 +579,22 @@ async fn claim(
         }
 
         // Lock the chosen rows that nobody else is taking and that are still due, as they are
-        // now. Rows this transaction wrote itself are unseen by every other one, let alone
-        // locked, and were just read as they are.
+        // now.
+        let ids: Vec<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
         let mut locked: HashMap<String, OutboxRow> = HashMap::new();
-        if scope == ClaimScope::Written {
-            locked.extend(chosen.iter().map(|r| (r.id.clone(), r.clone())));
-        } else {
-            let ids: Vec<&str> = chosen.iter().map(|r| r.id.as_str()).collect();
-            for row in query(
-                tx,
-                OP,
-                &format!(
-                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($2) AND {due} \
-                     FOR UPDATE SKIP LOCKED"
-                ),
-                &[&now, &ids],
-            )
-            .await?
-            {
-                let row = decode_outbox(&row)?;
-                locked.insert(row.id.clone(), row);
-            }
+        for row in query(
+            tx,
+            OP,
+            &format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($2) AND {due} \
+                 FOR UPDATE SKIP LOCKED"
+            ),
+            &[&now, &ids],
+        )
+        .await?
+        {
+            let row = decode_outbox(&row)?;
+            locked.insert(row.id.clone(), row);
         }
         // Groups (a run's requests, a partition's messages) in which a chosen row was taken by
         // another claimant: nothing behind it may go.
@@ -723,15 +743,7 @@ async fn finish_requests_tx(
     )
     .await?;
     complete_if_done(tx, key, now).await?;
-    let claimed = claim(
-        tx,
-        ClaimScope::Committed,
-        Some(&[key]),
-        usize::MAX,
-        options,
-        now,
-    )
-    .await?;
+    let claimed = claim(tx, Some(&[key]), usize::MAX, options, now).await?;
     let status = load_run(tx, key)
         .await?
         .map_or(RunStatus::MessagesPending, |r| r.status);
@@ -1015,15 +1027,7 @@ impl Store for PostgresStore {
                 let (key, options) = (key.clone(), Arc::clone(&options));
                 Box::pin(async move {
                     let now = now(tx).await?;
-                    let rows = claim(
-                        tx,
-                        ClaimScope::Committed,
-                        Some(&[&key]),
-                        usize::MAX,
-                        &options,
-                        now,
-                    )
-                    .await?;
+                    let rows = claim(tx, Some(&[&key]), usize::MAX, &options, now).await?;
                     Ok(Claimed {
                         rows,
                         published_inline: 0,
@@ -1046,7 +1050,7 @@ impl Store for PostgresStore {
                 let options = Arc::clone(&options);
                 Box::pin(async move {
                     let now = now(tx).await?;
-                    let rows = claim(tx, ClaimScope::Committed, None, limit, &options, now).await?;
+                    let rows = claim(tx, None, limit, &options, now).await?;
                     Ok(Claimed {
                         rows,
                         published_inline: 0,
