@@ -77,8 +77,9 @@
 //! rules of [`Store::claim_due`](crate::store::Store::claim_due) — a run's requests in order,
 //! and messages with one topic and partition key in the order they became ready (that order
 //! comes from a second counter row, `outbox_ready`, locked like the `tx` one, so it is commit
-//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due (except the rows
-//! of the runs the claiming transaction commits itself, which no other transaction can see). Relays
+//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due. (The rows of the runs
+//! a commit writes are claimed by that same transaction in one `UPDATE .. RETURNING`: no other
+//! transaction can see them yet, so only the partition rule is left to apply.) Relays
 //! and workers never wait for each other's rows and never hold a row they do not claim, so
 //! several relays share the work; a chosen row another claimant took meanwhile blocks the rest
 //! of its run or partition in this claim, and the next candidates are tried instead. A lease carries a fencing token from a sequence (`lease_token`):
