@@ -56,7 +56,9 @@
 //! refused (no reads, no compare-and-set) has nothing to validate, so it takes its `tx` and its
 //! rows' ready order in the same round trip as its entity locks (still after them on the
 //! server); a run that can be refused takes them only once its reads hold, so refused runs
-//! leave no gap in the numbering. A commit of several runs takes them **set-based**, in three round trips whatever its
+//! leave no gap in the numbering.
+//!
+//! A commit of several runs takes them **set-based**, in three round trips whatever its
 //! size (four when some keys are taken already): every key claimed in one statement; the advisory locks, the entities' rows, the
 //! current values of the attributes the runs name and the counter rows (`tx`, then
 //! `outbox_ready`) locked and read in one pipeline; then, with everything locked, the runs are
@@ -77,9 +79,9 @@
 //! rules of [`Store::claim_due`](crate::store::Store::claim_due) — a run's requests in order,
 //! and messages with one topic and partition key in the order they became ready (that order
 //! comes from a second counter row, `outbox_ready`, locked like the `tx` one, so it is commit
-//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due. (The rows of the runs
-//! a commit writes are claimed by that same transaction in one `UPDATE .. RETURNING`: no other
-//! transaction can see them yet, so only the partition rule is left to apply.) Relays
+//! order too) — then lock only the rows chosen, `FOR UPDATE SKIP LOCKED` and still due. (The
+//! rows of the runs a commit writes are claimed by that same transaction in one `UPDATE ..
+//! RETURNING`: no other transaction can see them yet, so only the partition rule applies.) Relays
 //! and workers never wait for each other's rows and never hold a row they do not claim, so
 //! several relays share the work; a chosen row another claimant took meanwhile blocks the rest
 //! of its run or partition in this claim, and the next candidates are tried instead. A lease carries a fencing token from a sequence (`lease_token`):

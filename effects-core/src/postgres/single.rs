@@ -370,10 +370,19 @@ pub(super) async fn commit_runs_tx(
     });
     let mut known = Known::new();
     let firsts = lock_entities(tx, &entities, &mut known, &counters).await?;
-    let mut taken = settled.map(|_| Taken {
-        tx: firsts.first().copied().unwrap_or_default(),
-        first_ready: firsts.get(1).copied(),
-    });
+    let mut taken = match (settled, firsts.first()) {
+        (Some(_), Some(&tx)) => Some(Taken {
+            tx,
+            first_ready: firsts.get(1).copied(),
+        }),
+        (Some(run), None) => {
+            return Err(corrupt(
+                format!("effect run `{}`", run.key),
+                "no `tx` was allocated",
+            ));
+        }
+        (None, _) => None,
+    };
     let mut out = Vec::with_capacity(runs.len());
     for run in runs {
         if !claimed.remove(run.key.as_str()) {

@@ -437,6 +437,15 @@ async fn commit_runs_tx(
     Ok(out)
 }
 
+/// The condition of an outbox row a claim may take at the time in parameter `now`: pending,
+/// ready, due and not leased.
+fn due(now: &str) -> String {
+    format!(
+        "dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
+         AND next_attempt_at_ms <= {now} AND (lease_until_ms IS NULL OR lease_until_ms <= {now})"
+    )
+}
+
 /// Claims the ready rows of runs this very transaction committed, in ready order, in one
 /// statement. They follow the rules of [`claim`], which for rows no other transaction can see
 /// yet (due, unleased, a run's requests all its own and ready in order) come down to one: a
@@ -459,15 +468,13 @@ async fn claim_written(
             "WITH claim AS (SELECT nextval('lease_token') AS token) \
              UPDATE outbox SET lease_owner = $2, lease_until_ms = effects_now_ms() + $3, \
              lease_token = claim.token, attempts = attempts + 1 FROM claim \
-             WHERE run_key = ANY($1) AND dispatched_at_ms IS NULL \
-             AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
-             AND next_attempt_at_ms <= $4 AND (lease_until_ms IS NULL OR lease_until_ms <= $4) \
-             AND NOT (kind = 'message' AND partition_key IS NOT NULL AND EXISTS (SELECT 1 \
+             WHERE run_key = ANY($1) AND {due} AND NOT (kind = 'message' AND partition_key IS NOT NULL AND EXISTS (SELECT 1 \
                  FROM outbox e WHERE e.kind = 'message' AND e.destination = outbox.destination \
                  AND e.partition_key = outbox.partition_key AND e.dispatched_at_ms IS NULL \
                  AND e.dead_lettered_reason IS NULL AND e.ready_seq < outbox.ready_seq \
                  AND e.run_key <> ALL($1))) \
-             RETURNING {OUTBOX_COLUMNS}"
+             RETURNING {OUTBOX_COLUMNS}",
+            due = due("$4"),
         ),
         &[&run_keys, &options.owner, &lease_ms, &now],
     )
@@ -500,8 +507,7 @@ async fn claim(
     const OP: &str = "claiming outbox rows";
     const ROUNDS: usize = 4;
     let scan = i64::try_from(limit.saturating_mul(4).saturating_add(64)).unwrap_or(i64::MAX);
-    let due = "dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL AND ready_seq IS NOT NULL \
-               AND next_attempt_at_ms <= $1 AND (lease_until_ms IS NULL OR lease_until_ms <= $1)";
+    let due = due("$1");
     let mut claimed: Vec<OutboxRow> = Vec::new();
     // Rows claimed in an earlier round, or that another claimant holds.
     let mut passed: Vec<String> = Vec::new();
