@@ -41,7 +41,8 @@ pub trait Datom {
     /// The erased datom.
     fn to_datom(&self) -> DatomEffect;
 
-    /// The erased datom, moving what can be moved instead of copying it.
+    /// The erased datom, consuming the value. The default, which the derive keeps, calls
+    /// [`to_datom`](Self::to_datom).
     fn into_datom(self) -> DatomEffect
     where
         Self: Sized,

@@ -203,18 +203,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         .collect();
     names.sort();
     let type_name = unraw(ident);
-    // `by_ref` reads fields through `&self` and serializes them; otherwise fields are moved
-    // out of `self`, and strings (the common case) move into the datom without a copy.
-    let value_of = |by_ref: bool, to_value: &TokenStream, what: &str, source: TokenStream| {
-        if by_ref {
-            quote!(#to_value(#source, #type_name, #what))
-        } else {
-            quote!(__effects_private::IntoValue(#source).into_value(#to_value, #type_name, #what))
-        }
-    };
-    // One `datom.attribute(..)` or `datom.expected(..)` call per field.
-    let insert = |by_ref: bool,
-                  method: TokenStream,
+    // One `datom.attribute(..)` or `datom.expected(..)` call per field, read through `&self`.
+    let insert = |method: TokenStream,
                   field: &syn::Ident,
                   optional: bool,
                   ty: &syn::Type,
@@ -222,88 +212,62 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                   what: &str| {
         let to_value = to_value_fn(ty);
         if optional {
-            let source = if by_ref {
-                quote!(&self.#field)
-            } else {
-                quote!(self.#field)
-            };
-            let value = value_of(by_ref, &to_value, what, quote!(value));
             quote! {
-                if let ::core::option::Option::Some(value) = #source {
-                    datom.#method(#qualified, #value);
+                if let __Some(value) = &self.#field {
+                    datom.#method(#qualified, #to_value(value, #type_name, #what));
                 }
             }
         } else {
-            let source = if by_ref {
-                quote!(&self.#field)
-            } else {
-                quote!(self.#field)
-            };
-            let value = value_of(by_ref, &to_value, what, source);
-            quote!(datom.#method(#qualified, #value);)
+            quote!(datom.#method(#qualified, #to_value(&self.#field, #type_name, #what));)
         }
     };
-    let body = |by_ref: bool| {
-        let mut out = TokenStream::new();
-        for a in &attributes {
-            let qualified = format!("{ns}/{}", a.name);
-            let what = format!("attribute `{qualified}`");
-            out.extend(insert(
-                by_ref,
-                quote!(attribute),
-                &a.field,
-                a.optional,
-                &a.value_ty,
-                &qualified,
-                &what,
-            ));
-        }
-        for (e, name) in &resolved {
-            let qualified = format!("{ns}/{name}");
-            let what = format!("expected value of `{qualified}`");
-            out.extend(insert(
-                by_ref,
-                quote!(expected),
-                &e.field,
-                e.optional,
-                &e.value_ty,
-                &qualified,
-                &what,
-            ));
-        }
-        out
-    };
-    let (ref_inserts, move_inserts) = (body(true), body(false));
+    let mut inserts = TokenStream::new();
+    for a in &attributes {
+        let qualified = format!("{ns}/{}", a.name);
+        let what = format!("attribute `{qualified}`");
+        inserts.extend(insert(
+            quote!(attribute),
+            &a.field,
+            a.optional,
+            &a.value_ty,
+            &qualified,
+            &what,
+        ));
+    }
+    for (e, name) in &resolved {
+        let qualified = format!("{ns}/{name}");
+        let what = format!("expected value of `{qualified}`");
+        inserts.extend(insert(
+            quote!(expected),
+            &e.field,
+            e.optional,
+            &e.value_ty,
+            &qualified,
+            &what,
+        ));
+    }
     let id_what = format!("identity `{identity}`");
     let id_to_value = to_value_fn(&id_ty);
-    let id_ref = value_of(true, &id_to_value, &id_what, quote!(&self.#id_field));
-    let id_moved = value_of(false, &id_to_value, &id_what, quote!(self.#id_field));
     let mutability = (!attributes.is_empty() || !resolved.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
-    // Inside the block, `__effects_private::X` names `::effects_core::__private::X` in a third of
-    // the tokens (the field types' `to_value::<T>` too, spanned at the user's type).
+    // Inside the block, the glob import of `__private::names` gives every helper a one-token
+    // name (the field types' `__to_value::<T>` too, spanned at the user's type).
     Ok(quote! {
         const _: () = {
-        use ::effects_core::__private as __effects_private;
+        use ::effects_core::__private::names::*;
         #[automatically_derived]
-        impl #impl_generics ::effects_core::Datom for #ident #ty_generics #where_clause {
+        impl #impl_generics __Datom for #ident #ty_generics #where_clause {
             const ENTITY: &'static str = #ns;
             const IDENTITY: &'static str = #identity;
             const ATTRIBUTES: &'static [&'static str] = &[#(#names),*];
 
             #[inline]
-            fn to_datom(&self) -> ::effects_core::DatomEffect {
-                let #mutability datom = __effects_private::DatomParts::new(#identity, #id_ref);
-                #ref_inserts
-                datom.finish()
-            }
-
-            #[inline]
-            fn into_datom(self) -> ::effects_core::DatomEffect {
-                #[allow(unused_imports)]
-                use __effects_private::{MoveIntoValue as _, SerializeIntoValue as _};
-                let #mutability datom = __effects_private::DatomParts::new(#identity, #id_moved);
-                #move_inserts
+            fn to_datom(&self) -> __DatomEffect {
+                let #mutability datom = __DatomParts::new(
+                    #identity,
+                    #id_to_value(&self.#id_field, #type_name, #id_what),
+                );
+                #inserts
                 datom.finish()
             }
         }

@@ -112,11 +112,12 @@ pub(crate) fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
     }
 }
 
-/// `__effects_private::to_value::<T>` (the alias `#[derive(Datom)]`'s block declares) spanned at the user's `T`, so that a type that is
-/// not `Serialize` is reported at the field, once: every use for one field is this same path.
+/// `__to_value::<T>` (through the glob import at the top of `#[derive(Datom)]`'s block) spanned
+/// at the user's `T`, so that a type that is not `Serialize` is reported at the field, once:
+/// every use for one field is this same path.
 pub(crate) fn to_value_fn(ty: &syn::Type) -> proc_macro2::TokenStream {
     let span = syn::spanned::Spanned::span(ty);
-    quote::quote_spanned!(span=> __effects_private::to_value::<#ty>)
+    quote::quote_spanned!(span=> __to_value::<#ty>)
 }
 
 /// The field's identifier (named fields always have one).

@@ -186,7 +186,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
     let with_set = |slot: &Slot| {
         let args = tracked.iter().map(|(s, p)| {
             if std::ptr::eq(*s, slot) {
-                quote!(__effects_private::Set)
+                quote!(__Set)
             } else {
                 quote!(#p)
             }
@@ -206,7 +206,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         quote! {
             #[inline]
             fn __effects_retype<#(#to),*>(self) -> #builder<#(#to),*> {
-                #builder { #(#all_fields: self.#all_fields,)* __state: ::core::marker::PhantomData }
+                #builder { #(#all_fields: self.#all_fields,)* __state: __PhantomData }
             }
         }
     });
@@ -247,7 +247,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                     where
                         #bound,
                     {
-                        self.#field = ::core::option::Option::Some(value);
+                        self.#field = __Some(value);
                         self.__effects_retype()
                     }
                 });
@@ -260,7 +260,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                     setters.extend(quote! {
                         #[doc = #doc]
                         #[inline]
-                        pub fn #maybe(mut self, value: ::core::option::Option<#ty>) -> #ret
+                        pub fn #maybe(mut self, value: __Option<#ty>) -> #ret
                         where
                             #bound,
                         {
@@ -312,7 +312,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
 
                     #[doc = #extend_doc]
                     #[inline]
-                    pub fn #extend(mut self, values: impl ::core::iter::IntoIterator<Item = #ty>) -> Self {
+                    pub fn #extend(mut self, values: impl __IntoIterator<Item = #ty>) -> Self {
                         self.#field.extend(values);
                         self
                     }
@@ -335,12 +335,12 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         let fstr = slot.name_str();
         match slot.cardinality {
             Cardinality::One => quote! {
-                #field: __effects_private::filled(self.#field, #schema_str, #fstr)
+                #field: __filled(self.#field, #schema_str, #fstr)
             },
             Cardinality::Optional | Cardinality::Many => quote!(#field: self.#field),
             Cardinality::AtLeastOne => quote! {
-                #field: __effects_private::filled(
-                    __effects_private::NonEmpty::from_vec(self.#field),
+                #field: __filled(
+                    __NonEmpty::from_vec(self.#field),
                     #schema_str,
                     #fstr,
                 )
@@ -354,8 +354,8 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         .iter()
         .zip(&schema.slots)
         .map(|(f, s)| match s.cardinality {
-            Cardinality::One | Cardinality::Optional => quote!(#f: ::core::option::Option::None),
-            Cardinality::Many | Cardinality::AtLeastOne => quote!(#f: ::std::vec::Vec::new()),
+            Cardinality::One | Cardinality::Optional => quote!(#f: __None),
+            Cardinality::Many | Cardinality::AtLeastOne => quote!(#f: __Vec::new()),
         });
     let builder_doc = format!(" Starts building a [`{name}`].");
     let merge_doc = format!(
@@ -366,14 +366,14 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
             #[doc = #builder_doc]
             #[inline]
             pub fn builder() -> #builder {
-                #builder { #(#starts,)* __state: ::core::marker::PhantomData }
+                #builder { #(#starts,)* __state: __PhantomData }
             }
 
             #[doc = #merge_doc]
             #[inline]
             #[must_use]
-            pub fn merge<__M: __effects_core::MergeInto<Self>>(mut self, other: __M) -> Self {
-                __effects_core::MergeInto::merge_into(other, &mut self);
+            pub fn merge<__M: __MergeInto<Self>>(mut self, other: __M) -> Self {
+                __MergeInto::merge_into(other, &mut self);
                 self
             }
         }

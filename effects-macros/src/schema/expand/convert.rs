@@ -1,5 +1,6 @@
-//! `Schema` (shape metadata and erasure; `From<Schema> for Effects` is one blanket impl in
-//! effects-core) and canonical `Serialize`.
+//! `Schema` (shape metadata and erasure by reference; `into_effects` and `From<Schema> for
+//! Effects` are the trait's default and one blanket impl in effects-core) and canonical
+//! `Serialize`.
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
@@ -9,25 +10,25 @@ use super::Names;
 use crate::schema::ast::{Cardinality, Kind, Slot};
 use crate::util::doc_text;
 
-/// `<BlockedCard as __effects_private::DatomSlot>`, spanned at the user's type: every use
+/// `<BlockedCard as __DatomSlot>`, spanned at the user's type: every use
 /// of a slot's type goes through this one path, so a type in the wrong list is reported once,
 /// there ("`Card` is not a datom").
 pub(super) fn as_trait(slot: &Slot) -> TokenStream {
     let ty = &slot.ty;
     let span = ty.span();
     match slot.kind {
-        Kind::Datoms => quote_spanned!(span=> <#ty as __effects_private::DatomSlot>),
-        Kind::Requests => quote_spanned!(span=> <#ty as __effects_private::RequestSlot>),
-        Kind::Messages => quote_spanned!(span=> <#ty as __effects_private::MessageSlot>),
+        Kind::Datoms => quote_spanned!(span=> <#ty as __DatomSlot>),
+        Kind::Requests => quote_spanned!(span=> <#ty as __RequestSlot>),
+        Kind::Messages => quote_spanned!(span=> <#ty as __MessageSlot>),
     }
 }
 
 fn cardinality(c: Cardinality) -> TokenStream {
     match c {
-        Cardinality::One => quote!(__effects_core::Cardinality::One),
-        Cardinality::Optional => quote!(__effects_core::Cardinality::Optional),
-        Cardinality::Many => quote!(__effects_core::Cardinality::Many),
-        Cardinality::AtLeastOne => quote!(__effects_core::Cardinality::AtLeastOne),
+        Cardinality::One => quote!(__Cardinality::One),
+        Cardinality::Optional => quote!(__Cardinality::Optional),
+        Cardinality::Many => quote!(__Cardinality::Many),
+        Cardinality::AtLeastOne => quote!(__Cardinality::AtLeastOne),
     }
 }
 
@@ -44,7 +45,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             let type_name = slot.type_str();
             let card = cardinality(slot.cardinality);
             let t = as_trait(slot);
-            quote!(__effects_private::slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
+            quote!(__slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
         });
         quote!(&[#(#slots),*])
     });
@@ -54,7 +55,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         .iter()
         .map(|p| crate::schema::type_string(&syn::Type::Verbatim(quote!(#p))));
 
-    // One call per slot into effects-core's shared erasure, by reference or moving.
+    // One call per slot into effects-core's shared erasure.
     let by_ref = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
         match slot.cardinality {
@@ -65,23 +66,12 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             }
         }
     });
-    let moved = schema.slots.iter().map(|slot| {
-        let (t, field) = (as_trait(slot), &slot.name);
-        match slot.cardinality {
-            Cardinality::One => quote!(#t::push(self.#field, &mut effects);),
-            Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
-            Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
-            Cardinality::AtLeastOne => {
-                quote!(#t::push_vec(__effects_core::NonEmpty::into_vec(self.#field), &mut effects);)
-            }
-        }
-    });
     let effects_mut = (!schema.slots.is_empty()).then(|| quote!(mut));
 
     quote! {
         #[automatically_derived]
-        impl __effects_core::Schema for #name {
-            const SHAPE: &'static __effects_core::Shape = &__effects_core::Shape {
+        impl __Schema for #name {
+            const SHAPE: &'static __Shape = &__Shape {
                 name: #name_str,
                 doc: #doc,
                 datoms: #datom_slots,
@@ -91,30 +81,18 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             };
 
             #[inline]
-            fn to_effects(&self) -> __effects_core::Effects {
-                let #effects_mut effects = __effects_core::Effects::default();
+            fn to_effects(&self) -> __Effects {
+                let #effects_mut effects = __Effects::default();
                 #(#by_ref)*
                 effects
             }
 
-            #[inline]
-            fn into_effects(self) -> __effects_core::Effects {
-                let #effects_mut effects = __effects_core::Effects::default();
-                #(#moved)*
-                effects
-            }
         }
 
         #[automatically_derived]
-        impl __effects_private::serde::Serialize for #name {
-            fn serialize<__S>(&self, serializer: __S) -> ::core::result::Result<__S::Ok, __S::Error>
-            where
-                __S: __effects_private::serde::Serializer,
-            {
-                __effects_private::serde::Serialize::serialize(
-                    &__effects_core::Schema::to_effects(self),
-                    serializer,
-                )
+        impl __Serialize for #name {
+            fn serialize<__S: __Serializer>(&self, serializer: __S) -> __Result<__S::Ok, __S::Error> {
+                __Serialize::serialize(&__Schema::to_effects(self), serializer)
             }
         }
     }

@@ -10,9 +10,9 @@ use crate::schema::ast::{Cardinality, Kind};
 
 fn kind_marker(kind: Kind) -> TokenStream {
     match kind {
-        Kind::Datoms => quote!(__effects_core::schema::Datoms),
-        Kind::Requests => quote!(__effects_core::schema::Requests),
-        Kind::Messages => quote!(__effects_core::schema::Messages),
+        Kind::Datoms => quote!(__Datoms),
+        Kind::Requests => quote!(__Requests),
+        Kind::Messages => quote!(__Messages),
     }
 }
 
@@ -29,7 +29,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             let marker = kind_marker(slot.kind);
             quote! {
                 #[automatically_derived]
-                impl __effects_core::Absorbs<#ty, #marker> for #name {
+                impl __Absorbs<#ty, #marker> for #name {
                     #[inline]
                     fn absorb(&mut self, value: #ty) {
                         self.#field.push(value);
@@ -41,7 +41,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     let bounds = schema.slots.iter().map(|slot| {
         let ty = &slot.ty;
         let marker = kind_marker(slot.kind);
-        quote!(__T: __effects_core::Absorbs<#ty, #marker>,)
+        quote!(__T: __Absorbs<#ty, #marker>,)
     });
     let moves = schema.slots.iter().map(|slot| {
         let (field, ty) = (&slot.name, &slot.ty);
@@ -51,7 +51,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         } else {
             quote!(self.#field)
         };
-        quote!(__effects_private::absorb::<__T, #ty, #marker>(target, #items);)
+        quote!(__absorb::<__T, #ty, #marker>(target, #items);)
     });
     let target = if schema.slots.is_empty() {
         quote!(_target)
@@ -62,7 +62,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     let checks = schema.merges.iter().map(|path| {
         quote_spanned! {path.span()=>
             const _: () = {
-                fn merges<__M: __effects_core::MergeInto<#name>>() {}
+                fn merges<__M: __MergeInto<#name>>() {}
                 let _ = merges::<#path>;
             };
         }
@@ -72,7 +72,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         #(#absorbs)*
 
         #[automatically_derived]
-        impl<__T> __effects_core::MergeInto<__T> for #name
+        impl<__T> __MergeInto<__T> for #name
         where
             #(#bounds)*
         {

@@ -34,19 +34,17 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
     let builder_impl = builder::methods(&names);
     let convert = convert::expand(&names);
     let merge = merge::expand(&names);
-    // The pieces inside the block write `__effects_core::X` and `__effects_private::X` through
-    // the `use`s at its top: the same items in a third of the tokens, which the compiler then
-    // has less to read. A path spanned at the user's type (`<T as __effects_private::DatomSlot>`)
-    // keeps that span on the alias, so an error there stays at the user's token.
+    // The pieces inside the block name effects-core's items through the glob import of
+    // `__private::names` at its top (`__Effects`, `__DatomSlot`): one token instead of up to
+    // eight, which the compiler then has less to read. A path spanned at the user's type
+    // (`<T as __DatomSlot>`) resolves through the same import, so an error there stays at the
+    // user's token.
     quote! {
         #structure
         #builder_struct
         #state_mod
         const _: () = {
-            #[allow(unused_imports)]
-            use ::effects_core as __effects_core;
-            #[allow(unused_imports)]
-            use ::effects_core::__private as __effects_private;
+            use ::effects_core::__private::names::*;
             #builder_impl
             #convert
             #merge
