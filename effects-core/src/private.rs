@@ -35,6 +35,65 @@ pub enum Unset {}
 #[derive(Debug)]
 pub enum Set {}
 
+/// The bound a `one` or `optional` slot's setter puts on the slot's state, one trait per kind of
+/// effect and amount, shared by every schema: `Unset` meets it, `Set` (a second call) does not,
+/// and the message names the schema and the type. The error is reported at the second setter
+/// call, so the message need not name the setter.
+macro_rules! unset_bound {
+    ($($(#[$attr:meta])* $name:ident;)*) => {$(
+        $(#[$attr])*
+        pub trait $name<Schema, Item> {}
+
+        #[diagnostic::do_not_recommend]
+        impl<Schema, Item> $name<Schema, Item> for Unset {}
+    )*};
+}
+
+unset_bound! {
+    /// A `one` datom slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes exactly one `{Item}` datom, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OneDatomUnset;
+    /// An `optional` datom slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes at most one `{Item}` datom, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OptionalDatomUnset;
+    /// A `one` request slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes exactly one `{Item}` request, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OneRequestUnset;
+    /// An `optional` request slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes at most one `{Item}` request, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OptionalRequestUnset;
+    /// A `one` message slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes exactly one `{Item}` message, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OneMessageUnset;
+    /// An `optional` message slot not yet filled.
+    #[diagnostic::on_unimplemented(
+        message = "`{Schema}` takes at most one `{Item}` message, and this call sets it a second time",
+        label = "second `{Item}`",
+        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+    )]
+    OptionalMessageUnset;
+}
+
 /// What a payload, an attribute value or an identity needs: a `Serialize` form, turned into JSON.
 /// Generated code names the type at the user's field (or struct), so a type that is not
 /// `Serialize` is reported there, once, in these words rather than as a bound of a helper.
@@ -302,8 +361,12 @@ pub mod names {
     pub use super::serde::{Serialize as __Serialize, Serializer as __Serializer};
     pub use super::{
         DatomParts as __DatomParts, DatomSlot as __DatomSlot, MessageSlot as __MessageSlot,
-        RequestSlot as __RequestSlot, Set as __Set, Unset as __Unset, absorb as __absorb,
-        filled as __filled, slot_shape as __slot_shape, to_value as __to_value,
+        OneDatomUnset as __OneDatomUnset, OneMessageUnset as __OneMessageUnset,
+        OneRequestUnset as __OneRequestUnset, OptionalDatomUnset as __OptionalDatomUnset,
+        OptionalMessageUnset as __OptionalMessageUnset,
+        OptionalRequestUnset as __OptionalRequestUnset, RequestSlot as __RequestSlot, Set as __Set,
+        Unset as __Unset, absorb as __absorb, filled as __filled, slot_shape as __slot_shape,
+        to_value as __to_value,
     };
     pub use crate::schema::{Datoms as __Datoms, Messages as __Messages, Requests as __Requests};
     pub use crate::{

@@ -12,7 +12,7 @@ use quote::{format_ident, quote, quote_spanned};
 
 use super::Names;
 use super::structure::slot_summary;
-use crate::schema::ast::{Cardinality, Slot};
+use crate::schema::ast::{Cardinality, Kind, Slot};
 
 /// The type parameter tracking a slot, if the slot is tracked.
 fn state_param(index: usize) -> Ident {
@@ -37,8 +37,21 @@ fn is_set_trait(slot: &Slot) -> Ident {
     format_ident!("{}IsSet", camel(slot))
 }
 
-fn is_unset_trait(slot: &Slot) -> Ident {
-    format_ident!("{}IsUnset", camel(slot))
+/// The shared bound of a `one` or `optional` slot's setter (`__OneDatomUnset<Schema, T>`): the
+/// state must still be `Unset`. One trait per kind and amount in effects-core instead of one per
+/// slot here; its message names the schema and the type, at the second call.
+fn unset_bound(schema: &Ident, slot: &Slot) -> TokenStream {
+    let trait_name = match (slot.cardinality, slot.kind) {
+        (Cardinality::One, Kind::Datoms) => "__OneDatomUnset",
+        (Cardinality::One, Kind::Requests) => "__OneRequestUnset",
+        (Cardinality::One, Kind::Messages) => "__OneMessageUnset",
+        (_, Kind::Datoms) => "__OptionalDatomUnset",
+        (_, Kind::Requests) => "__OptionalRequestUnset",
+        (_, Kind::Messages) => "__OptionalMessageUnset",
+    };
+    let trait_name = Ident::new(trait_name, proc_macro2::Span::call_site());
+    let ty = &slot.ty;
+    quote!(#trait_name<#schema, #ty>)
 }
 
 /// The tracked slots with their type parameters.
@@ -144,27 +157,9 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
                 impl #trait_name for ::effects_core::__private::Set {}
             });
         }
-        if matches!(slot.cardinality, Cardinality::One | Cardinality::Optional) {
-            let trait_name = is_unset_trait(slot);
-            let amount = if slot.cardinality == Cardinality::One {
-                "exactly one"
-            } else {
-                "at most one"
-            };
-            let message = format!(
-                "`.{setter}(..)` is called twice: `{schema_name}` takes {amount} `{ty}` {what}"
-            );
-            let label = format!("second `{ty}`");
-            let note = format!(
-                "to take several, declare the slot `many {ty}` or `at_least_one {ty}` in `{schema_name}`"
-            );
-            items.extend(quote! {
-                #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
-                pub trait #trait_name {}
-                #[diagnostic::do_not_recommend]
-                impl #trait_name for ::effects_core::__private::Unset {}
-            });
-        }
+    }
+    if items.is_empty() {
+        return TokenStream::new();
     }
     quote! {
         #[doc(hidden)]
@@ -225,7 +220,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         match slot.cardinality {
             Cardinality::One | Cardinality::Optional => {
                 let p = param_of(slot);
-                let unset = is_unset_trait(slot);
+                let unset = unset_bound(name, slot);
                 let ret = with_set(slot);
                 let set_doc = if slot.cardinality == Cardinality::One {
                     format!(
@@ -239,7 +234,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
                         slot.name_str()
                     )
                 };
-                let bound = slot_bound(slot, quote!(#p: #state_mod::#unset));
+                let bound = slot_bound(slot, quote!(#p: #unset));
                 setters.extend(quote! {
                     #[doc = #set_doc]
                     #[inline]
