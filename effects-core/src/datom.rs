@@ -41,8 +41,7 @@ pub trait Datom {
     /// The erased datom.
     fn to_datom(&self) -> DatomEffect;
 
-    /// The erased datom, consuming the value. The default, which the derive keeps, calls
-    /// [`to_datom`](Self::to_datom).
+    /// The erased datom, moving what can be moved instead of copying it.
     fn into_datom(self) -> DatomEffect
     where
         Self: Sized,

@@ -38,8 +38,7 @@ pub trait Message {
     /// The erased message.
     fn to_message(&self) -> MessageEffect;
 
-    /// The erased message, consuming the value. The default, which the derive keeps, calls
-    /// [`to_message`](Self::to_message).
+    /// The erased message, moving what can be moved instead of copying it.
     fn into_message(self) -> MessageEffect
     where
         Self: Sized,

@@ -129,6 +129,80 @@ pub fn to_value<T: Json + ?Sized>(value: &T, type_name: &str, what: &str) -> Val
     }
 }
 
+/// Moves a value into its JSON form when it is already one (`String`, `Value`), serializes it
+/// otherwise. Generated code calls `IntoValue(x).into_value(to_value::<T>, ..)` with both traits
+/// in scope: method resolution picks [`MoveIntoValue`] for the by-value receivers it is
+/// implemented for and falls back to [`SerializeIntoValue`] on the auto-referenced receiver for
+/// everything else. The serializing function is passed in, so the only `Serialize` requirement
+/// is the one `to_value::<T>` states where the generated code names `T`.
+pub struct IntoValue<T>(pub T);
+
+/// How [`IntoValue`] serializes: `to_value::<T>`.
+pub type ToValue<T> = fn(&T, &str, &str) -> Value;
+
+/// The moving half of [`IntoValue`].
+pub trait MoveIntoValue<T> {
+    /// The JSON value, moved.
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
+}
+
+impl MoveIntoValue<String> for IntoValue<String> {
+    #[inline]
+    fn into_value(self, _: ToValue<String>, _: &str, _: &str) -> Value {
+        Value::String(self.0)
+    }
+}
+
+impl MoveIntoValue<Value> for IntoValue<Value> {
+    #[inline]
+    fn into_value(self, _: ToValue<Value>, _: &str, _: &str) -> Value {
+        self.0
+    }
+}
+
+/// The serializing half of [`IntoValue`].
+pub trait SerializeIntoValue<T> {
+    /// The JSON value, serialized.
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value;
+}
+
+impl<T> SerializeIntoValue<T> for &IntoValue<T> {
+    #[inline]
+    #[track_caller]
+    fn into_value(self, serialize: ToValue<T>, type_name: &str, what: &str) -> Value {
+        serialize(&self.0, type_name, what)
+    }
+}
+
+/// Moves a partition key out of a `String` field, formats any other `Display` field.
+pub struct IntoKey<T>(pub T);
+
+/// The moving half of [`IntoKey`].
+pub trait MoveIntoKey {
+    /// The key, moved.
+    fn into_key(self) -> String;
+}
+
+impl MoveIntoKey for IntoKey<String> {
+    #[inline]
+    fn into_key(self) -> String {
+        self.0
+    }
+}
+
+/// The formatting half of [`IntoKey`].
+pub trait DisplayIntoKey {
+    /// The key, formatted.
+    fn into_key(self) -> String;
+}
+
+impl<T: Display> DisplayIntoKey for &IntoKey<T> {
+    #[inline]
+    fn into_key(self) -> String {
+        self.0.to_string()
+    }
+}
+
 /// Appends one path segment, percent-encoding everything but RFC 3986's unreserved characters.
 pub fn push_segment(path: &mut String, value: &dyn Display) {
     let raw = value.to_string();
@@ -202,7 +276,7 @@ pub const fn slot_shape(
 /// `<T as DatomSlot>::push_ref(..)` and the like, all at the user's type, so a type in the wrong
 /// list is one error there, in the words of the kind's trait.
 macro_rules! slot_kind {
-    ($(#[$attr:meta])* $slot:ident: $kind:ident, $field:ident, $matcher:expr, |$r:ident| $by_ref:expr) => {
+    ($(#[$attr:meta])* $slot:ident: $kind:ident, $field:ident, $matcher:expr, |$r:ident| $by_ref:expr, |$o:ident| $owned:expr) => {
         $(#[$attr])*
         pub trait $slot: Sized {
             /// Which erased effects belong to a slot of this type.
@@ -213,6 +287,12 @@ macro_rules! slot_kind {
             fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects);
             /// Appends the erased form of each item, by reference.
             fn push_ref_slice(items: &[Self], effects: &mut crate::Effects);
+            /// Appends the erased form of one item, moving it.
+            fn push(self, effects: &mut crate::Effects);
+            /// Appends the erased form of an optional item, moving it.
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects);
+            /// Appends the erased form of each item, moving them.
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects);
         }
 
         #[diagnostic::do_not_recommend]
@@ -239,6 +319,27 @@ macro_rules! slot_kind {
                     effects.$field.push($by_ref);
                 }
             }
+
+            #[inline]
+            fn push(self, effects: &mut crate::Effects) {
+                let $o = self;
+                effects.$field.push($owned);
+            }
+
+            #[inline]
+            fn push_option(item: Option<Self>, effects: &mut crate::Effects) {
+                if let Some($o) = item {
+                    effects.$field.push($owned);
+                }
+            }
+
+            #[inline]
+            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects) {
+                effects.$field.reserve(items.len());
+                for $o in items {
+                    effects.$field.push($owned);
+                }
+            }
         }
     };
 }
@@ -252,7 +353,8 @@ slot_kind!(
     )]
     DatomSlot: Datom, datoms,
     crate::Matcher::Datom { identity: T::IDENTITY, attributes: T::ATTRIBUTES },
-    |item| item.to_datom()
+    |item| item.to_datom(),
+    |item| item.into_datom()
 );
 
 slot_kind!(
@@ -264,6 +366,7 @@ slot_kind!(
     )]
     RequestSlot: Request, requests,
     crate::Matcher::Request { method: T::METHOD, endpoint: T::ENDPOINT, path: T::PATH },
+    |item| item.to_request(),
     |item| item.to_request()
 );
 
@@ -276,7 +379,8 @@ slot_kind!(
     )]
     MessageSlot: Message, messages,
     crate::Matcher::Message { topic: T::TOPIC },
-    |item| item.to_message()
+    |item| item.to_message(),
+    |item| item.into_message()
 );
 
 /// A message effect with no headers.
@@ -360,13 +464,14 @@ pub fn filled<T>(value: Option<T>, schema: &str, slot: &str) -> T {
 pub mod names {
     pub use super::serde::{Serialize as __Serialize, Serializer as __Serializer};
     pub use super::{
-        DatomParts as __DatomParts, DatomSlot as __DatomSlot, MessageSlot as __MessageSlot,
+        DatomParts as __DatomParts, DatomSlot as __DatomSlot, IntoValue as __IntoValue,
+        MessageSlot as __MessageSlot, MoveIntoValue as __MoveIntoValue,
         OneDatomUnset as __OneDatomUnset, OneMessageUnset as __OneMessageUnset,
         OneRequestUnset as __OneRequestUnset, OptionalDatomUnset as __OptionalDatomUnset,
         OptionalMessageUnset as __OptionalMessageUnset,
-        OptionalRequestUnset as __OptionalRequestUnset, RequestSlot as __RequestSlot, Set as __Set,
-        Unset as __Unset, absorb as __absorb, filled as __filled, slot_shape as __slot_shape,
-        to_value as __to_value,
+        OptionalRequestUnset as __OptionalRequestUnset, RequestSlot as __RequestSlot,
+        SerializeIntoValue as __SerializeIntoValue, Set as __Set, Unset as __Unset,
+        absorb as __absorb, filled as __filled, slot_shape as __slot_shape, to_value as __to_value,
     };
     pub use crate::schema::{Datoms as __Datoms, Messages as __Messages, Requests as __Requests};
     pub use crate::{

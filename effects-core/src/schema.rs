@@ -24,16 +24,10 @@ pub trait Schema {
     /// The erased effects, without consuming the value.
     fn to_effects(&self) -> Effects;
 
-    /// The erased effects, consuming the value; `Effects::from(schema)` calls it. The default
-    /// (which `effects!` keeps) calls [`to_effects`](Schema::to_effects): effects are erased
-    /// from references, one body per schema instead of two, and each value is copied into its
-    /// JSON form either way.
+    /// The erased effects, moving what can be moved; `Effects::from(schema)` calls it.
     fn into_effects(self) -> Effects
     where
-        Self: Sized,
-    {
-        self.to_effects()
-    }
+        Self: Sized;
 
     /// Checks effects that arrived from outside (decoded from a message, say) against this
     /// schema's shape.
@@ -525,6 +519,10 @@ impl Serialize for Empty {
 }
 
 impl Schema for Empty {
+    fn into_effects(self) -> Effects {
+        Effects::new()
+    }
+
     const SHAPE: &'static Shape = &Shape {
         name: "Empty",
         doc: "No effects at all.",

@@ -203,8 +203,18 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         .collect();
     names.sort();
     let type_name = unraw(ident);
-    // One `datom.attribute(..)` or `datom.expected(..)` call per field, read through `&self`.
-    let insert = |method: TokenStream,
+    // `by_ref` reads fields through `&self` and serializes them; otherwise fields are moved
+    // out of `self`, and strings (the common case) move into the datom without a copy.
+    let value_of = |by_ref: bool, to_value: &TokenStream, what: &str, source: TokenStream| {
+        if by_ref {
+            quote!(#to_value(#source, #type_name, #what))
+        } else {
+            quote!(__IntoValue(#source).into_value(#to_value, #type_name, #what))
+        }
+    };
+    // One `datom.attribute(..)` or `datom.expected(..)` call per field.
+    let insert = |by_ref: bool,
+                  method: TokenStream,
                   field: &syn::Ident,
                   optional: bool,
                   ty: &syn::Type,
@@ -212,46 +222,67 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                   what: &str| {
         let to_value = to_value_fn(ty);
         if optional {
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, quote!(value));
             quote! {
-                if let __Some(value) = &self.#field {
-                    datom.#method(#qualified, #to_value(value, #type_name, #what));
+                if let __Some(value) = #source {
+                    datom.#method(#qualified, #value);
                 }
             }
         } else {
-            quote!(datom.#method(#qualified, #to_value(&self.#field, #type_name, #what));)
+            let source = if by_ref {
+                quote!(&self.#field)
+            } else {
+                quote!(self.#field)
+            };
+            let value = value_of(by_ref, &to_value, what, source);
+            quote!(datom.#method(#qualified, #value);)
         }
     };
-    let mut inserts = TokenStream::new();
-    for a in &attributes {
-        let qualified = format!("{ns}/{}", a.name);
-        let what = format!("attribute `{qualified}`");
-        inserts.extend(insert(
-            quote!(attribute),
-            &a.field,
-            a.optional,
-            &a.value_ty,
-            &qualified,
-            &what,
-        ));
-    }
-    for (e, name) in &resolved {
-        let qualified = format!("{ns}/{name}");
-        let what = format!("expected value of `{qualified}`");
-        inserts.extend(insert(
-            quote!(expected),
-            &e.field,
-            e.optional,
-            &e.value_ty,
-            &qualified,
-            &what,
-        ));
-    }
+    let body = |by_ref: bool| {
+        let mut out = TokenStream::new();
+        for a in &attributes {
+            let qualified = format!("{ns}/{}", a.name);
+            let what = format!("attribute `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(attribute),
+                &a.field,
+                a.optional,
+                &a.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        for (e, name) in &resolved {
+            let qualified = format!("{ns}/{name}");
+            let what = format!("expected value of `{qualified}`");
+            out.extend(insert(
+                by_ref,
+                quote!(expected),
+                &e.field,
+                e.optional,
+                &e.value_ty,
+                &qualified,
+                &what,
+            ));
+        }
+        out
+    };
+    let (ref_inserts, move_inserts) = (body(true), body(false));
     let id_what = format!("identity `{identity}`");
     let id_to_value = to_value_fn(&id_ty);
+    let id_ref = value_of(true, &id_to_value, &id_what, quote!(&self.#id_field));
+    let id_moved = value_of(false, &id_to_value, &id_what, quote!(self.#id_field));
     let mutability = (!attributes.is_empty() || !resolved.is_empty()).then(|| quote!(mut));
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     // Inside the block, the glob import of `__private::names` gives every helper a one-token
-    // name (the field types' `__to_value::<T>` too, spanned at the user's type).
+    // name (the field types' `__to_value::<T>` too, spanned at the user's type), and brings
+    // `__MoveIntoValue` and `__SerializeIntoValue` into scope for `into_value`.
     Ok(quote! {
         const _: () = {
         use ::effects_core::__private::names::*;
@@ -263,11 +294,15 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
 
             #[inline]
             fn to_datom(&self) -> __DatomEffect {
-                let #mutability datom = __DatomParts::new(
-                    #identity,
-                    #id_to_value(&self.#id_field, #type_name, #id_what),
-                );
-                #inserts
+                let #mutability datom = __DatomParts::new(#identity, #id_ref);
+                #ref_inserts
+                datom.finish()
+            }
+
+            #[inline]
+            fn into_datom(self) -> __DatomEffect {
+                let #mutability datom = __DatomParts::new(#identity, #id_moved);
+                #move_inserts
                 datom.finish()
             }
         }

@@ -65,6 +65,16 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         unreachable!("a missing topic was reported above");
     };
     let type_name = unraw(ident);
+    let has_key = key.is_some();
+    let key_moved = match &key {
+        None => quote!(::core::option::Option::None),
+        Some((field, false)) => quote! {
+            ::core::option::Option::Some(::effects_core::__private::IntoKey(self.#field).into_key())
+        },
+        Some((field, true)) => quote! {
+            self.#field.map(|key| ::effects_core::__private::IntoKey(key).into_key())
+        },
+    };
     let key_expr = match key {
         None => quote!(::core::option::Option::None),
         Some((field, false)) => {
@@ -77,6 +87,19 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     // Spanned at the struct's name: a payload that is not `Serialize` is reported there, once.
     let payload_to_value = quote::quote_spanned!(ident.span()=> ::effects_core::__private::to_value::<#ident #ty_generics>);
+    // Without a key, moving saves nothing: the trait's default `into_message` calls `to_message`.
+    let into_message = has_key.then(|| {
+        quote! {
+            #[inline]
+            fn into_message(self) -> ::effects_core::MessageEffect {
+                #[allow(unused_imports)]
+                use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
+                // The payload is serialized first: serde reads through `&self`.
+                let payload = #payload_to_value(&self, #type_name, "the payload");
+                ::effects_core::__private::message(#topic, #key_moved, payload)
+            }
+        }
+    });
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics ::effects_core::Message for #ident #ty_generics #where_clause {
@@ -90,6 +113,8 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
                     #payload_to_value(self, #type_name, "the payload"),
                 )
             }
+
+            #into_message
         }
     })
 }

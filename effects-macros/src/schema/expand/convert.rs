@@ -1,6 +1,5 @@
-//! `Schema` (shape metadata and erasure by reference; `into_effects` and `From<Schema> for
-//! Effects` are the trait's default and one blanket impl in effects-core) and canonical
-//! `Serialize`.
+//! `Schema` (shape metadata and erasure; `From<Schema> for Effects` is one blanket impl in
+//! effects-core) and canonical `Serialize`.
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
@@ -55,7 +54,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
         .iter()
         .map(|p| crate::schema::type_string(&syn::Type::Verbatim(quote!(#p))));
 
-    // One call per slot into effects-core's shared erasure.
+    // One call per slot into effects-core's shared erasure, by reference or moving.
     let by_ref = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
         match slot.cardinality {
@@ -63,6 +62,17 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             Cardinality::Optional => quote!(#t::push_ref_option(&self.#field, &mut effects);),
             Cardinality::Many | Cardinality::AtLeastOne => {
                 quote!(#t::push_ref_slice(&self.#field, &mut effects);)
+            }
+        }
+    });
+    let moved = schema.slots.iter().map(|slot| {
+        let (t, field) = (as_trait(slot), &slot.name);
+        match slot.cardinality {
+            Cardinality::One => quote!(#t::push(self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
+            Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
+            Cardinality::AtLeastOne => {
+                quote!(#t::push_vec(__NonEmpty::into_vec(self.#field), &mut effects);)
             }
         }
     });
@@ -87,6 +97,12 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
                 effects
             }
 
+            #[inline]
+            fn into_effects(self) -> __Effects {
+                let #effects_mut effects = __Effects::default();
+                #(#moved)*
+                effects
+            }
         }
 
         #[automatically_derived]
