@@ -464,25 +464,29 @@ pub fn filled<T>(value: Option<T>, schema: &str, slot: &str) -> T {
 pub mod names {
     pub use super::serde::{Serialize as __Serialize, Serializer as __Serializer};
     pub use super::{
-        DatomParts as __DatomParts, DatomSlot as __DatomSlot, IntoValue as __IntoValue,
-        MessageSlot as __MessageSlot, MoveIntoValue as __MoveIntoValue,
+        DatomParts as __DatomParts, DatomSlot as __DatomSlot, DisplayIntoKey as __DisplayIntoKey,
+        IntoKey as __IntoKey, IntoValue as __IntoValue, MessageSlot as __MessageSlot,
+        MoveIntoKey as __MoveIntoKey, MoveIntoValue as __MoveIntoValue,
         OneDatomUnset as __OneDatomUnset, OneMessageUnset as __OneMessageUnset,
         OneRequestUnset as __OneRequestUnset, OptionalDatomUnset as __OptionalDatomUnset,
         OptionalMessageUnset as __OptionalMessageUnset,
         OptionalRequestUnset as __OptionalRequestUnset, RequestSlot as __RequestSlot,
         SerializeIntoValue as __SerializeIntoValue, Set as __Set, Unset as __Unset,
-        absorb as __absorb, filled as __filled, slot_shape as __slot_shape, to_value as __to_value,
+        absorb as __absorb, filled as __filled, message as __message, slot_shape as __slot_shape,
+        to_value as __to_value,
     };
     pub use crate::schema::{Datoms as __Datoms, Messages as __Messages, Requests as __Requests};
     pub use crate::{
         Absorbs as __Absorbs, Cardinality as __Cardinality, Datom as __Datom,
         DatomEffect as __DatomEffect, Effects as __Effects, MergeInto as __MergeInto,
-        NonEmpty as __NonEmpty, Schema as __Schema, Shape as __Shape,
+        Message as __Message, MessageEffect as __MessageEffect, NonEmpty as __NonEmpty,
+        Schema as __Schema, Shape as __Shape,
     };
     pub use ::core::iter::IntoIterator as __IntoIterator;
     pub use ::core::marker::PhantomData as __PhantomData;
     pub use ::core::option::Option as __Option;
     pub use ::core::option::Option::{None as __None, Some as __Some};
     pub use ::core::result::Result as __Result;
+    pub use ::std::string::ToString as __ToString;
     pub use ::std::vec::Vec as __Vec;
 }

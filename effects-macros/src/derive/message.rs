@@ -67,54 +67,45 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let type_name = unraw(ident);
     let has_key = key.is_some();
     let key_moved = match &key {
-        None => quote!(::core::option::Option::None),
-        Some((field, false)) => quote! {
-            ::core::option::Option::Some(::effects_core::__private::IntoKey(self.#field).into_key())
-        },
-        Some((field, true)) => quote! {
-            self.#field.map(|key| ::effects_core::__private::IntoKey(key).into_key())
-        },
+        None => quote!(__None),
+        Some((field, false)) => quote!(__Some(__IntoKey(self.#field).into_key())),
+        Some((field, true)) => quote!(self.#field.map(|key| __IntoKey(key).into_key())),
     };
     let key_expr = match key {
-        None => quote!(::core::option::Option::None),
-        Some((field, false)) => {
-            quote!(::core::option::Option::Some(::std::string::ToString::to_string(&self.#field)))
-        }
-        Some((field, true)) => {
-            quote!(self.#field.as_ref().map(::std::string::ToString::to_string))
-        }
+        None => quote!(__None),
+        Some((field, false)) => quote!(__Some(__ToString::to_string(&self.#field))),
+        Some((field, true)) => quote!(self.#field.as_ref().map(__ToString::to_string)),
     };
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     // Spanned at the struct's name: a payload that is not `Serialize` is reported there, once.
-    let payload_to_value = quote::quote_spanned!(ident.span()=> ::effects_core::__private::to_value::<#ident #ty_generics>);
+    let payload_to_value = quote::quote_spanned!(ident.span()=> __to_value::<#ident #ty_generics>);
     // Without a key, moving saves nothing: the trait's default `into_message` calls `to_message`.
     let into_message = has_key.then(|| {
         quote! {
             #[inline]
-            fn into_message(self) -> ::effects_core::MessageEffect {
-                #[allow(unused_imports)]
-                use ::effects_core::__private::{DisplayIntoKey as _, MoveIntoKey as _};
+            fn into_message(self) -> __MessageEffect {
                 // The payload is serialized first: serde reads through `&self`.
                 let payload = #payload_to_value(&self, #type_name, "the payload");
-                ::effects_core::__private::message(#topic, #key_moved, payload)
+                __message(#topic, #key_moved, payload)
             }
         }
     });
+    // Inside the block, the glob import of `__private::names` gives every helper a one-token
+    // name and brings `__MoveIntoKey` and `__DisplayIntoKey` into scope for `into_key`.
     Ok(quote! {
+        const _: () = {
+        use ::effects_core::__private::names::*;
         #[automatically_derived]
-        impl #impl_generics ::effects_core::Message for #ident #ty_generics #where_clause {
+        impl #impl_generics __Message for #ident #ty_generics #where_clause {
             const TOPIC: &'static str = #topic;
 
             #[inline]
-            fn to_message(&self) -> ::effects_core::MessageEffect {
-                ::effects_core::__private::message(
-                    #topic,
-                    #key_expr,
-                    #payload_to_value(self, #type_name, "the payload"),
-                )
+            fn to_message(&self) -> __MessageEffect {
+                __message(#topic, #key_expr, #payload_to_value(self, #type_name, "the payload"))
             }
 
             #into_message
         }
+        };
     })
 }

@@ -1,11 +1,14 @@
-//! The typestate builder: its declaration, the hidden module of state traits whose
+//! The typestate builder: its declaration, the state traits whose
 //! `#[diagnostic::on_unimplemented]` messages are the compile errors users read, and its methods.
 //!
 //! Every `one`, `optional` and `at_least_one` slot gets a type parameter that is
 //! `effects_core::__private::Unset` or `Set`. `build()` requires the `one` and `at_least_one`
-//! parameters to be `Set`; the setter of a `one` or `optional` slot requires `Unset`. Both are
-//! `where` clauses on the method rather than on the impl, so a violation is reported as the
-//! trait's message at the user's call instead of "method not found".
+//! parameters to be `Set`, through one trait per such slot (its message names the setter),
+//! declared inside the schema's `const _` block; the setter of a `one` or `optional` slot
+//! requires `Unset`, through one of six traits effects-core shares between all schemas (its
+//! message names the schema and the type, at the second call). Both are `where` clauses on the
+//! method rather than on the impl, so a violation is reported as the trait's message at the
+//! user's call instead of "method not found".
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
@@ -34,7 +37,7 @@ fn camel(slot: &Slot) -> String {
 }
 
 fn is_set_trait(slot: &Slot) -> Ident {
-    format_ident!("{}IsSet", camel(slot))
+    format_ident!("__{}IsSet", camel(slot))
 }
 
 /// The shared bound of a `one` or `optional` slot's setter (`__OneDatomUnset<Schema, T>`): the
@@ -122,9 +125,10 @@ pub(super) fn declaration(names: &Names<'_>) -> TokenStream {
     }
 }
 
-pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
+/// One `__{Slot}IsSet` trait per `one` or `at_least_one` slot, implemented for `Set`, that
+/// `build()` requires; declared inside the schema's `const _` block, where the methods name it.
+pub(super) fn state_traits(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
-    let (vis, state_mod) = (&schema.vis, &names.state_mod);
     let schema_name = schema.name.to_string();
     let mut items = TokenStream::new();
     for (slot, _) in tracked(names) {
@@ -158,20 +162,12 @@ pub(super) fn state_module(names: &Names<'_>) -> TokenStream {
             });
         }
     }
-    if items.is_empty() {
-        return TokenStream::new();
-    }
-    quote! {
-        #[doc(hidden)]
-        #vis mod #state_mod {
-            #items
-        }
-    }
+    items
 }
 
 pub(super) fn methods(names: &Names<'_>) -> TokenStream {
     let schema = names.schema;
-    let (name, builder, state_mod) = (&schema.name, &names.builder, &names.state_mod);
+    let (name, builder) = (&schema.name, &names.builder);
     let tracked = tracked(names);
     let params: Vec<&Ident> = tracked.iter().map(|(_, p)| p).collect();
     let generics = (!params.is_empty()).then(|| quote!(<#(#params),*>));
@@ -322,7 +318,7 @@ pub(super) fn methods(names: &Names<'_>) -> TokenStream {
         .filter(|(slot, _)| matches!(slot.cardinality, Cardinality::One | Cardinality::AtLeastOne))
         .map(|(slot, p)| {
             let set = is_set_trait(slot);
-            let bound = slot_bound(slot, quote!(#p: #state_mod::#set));
+            let bound = slot_bound(slot, quote!(#p: #set));
             quote!(#bound,)
         });
     let finish = schema.slots.iter().map(|slot| {

@@ -9,15 +9,12 @@ use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote};
 
 use crate::schema::ast::SchemaDef;
-use crate::util::snake_case;
 
 /// Names shared by the generated pieces of one schema.
 pub(super) struct Names<'a> {
     pub(super) schema: &'a SchemaDef,
     /// `BlockCardBuilder`
     pub(super) builder: Ident,
-    /// `__effects_block_card`: the hidden module holding the typestate traits.
-    pub(super) state_mod: Ident,
 }
 
 pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
@@ -26,11 +23,10 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
         schema,
         // Spanned at the schema's name; see `builder::declaration` for the item's other tokens.
         builder: format_ident!("{}Builder", name, span = name.span()),
-        state_mod: format_ident!("__effects_{}", snake_case(&crate::util::unraw(name))),
     };
     let structure = structure::expand(&names);
     let builder_struct = builder::declaration(&names);
-    let state_mod = builder::state_module(&names);
+    let state_traits = builder::state_traits(&names);
     let builder_impl = builder::methods(&names);
     let convert = convert::expand(&names);
     let merge = merge::expand(&names);
@@ -42,9 +38,9 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
     quote! {
         #structure
         #builder_struct
-        #state_mod
         const _: () = {
             use ::effects_core::__private::names::*;
+            #state_traits
             #builder_impl
             #convert
             #merge
