@@ -40,8 +40,13 @@ pub enum Set {}
 /// and the message names the schema and the type. The error is reported at the second setter
 /// call, so the message need not name the setter.
 macro_rules! unset_bound {
-    ($($(#[$attr:meta])* $name:ident;)*) => {$(
-        $(#[$attr])*
+    ($($(#[doc = $doc:literal])* $name:ident: $message:literal;)*) => {$(
+        $(#[doc = $doc])*
+        #[diagnostic::on_unimplemented(
+            message = $message,
+            label = "second `{Item}`",
+            note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
+        )]
         pub trait $name<Schema, Item> {}
 
         #[diagnostic::do_not_recommend]
@@ -51,47 +56,17 @@ macro_rules! unset_bound {
 
 unset_bound! {
     /// A `one` datom slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes exactly one `{Item}` datom, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OneDatomUnset;
+    OneDatomUnset: "`{Schema}` takes exactly one `{Item}` datom, and this call sets it a second time";
     /// An `optional` datom slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes at most one `{Item}` datom, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OptionalDatomUnset;
+    OptionalDatomUnset: "`{Schema}` takes at most one `{Item}` datom, and this call sets it a second time";
     /// A `one` request slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes exactly one `{Item}` request, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OneRequestUnset;
+    OneRequestUnset: "`{Schema}` takes exactly one `{Item}` request, and this call sets it a second time";
     /// An `optional` request slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes at most one `{Item}` request, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OptionalRequestUnset;
+    OptionalRequestUnset: "`{Schema}` takes at most one `{Item}` request, and this call sets it a second time";
     /// A `one` message slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes exactly one `{Item}` message, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OneMessageUnset;
+    OneMessageUnset: "`{Schema}` takes exactly one `{Item}` message, and this call sets it a second time";
     /// An `optional` message slot not yet filled.
-    #[diagnostic::on_unimplemented(
-        message = "`{Schema}` takes at most one `{Item}` message, and this call sets it a second time",
-        label = "second `{Item}`",
-        note = "to take several, declare the slot `many {Item}` or `at_least_one {Item}` in `{Schema}`"
-    )]
-    OptionalMessageUnset;
+    OptionalMessageUnset: "`{Schema}` takes at most one `{Item}` message, and this call sets it a second time";
 }
 
 /// What a payload, an attribute value or an identity needs: a `Serialize` form, turned into JSON.
