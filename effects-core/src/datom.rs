@@ -48,6 +48,16 @@ pub trait Datom {
     {
         self.to_datom()
     }
+
+    crate::__private::slot_items!(
+        datoms,
+        crate::Matcher::Datom {
+            identity: Self::IDENTITY,
+            attributes: Self::ATTRIBUTES
+        },
+        |item| item.to_datom(),
+        |item| item.into_datom()
+    );
 }
 
 /// Whether a datom asserts or retracts its attributes.

@@ -45,6 +45,13 @@ pub trait Message {
     {
         self.to_message()
     }
+
+    crate::__private::slot_items!(
+        messages,
+        crate::Matcher::Message { topic: Self::TOPIC },
+        |item| item.to_message(),
+        |item| item.into_message()
+    );
 }
 
 /// An erased outgoing message.

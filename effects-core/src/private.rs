@@ -247,116 +247,89 @@ pub const fn slot_shape(
     }
 }
 
-/// The erasure of one slot, shared by every schema: generated code calls
-/// `<T as DatomSlot>::push_ref(..)` and the like, all at the user's type, so a type in the wrong
-/// list is one error there, in the words of the kind's trait.
-macro_rules! slot_kind {
-    ($(#[$attr:meta])* $slot:ident: $kind:ident, $field:ident, $matcher:expr, |$r:ident| $by_ref:expr, |$o:ident| $owned:expr) => {
-        $(#[$attr])*
-        pub trait $slot: Sized {
-            /// Which erased effects belong to a slot of this type.
-            const MATCHER: crate::Matcher;
-            /// Appends the erased form of one item, by reference.
-            fn push_ref(&self, effects: &mut crate::Effects);
-            /// Appends the erased form of an optional item, by reference.
-            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects);
-            /// Appends the erased form of each item, by reference.
-            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects);
-            /// Appends the erased form of one item, moving it.
-            fn push(self, effects: &mut crate::Effects);
-            /// Appends the erased form of an optional item, moving it.
-            fn push_option(item: Option<Self>, effects: &mut crate::Effects);
-            /// Appends the erased form of each item, moving them.
-            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects);
+/// The hidden items `Datom`, `Request` and `Message` each carry for generated code, which calls
+/// them as `<T as __Datom>::__push_ref(..)` and the like, always at the user's type: a type in
+/// the wrong list is one error there, in the words of the kind's own trait ("`Card` is not a
+/// datom", "the trait `effects_core::Datom` is not implemented for `Card`"). Provided, so a
+/// hand-written impl never sees them.
+macro_rules! slot_items {
+    ($field:ident, $matcher:expr, |$r:ident| $by_ref:expr, |$o:ident| $owned:expr) => {
+        /// Which erased effects belong to a slot of this type.
+        #[doc(hidden)]
+        const __MATCHER: crate::Matcher = $matcher;
+
+        /// Appends the erased form of one item, by reference.
+        #[doc(hidden)]
+        #[inline]
+        fn __push_ref(&self, effects: &mut crate::Effects) {
+            let $r = self;
+            effects.$field.push($by_ref);
         }
 
-        #[diagnostic::do_not_recommend]
-        impl<T: crate::$kind> $slot for T {
-            const MATCHER: crate::Matcher = $matcher;
-
-            #[inline]
-            fn push_ref(&self, effects: &mut crate::Effects) {
-                let $r = self;
+        /// Appends the erased form of an optional item, by reference.
+        #[doc(hidden)]
+        #[inline]
+        fn __push_ref_option(item: &Option<Self>, effects: &mut crate::Effects)
+        where
+            Self: Sized,
+        {
+            if let Some($r) = item {
                 effects.$field.push($by_ref);
             }
+        }
 
-            #[inline]
-            fn push_ref_option(item: &Option<Self>, effects: &mut crate::Effects) {
-                if let Some($r) = item {
-                    effects.$field.push($by_ref);
-                }
+        /// Appends the erased form of each item, by reference.
+        #[doc(hidden)]
+        #[inline]
+        fn __push_ref_slice(items: &[Self], effects: &mut crate::Effects)
+        where
+            Self: Sized,
+        {
+            effects.$field.reserve(items.len());
+            for $r in items {
+                effects.$field.push($by_ref);
             }
+        }
 
-            #[inline]
-            fn push_ref_slice(items: &[Self], effects: &mut crate::Effects) {
-                effects.$field.reserve(items.len());
-                for $r in items {
-                    effects.$field.push($by_ref);
-                }
-            }
+        /// Appends the erased form of one item, moving it.
+        #[doc(hidden)]
+        #[inline]
+        fn __push(self, effects: &mut crate::Effects)
+        where
+            Self: Sized,
+        {
+            let $o = self;
+            effects.$field.push($owned);
+        }
 
-            #[inline]
-            fn push(self, effects: &mut crate::Effects) {
-                let $o = self;
+        /// Appends the erased form of an optional item, moving it.
+        #[doc(hidden)]
+        #[inline]
+        fn __push_option(item: Option<Self>, effects: &mut crate::Effects)
+        where
+            Self: Sized,
+        {
+            if let Some($o) = item {
                 effects.$field.push($owned);
             }
+        }
 
-            #[inline]
-            fn push_option(item: Option<Self>, effects: &mut crate::Effects) {
-                if let Some($o) = item {
-                    effects.$field.push($owned);
-                }
-            }
-
-            #[inline]
-            fn push_vec(items: Vec<Self>, effects: &mut crate::Effects) {
-                effects.$field.reserve(items.len());
-                for $o in items {
-                    effects.$field.push($owned);
-                }
+        /// Appends the erased form of each item, moving them.
+        #[doc(hidden)]
+        #[inline]
+        fn __push_vec(items: Vec<Self>, effects: &mut crate::Effects)
+        where
+            Self: Sized,
+        {
+            effects.$field.reserve(items.len());
+            for $o in items {
+                effects.$field.push($owned);
             }
         }
     };
 }
 
-slot_kind!(
-    /// A type in a schema's `datoms`.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` is not a datom",
-        label = "not a datom",
-        note = "derive it: `#[derive(effects_core::Datom)] #[datom(entity = \"...\")]` with one `#[datom(id)]` field"
-    )]
-    DatomSlot: Datom, datoms,
-    crate::Matcher::Datom { identity: T::IDENTITY, attributes: T::ATTRIBUTES },
-    |item| item.to_datom(),
-    |item| item.into_datom()
-);
-
-slot_kind!(
-    /// A type in a schema's `requests`.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` is not a request",
-        label = "not a request",
-        note = "derive it: `#[derive(effects_core::Request, serde::Serialize)] #[request(method = \"POST\", endpoint = \"...\", path = \"/...\")]`"
-    )]
-    RequestSlot: Request, requests,
-    crate::Matcher::Request { method: T::METHOD, endpoint: T::ENDPOINT, path: T::PATH },
-    |item| item.to_request(),
-    |item| item.to_request()
-);
-
-slot_kind!(
-    /// A type in a schema's `messages`.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` is not a message",
-        label = "not a message",
-        note = "derive it: `#[derive(effects_core::Message, serde::Serialize)] #[message(topic = \"...\")]`"
-    )]
-    MessageSlot: Message, messages,
-    crate::Matcher::Message { topic: T::TOPIC },
-    |item| item.to_message(),
-    |item| item.into_message()
-);
+pub(crate) use slot_items;
 
 /// A message effect with no headers.
 #[inline]
@@ -434,28 +407,26 @@ pub fn filled<T>(value: Option<T>, schema: &str, slot: &str) -> T {
 /// at the top of each generated block: `__Effects` in one token instead of
 /// `::effects_core::Effects` in six, which the compiler then has less to read. Every name starts
 /// with `__`, so the import shadows none of the user's names inside the block; a name spanned at
-/// the user's token (`<T as __DatomSlot>`) resolves through the same import, so an error there
+/// the user's token (`<T as __Datom>`) resolves through the same import, so an error there
 /// stays at the user's token.
 pub mod names {
     pub use super::serde::{Serialize as __Serialize, Serializer as __Serializer};
     pub use super::{
-        DatomParts as __DatomParts, DatomSlot as __DatomSlot, DisplayIntoKey as __DisplayIntoKey,
-        IntoKey as __IntoKey, IntoValue as __IntoValue, MessageSlot as __MessageSlot,
-        MoveIntoKey as __MoveIntoKey, MoveIntoValue as __MoveIntoValue,
+        DatomParts as __DatomParts, DisplayIntoKey as __DisplayIntoKey, IntoKey as __IntoKey,
+        IntoValue as __IntoValue, MoveIntoKey as __MoveIntoKey, MoveIntoValue as __MoveIntoValue,
         OneDatomUnset as __OneDatomUnset, OneMessageUnset as __OneMessageUnset,
         OneRequestUnset as __OneRequestUnset, OptionalDatomUnset as __OptionalDatomUnset,
         OptionalMessageUnset as __OptionalMessageUnset,
-        OptionalRequestUnset as __OptionalRequestUnset, RequestSlot as __RequestSlot,
-        SerializeIntoValue as __SerializeIntoValue, Set as __Set, Unset as __Unset,
-        absorb as __absorb, filled as __filled, message as __message, slot_shape as __slot_shape,
-        to_value as __to_value,
+        OptionalRequestUnset as __OptionalRequestUnset, SerializeIntoValue as __SerializeIntoValue,
+        Set as __Set, Unset as __Unset, absorb as __absorb, filled as __filled,
+        message as __message, slot_shape as __slot_shape, to_value as __to_value,
     };
     pub use crate::schema::{Datoms as __Datoms, Messages as __Messages, Requests as __Requests};
     pub use crate::{
         Absorbs as __Absorbs, Cardinality as __Cardinality, Datom as __Datom,
         DatomEffect as __DatomEffect, Effects as __Effects, MergeInto as __MergeInto,
         Message as __Message, MessageEffect as __MessageEffect, NonEmpty as __NonEmpty,
-        Schema as __Schema, Shape as __Shape,
+        Request as __Request, Schema as __Schema, Shape as __Shape,
     };
     pub use ::core::iter::IntoIterator as __IntoIterator;
     pub use ::core::marker::PhantomData as __PhantomData;

@@ -42,6 +42,17 @@ pub trait Request {
 
     /// The erased request.
     fn to_request(&self) -> RequestEffect;
+
+    crate::__private::slot_items!(
+        requests,
+        crate::Matcher::Request {
+            method: Self::METHOD,
+            endpoint: Self::ENDPOINT,
+            path: Self::PATH
+        },
+        |item| item.to_request(),
+        |item| item.to_request()
+    );
 }
 
 /// An HTTP method.

@@ -286,7 +286,10 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     Ok(quote! {
         const _: () = {
         use ::effects_core::__private::names::*;
+        // Not listed among "the following types implement" when a type in a schema's wrong
+        // list is reported: the trait's own message and note say what to do.
         #[automatically_derived]
+        #[diagnostic::do_not_recommend]
         impl #impl_generics __Datom for #ident #ty_generics #where_clause {
             const ENTITY: &'static str = #ns;
             const IDENTITY: &'static str = #identity;

@@ -9,16 +9,16 @@ use super::Names;
 use crate::schema::ast::{Cardinality, Kind, Slot};
 use crate::util::doc_text;
 
-/// `<BlockedCard as __DatomSlot>`, spanned at the user's type: every use
+/// `<BlockedCard as __Datom>`, spanned at the user's type: every use
 /// of a slot's type goes through this one path, so a type in the wrong list is reported once,
 /// there ("`Card` is not a datom").
 pub(super) fn as_trait(slot: &Slot) -> TokenStream {
     let ty = &slot.ty;
     let span = ty.span();
     match slot.kind {
-        Kind::Datoms => quote_spanned!(span=> <#ty as __DatomSlot>),
-        Kind::Requests => quote_spanned!(span=> <#ty as __RequestSlot>),
-        Kind::Messages => quote_spanned!(span=> <#ty as __MessageSlot>),
+        Kind::Datoms => quote_spanned!(span=> <#ty as __Datom>),
+        Kind::Requests => quote_spanned!(span=> <#ty as __Request>),
+        Kind::Messages => quote_spanned!(span=> <#ty as __Message>),
     }
 }
 
@@ -44,7 +44,7 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
             let type_name = slot.type_str();
             let card = cardinality(slot.cardinality);
             let t = as_trait(slot);
-            quote!(__slot_shape(#slot_name, #type_name, #card, #t::MATCHER))
+            quote!(__slot_shape(#slot_name, #type_name, #card, #t::__MATCHER))
         });
         quote!(&[#(#slots),*])
     });
@@ -58,21 +58,21 @@ pub(super) fn expand(names: &Names<'_>) -> TokenStream {
     let by_ref = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
         match slot.cardinality {
-            Cardinality::One => quote!(#t::push_ref(&self.#field, &mut effects);),
-            Cardinality::Optional => quote!(#t::push_ref_option(&self.#field, &mut effects);),
+            Cardinality::One => quote!(#t::__push_ref(&self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::__push_ref_option(&self.#field, &mut effects);),
             Cardinality::Many | Cardinality::AtLeastOne => {
-                quote!(#t::push_ref_slice(&self.#field, &mut effects);)
+                quote!(#t::__push_ref_slice(&self.#field, &mut effects);)
             }
         }
     });
     let moved = schema.slots.iter().map(|slot| {
         let (t, field) = (as_trait(slot), &slot.name);
         match slot.cardinality {
-            Cardinality::One => quote!(#t::push(self.#field, &mut effects);),
-            Cardinality::Optional => quote!(#t::push_option(self.#field, &mut effects);),
-            Cardinality::Many => quote!(#t::push_vec(self.#field, &mut effects);),
+            Cardinality::One => quote!(#t::__push(self.#field, &mut effects);),
+            Cardinality::Optional => quote!(#t::__push_option(self.#field, &mut effects);),
+            Cardinality::Many => quote!(#t::__push_vec(self.#field, &mut effects);),
             Cardinality::AtLeastOne => {
-                quote!(#t::push_vec(__NonEmpty::into_vec(self.#field), &mut effects);)
+                quote!(#t::__push_vec(__NonEmpty::into_vec(self.#field), &mut effects);)
             }
         }
     });

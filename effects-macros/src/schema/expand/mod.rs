@@ -31,9 +31,9 @@ pub(crate) fn schema(schema: &SchemaDef) -> TokenStream {
     let convert = convert::expand(&names);
     let merge = merge::expand(&names);
     // The pieces inside the block name effects-core's items through the glob import of
-    // `__private::names` at its top (`__Effects`, `__DatomSlot`): one token instead of up to
+    // `__private::names` at its top (`__Effects`, `__Datom`): one token instead of up to
     // eight, which the compiler then has less to read. A path spanned at the user's type
-    // (`<T as __DatomSlot>`) resolves through the same import, so an error there stays at the
+    // (`<T as __Datom>`) resolves through the same import, so an error there stays at the
     // user's token.
     quote! {
         #structure
