@@ -283,13 +283,11 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     // Inside the block, the glob import of `__private::names` gives every helper a one-token
     // name (the field types' `__to_value::<T>` too, spanned at the user's type), and brings
     // `__MoveIntoValue` and `__SerializeIntoValue` into scope for `into_value`.
+    let impl_attrs = super::impl_attrs();
     Ok(quote! {
         const _: () = {
         use ::effects_core::__private::names::*;
-        // Not listed among "the following types implement" when a type in a schema's wrong
-        // list is reported: the trait's own message and note say what to do.
-        #[automatically_derived]
-        #[diagnostic::do_not_recommend]
+        #impl_attrs
         impl #impl_generics __Datom for #ident #ty_generics #where_clause {
             const ENTITY: &'static str = #ns;
             const IDENTITY: &'static str = #identity;

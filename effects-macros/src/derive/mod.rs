@@ -13,6 +13,16 @@ pub(crate) use request::derive as request;
 use proc_macro2::TokenStream;
 use quote::quote;
 
+/// The attributes of every derived impl. `do_not_recommend`: the impl is not listed among "the
+/// following types implement" when a type in a schema's wrong list is reported; the trait's own
+/// message and note say what to do.
+fn impl_attrs() -> TokenStream {
+    quote! {
+        #[automatically_derived]
+        #[diagnostic::do_not_recommend]
+    }
+}
+
 /// Which derive failed.
 pub(crate) enum Derive {
     Datom,

@@ -129,11 +129,9 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         quote!(::core::option::Option::None)
     };
     let capacity = path.value().len();
+    let impl_attrs = super::impl_attrs();
     Ok(quote! {
-        // Not listed among "the following types implement" when a type in a schema's wrong
-        // list is reported: the trait's own message and note say what to do.
-        #[automatically_derived]
-        #[diagnostic::do_not_recommend]
+        #impl_attrs
         impl #impl_generics ::effects_core::Request for #ident #ty_generics #where_clause {
             const METHOD: ::effects_core::Method = ::effects_core::Method::#method_variant;
             const ENDPOINT: &'static str = #endpoint;
