@@ -19,6 +19,10 @@ With `--macros-opt`, a third crate is the generated one built with the proc macr
 (`[profile.dev.build-override] opt-level = 3` in its own Cargo.toml): a setting users may choose
 for their profile, not the default figure.
 
+CPU time moves by about a tenth between runs on a shared machine; split.py, next to this script,
+counts the compiler's instructions instead and splits them between the macros' run and the code
+they return.
+
 Usage: python3 tests/compile-time/run.py [--schemas 100] [--runs 5] [--profile dev|release] [--expanded]
        [--before CHECKOUT] [--macros-opt]
 """
