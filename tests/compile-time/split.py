@@ -33,7 +33,8 @@ import run
 
 
 def rustc_command(path, target):
-    """The `rustc` command cargo runs for the crate's lib, after touching its source."""
+    """The `rustc` command cargo runs for the crate's lib, after touching its source; the build
+    it runs leaves the incremental cache that the counted rebuild then uses."""
     os.utime(os.path.join(path, "src", "lib.rs"))
     env = dict(os.environ, CARGO_TARGET_DIR=target)
     out = subprocess.run(["cargo", "build", "-v", "--offline", "--lib"], cwd=path, env=env,
@@ -57,13 +58,6 @@ def instructions(path, target):
     if not m:
         raise SystemExit(f"callgrind printed no count for {path}:\n{out[-2000:]}")
     return int(m.group(1))
-
-
-def expanded(path, target):
-    env = dict(os.environ, CARGO_TARGET_DIR=target, RUSTC_BOOTSTRAP="1")
-    return subprocess.run(
-        ["cargo", "rustc", "--quiet", "--offline", "--lib", "--", "-Zunpretty=expanded"],
-        cwd=path, env=env, check=True, capture_output=True, text=True).stdout
 
 
 def block_end(s, start):
@@ -182,19 +176,16 @@ def main():
         target = os.path.join(base, "target")
         generated = run.write_crate(base, "generated", args.schemas, hand=False)
         hand = run.write_crate(base, "hand", args.schemas, hand=True)
-        # First, since RUSTC_BOOTSTRAP is part of cargo's fingerprint: the builds after it
-        # rebuild the dependencies once.
-        schemas, derives = pieces(expanded(generated, target))
-        for path in (generated, hand):
-            run.build(path, target, "dev")
-        src = open(os.path.join(generated, "src", "lib.rs")).read()
+        # First: the builds after it rebuild the dependencies once (see run.expanded_source).
+        schemas, derives = pieces(run.expanded_source(generated, target))
         if len(schemas) != args.schemas or len(derives) != 3 * args.schemas:
             raise SystemExit(f"found {len(schemas)} schemas and {len(derives)} derived impls "
                              "in the expanded source; the patterns need updating")
+        src = open(os.path.join(generated, "src", "lib.rs")).read()
         both = expand_derives(expand_schemas(src, schemas), derives)
         variants = [
-            ("hand-written", None),
-            ("generated", None),
+            ("hand-written", hand),
+            ("generated", generated),
             ("`effects!` expanded", expand_schemas(src, schemas)),
             ("derives expanded", expand_derives(src, derives)),
             ("both expanded (the code alone)", both),
@@ -206,16 +197,12 @@ def main():
             ("  without `#[inline]`", without_inline(both)),
         ]
         counts = {}
-        for i, (label, source) in enumerate(variants):
-            if label == "hand-written":
-                path = hand
-            elif label == "generated":
-                path = generated
-            else:
+        for i, (label, crate_or_source) in enumerate(variants):
+            path = crate_or_source
+            if not os.path.isdir(crate_or_source):  # a variant's source: a crate of its own
                 path = run.write_crate(base, f"variant{i}", 0, hand=False)
                 with open(os.path.join(path, "src", "lib.rs"), "w") as f:
-                    f.write(source)
-                run.build(path, target, "dev")
+                    f.write(crate_or_source)
             counts[label] = instructions(path, target)
         base_count = counts["hand-written"]
         print(f"rustc instructions on a touch rebuild, {args.schemas} schemas")
