@@ -75,6 +75,7 @@ conformance!(
     duplicate_dispatches_only_the_original_runs_pending_rows,
     key_reuse_with_other_effects_is_refused_and_applies_nothing,
     a_database_error_applies_nothing_and_dispatches_nothing,
+    a_failing_statement_is_reported_as_the_cause_wherever_it_fails,
     entities_read_now_and_as_of_any_tx,
     messages_keep_their_order_per_partition_key_across_runs,
     requests_carry_the_key_are_recorded_and_feed_after_requests,
@@ -392,6 +393,67 @@ async fn a_database_error_applies_nothing_and_dispatches_nothing<B: Backend>(b: 
         broker.messages("card-status-changed").await.unwrap().len(),
         1
     );
+}
+
+/// A store that sends a transaction's statements together (PostgreSQL pipelines them) sees
+/// every statement after the failing one fail as well, for the aborted transaction; the error
+/// reported must be the cause, whichever answer is looked at first. Each place a run writes
+/// fails in turn, on its own and in a batch, many times over (the order the answers are looked
+/// at varies from one attempt to the next).
+async fn a_failing_statement_is_reported_as_the_cause_wherever_it_fails<B: Backend>(b: B) {
+    const ATTEMPTS: usize = 15;
+    let store = b.open().await;
+    let executor = Executor::builder(store.clone(), b.broker()).build();
+    // Many statements around each failing one: datoms of four entities, three messages.
+    let effects = |n: usize| {
+        (0..4)
+            .map(|i| {
+                Effects::from(DatomEffect::assert(
+                    card(&format!("c{n}-{i}")),
+                    [("card/status", json!("blocked"))],
+                ))
+            })
+            .chain((0..3).map(|i| {
+                Effects::from(MessageEffect::new(
+                    "card-status-changed",
+                    json!({"n": n, "i": i}),
+                ))
+            }))
+            .fold(Effects::default(), Effects::merge)
+    };
+    let mut wrong = Vec::new();
+    let mut attempts = 0;
+    for table in ["transactions", "datoms", "outbox"] {
+        let cause = format!("no room in {table}");
+        b.fail_inserts(table, "TRUE", &cause).await;
+        for n in 0..ATTEMPTS {
+            let single = executor.run(format!("one:{n}"), effects(n)).await;
+            let batch = executor
+                .run_batch(vec![
+                    BatchItem::new(format!("a:{n}"), effects(n)),
+                    BatchItem::new(format!("b:{n}"), effects(n + ATTEMPTS)),
+                ])
+                .await;
+            for error in [
+                single.map(|_| ()).map_err(|e| e.to_string()),
+                batch.map(|_| ()).map_err(|e| e.to_string()),
+            ] {
+                attempts += 1;
+                match error {
+                    Err(e) if e.contains(&cause) => {}
+                    other => wrong.push(format!("{table}: {other:?}")),
+                }
+            }
+        }
+        b.heal(table).await;
+    }
+    assert_eq!(attempts, 3 * 2 * ATTEMPTS);
+    assert!(
+        wrong.is_empty(),
+        "{} of {attempts} failed commits did not report their cause: {wrong:#?}",
+        wrong.len()
+    );
+    assert_eq!(b.count("SELECT COUNT(*) FROM transactions").await, 0);
 }
 
 async fn entities_read_now_and_as_of_any_tx<B: Backend>(b: B) {

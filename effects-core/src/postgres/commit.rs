@@ -26,8 +26,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use super::pipeline;
 use deadpool_postgres::Transaction;
-use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
 
 use super::db::{ENTITY_LOCK_CLASS, db_error, prepare_all};
@@ -78,7 +78,7 @@ pub(super) async fn commit_runs_tx(
         .collect::<BTreeSet<&str>>()
         .into_iter()
         .collect();
-    let (now, mut free) = tokio::try_join!(now(tx), claim_keys(tx, &keys))?;
+    let (now, mut free) = pipeline::join!(now(tx), claim_keys(tx, &keys))?;
 
     // The keys not claimed belong to runs committed before (or being committed by another
     // transaction, which the claim waited for): their records. A key whose run vanished since
@@ -261,7 +261,7 @@ async fn lock_and_read<'r>(
         &[&a_identities, &a_values, &a_names],
         &[&counters],
     ];
-    let mut results = try_join_all(
+    let mut results = pipeline::all(
         statements
             .iter()
             .zip(params)
@@ -873,7 +873,7 @@ struct Step<'a> {
 async fn pipeline(tx: &Transaction<'_>, steps: &[Step<'_>]) -> Result<(), StoreError> {
     let sqls: Vec<&str> = steps.iter().map(|s| s.sql).collect();
     let statements = prepare_all(tx, OP, &sqls).await?;
-    let changed = try_join_all(
+    let changed = pipeline::all(
         steps
             .iter()
             .zip(&statements)

@@ -560,7 +560,7 @@ pub(crate) async fn prepare_all(
     operation: &'static str,
     sqls: &[&str],
 ) -> Result<Vec<tokio_postgres::Statement>, StoreError> {
-    futures_util::future::try_join_all(sqls.iter().map(|sql| tx.prepare_cached(sql)))
+    super::pipeline::all(sqls.iter().map(|sql| tx.prepare_cached(sql)))
         .await
         .map_err(db_error(operation))
 }

@@ -100,6 +100,12 @@
 //! itself was acknowledged, and the caller (the worker, the relay) tries again later, when a
 //! run that did commit is a duplicate.
 //!
+//! **Errors in a pipeline.** The first statement of a pipeline to fail aborts the transaction,
+//! and the statements sent after it fail too ("current transaction is aborted", `25P02`). The
+//! store waits for every answer of the pipeline and returns the error that caused the others,
+//! whatever the order they arrived in: a constraint or trigger error reaches the caller as
+//! itself, and a serialization failure or deadlock is retried as above.
+//!
 //! # Migrations
 //!
 //! The files under `effects-core/migrations/postgres/` are compiled in and applied when the
@@ -140,6 +146,7 @@
 mod commit;
 mod db;
 mod inspect;
+mod pipeline;
 mod single;
 mod store;
 

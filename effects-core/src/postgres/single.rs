@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use super::pipeline;
 use deadpool_postgres::Transaction;
-use futures_util::future::try_join_all;
 
 use super::db::{ENTITY_LOCK_CLASS, db_error, execute, prepare_all, query, query_one, query_opt};
 use super::store::{COUNTER_SQL, corrupt, get, insert_outbox, load_run, next_counter, now};
@@ -56,11 +56,11 @@ async fn lock_entities(
     )
     .await?;
     let (advisory, rows, counter) = (&statements[0], &statements[1], &statements[2]);
-    let advisory = try_join_all(entities.iter().map(|(identity, value)| async move {
+    let advisory = pipeline::all(entities.iter().map(|(identity, value)| async move {
         tx.query(advisory, &[&ENTITY_LOCK_CLASS, identity, value])
             .await
     }));
-    let rows = try_join_all(
+    let rows = pipeline::all(
         entities
             .iter()
             .map(|(identity, value)| async move { tx.query_opt(rows, &[identity, value]).await }),
@@ -69,14 +69,14 @@ async fn lock_entities(
         .iter()
         .map(|(_, count)| i64::try_from(*count).unwrap_or(i64::MAX))
         .collect();
-    let lasts = try_join_all(
+    let lasts = pipeline::all(
         counters
             .iter()
             .zip(&counts)
             .map(|((name, _), count)| async move { tx.query_one(counter, &[count, name]).await }),
     );
     // Polled in this order, so sent in this order.
-    let (_, rows, lasts) = tokio::try_join!(advisory, rows, lasts).map_err(db_error(OP))?;
+    let (_, rows, lasts) = pipeline::join!(advisory, rows, lasts).map_err(db_error(OP))?;
     for ((identity, value), row) in entities.iter().zip(rows) {
         let what = || format!("entity `{identity}` {value}");
         let found = row
@@ -233,7 +233,7 @@ async fn apply_datom(
         writes.push(DatomWrite::Version);
     }
     // Pipelined, run by the server in this order (history rows get their ids in order).
-    try_join_all(writes.iter().map(|write| write.execute(tx, txid, entity))).await?;
+    pipeline::all(writes.iter().map(|write| write.execute(tx, txid, entity))).await?;
     if changed && !is_new {
         known.insert(
             (datom.identity.clone(), datom.identity_value.clone()),
@@ -339,9 +339,9 @@ pub(super) async fn commit_runs_tx(
         .into_iter()
         .collect();
     // Pipelined: the server claims the keys one after the other, in this order.
-    let (now, claims) = tokio::try_join!(
+    let (now, claims) = pipeline::join!(
         now(tx),
-        try_join_all(keys.iter().map(|key| claim_key(tx, key)))
+        pipeline::all(keys.iter().map(|key| claim_key(tx, key)))
     )?;
     let mut claimed: HashSet<&str> = keys
         .iter()
@@ -548,9 +548,9 @@ async fn apply_run(
             };
             insert_outbox(tx, &run.key, txid, row, ready_seq, now)
         });
-        try_join_all(rows).await
+        pipeline::all(rows).await
     };
-    tokio::try_join!(transaction, datoms, record, outbox)?;
+    pipeline::join!(transaction, datoms, record, outbox)?;
     // Its ready rows are claimed with those of the rest of the batch (`commit_runs_tx`).
     Ok(Commit::Applied {
         tx: Tx(txid),

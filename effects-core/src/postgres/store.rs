@@ -1213,7 +1213,7 @@ impl Store for PostgresStore {
                     // pending row: two statements for all the runs, sent together.
                     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
                         [&ids, &tokens, &owners];
-                    let (found, now) = tokio::try_join!(
+                    let (found, now) = super::pipeline::join!(
                         query(
                             tx,
                             OP,
@@ -1257,11 +1257,13 @@ impl Store for PostgresStore {
                             ],
                         )
                         .await?;
-                        futures_util::future::try_join(
-                            tx.query(&statements[0], &[&keys]),
-                            tx.execute(&statements[1], &[&keys, &now]),
+                        let select: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&keys];
+                        let complete: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                            [&keys, &now];
+                        super::pipeline::join!(
+                            tx.query(&statements[0], &select),
+                            tx.execute(&statements[1], &complete),
                         )
-                        .await
                         .map_err(db_error(OP))?;
                     }
                     Ok(marked)
