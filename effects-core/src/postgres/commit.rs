@@ -26,11 +26,11 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use super::pipeline;
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
 use super::db::{ENTITY_LOCK_CLASS, db_error, prepare_all};
+use super::pipeline;
 use super::store::{corrupt, decode_run, get, headers_json, now};
 use crate::datom::Op;
 use crate::store::{

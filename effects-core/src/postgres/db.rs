@@ -282,17 +282,21 @@ pub(crate) fn db_error(
     }
 }
 
-/// Whether running the transaction again may succeed: a serialization failure or a deadlock.
-fn retryable(e: &StoreError) -> bool {
+/// The SQLSTATE of a store error the server reported.
+pub(crate) fn sql_state(e: &StoreError) -> Option<&SqlState> {
     let StoreError::Database { source, .. } = e else {
-        return false;
+        return None;
     };
     source
         .downcast_ref::<PostgresError>()
         .and_then(PostgresError::code)
-        .is_some_and(|c| {
-            *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
-        })
+}
+
+/// Whether running the transaction again may succeed: a serialization failure or a deadlock.
+fn retryable(e: &StoreError) -> bool {
+    sql_state(e).is_some_and(|c| {
+        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
 }
 
 impl Db {

@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use futures_util::future::{JoinAll, Map, join_all};
 use tokio_postgres::error::SqlState;
 
-use super::db::PostgresError;
+use super::db::sql_state;
 use crate::store::StoreError;
 
 /// An error from a statement of a transaction that may have been aborted by an earlier one.
@@ -33,12 +33,7 @@ impl StatementError for tokio_postgres::Error {
 
 impl StatementError for StoreError {
     fn aborted_earlier(&self) -> bool {
-        match self {
-            StoreError::Database { source, .. } => source
-                .downcast_ref::<PostgresError>()
-                .is_some_and(|e| e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)),
-            _ => false,
-        }
+        sql_state(self) == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
     }
 }
 

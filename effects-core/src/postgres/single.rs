@@ -5,10 +5,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use super::pipeline;
 use deadpool_postgres::Transaction;
 
 use super::db::{ENTITY_LOCK_CLASS, db_error, execute, prepare_all, query, query_one, query_opt};
+use super::pipeline;
 use super::store::{COUNTER_SQL, corrupt, get, insert_outbox, load_run, next_counter, now};
 use crate::datom::Op;
 use crate::store::{
