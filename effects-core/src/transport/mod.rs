@@ -9,10 +9,19 @@
 //! - [`Transport::fetch`] leases up to `max` messages of a topic to a named consumer (a group:
 //!   several workers with one consumer name share the work). A leased message is invisible to
 //!   the group until [`FetchRequest::visibility`] passes; then it is delivered again.
-//!   Messages with the same partition key are handed out one at a time, in order.
-//! - [`Transport::ack`] ends a delivery; [`Transport::nack`] makes it visible again after a
-//!   delay; [`Transport::dead_letter`] records why it can never be processed and acknowledges
-//!   it, atomically where the broker allows.
+//!   [`Transport::extend`] pushes that back while the message is being worked on (a heartbeat).
+//! - **Order.** Messages with the same partition key are handed out in publish order, and only
+//!   to one holder at a time: a fetch may hand several messages of one key to its caller (in
+//!   order), and no other caller gets a message of that key while any of them is leased. A
+//!   later fetch through the same transport may hand out more of a key whose earlier messages
+//!   are still leased to it — always later ones — so the caller handles each key's deliveries
+//!   in the order they were handed out, across fetches, one after the other. A caller that
+//!   gives a keyed delivery back gives back the later ones of its key that it holds as well.
+//!   (Brokers may group keys: on NATS every key of a partition shares one holder.)
+//! - [`Transport::ack`] ends a delivery ([`Transport::ack_many`] several, in as few round trips
+//!   as the broker allows); [`Transport::nack`] makes it visible again after a delay;
+//!   [`Transport::dead_letter`] records why it can never be processed and acknowledges it,
+//!   atomically where the broker allows.
 //!
 //! The methods return `impl Future + Send` (see [`crate::store`] for why). The embedded
 //! implementation is [`SqliteLog`]; a NATS JetStream transport maps onto the
@@ -153,6 +162,38 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Acknowledges a delivery: it is never delivered to this consumer again.
     fn ack(&self, delivery: &Delivery) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Acknowledges several deliveries, in the order given, in as few round trips as the
+    /// broker allows; one result per delivery, in the same order. The default acknowledges
+    /// them one by one.
+    fn ack_many(
+        &self,
+        deliveries: &[Delivery],
+    ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
+        let deliveries = deliveries.to_vec();
+        async move {
+            let mut out = Vec::with_capacity(deliveries.len());
+            for d in &deliveries {
+                out.push(self.ack(d).await);
+            }
+            out
+        }
+    }
+
+    /// Keeps a delivery leased while it is still being worked on (a heartbeat): it stays
+    /// invisible to the group for `visibility` from now. Refused when the delivery is no
+    /// longer leased to this caller (settled already, or its visibility passed and it was
+    /// handed to someone else); a caller that is refused stops working on it where it can.
+    /// The default does nothing: a transport without heartbeats relies on the fetch's
+    /// visibility alone.
+    fn extend(
+        &self,
+        delivery: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let _ = (delivery, visibility);
+        async { Ok(()) }
+    }
 
     /// Gives a delivery back: it becomes visible again after `delay`.
     fn nack(
