@@ -47,10 +47,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::executor::{RelayReport, RunError, RunOutcome};
-use crate::http::{HttpError, HttpResponse};
 use crate::store::{BacklogReport, DeadLetterKind, Inspect, StoreError};
-use crate::worker::Processed;
 
 /// `effects_runs_total`.
 pub const RUNS: &str = "effects_runs_total";
@@ -123,34 +120,23 @@ fn label(name: &'static str, value: impl Into<String>) -> (&'static str, String)
     (name, value.into())
 }
 
-/// A run finished (executor, `run`, `run_with` and each item of `run_batch`).
-pub(crate) fn run_finished(result: &Result<RunOutcome, RunError>) {
-    let outcome = match result {
-        Ok(RunOutcome::Applied { .. }) => "applied",
-        Ok(RunOutcome::Duplicate { .. }) => "duplicate",
-        Err(RunError::Conflict { .. }) => "conflict",
-        Err(RunError::KeyReuse { .. }) => "key_reuse",
-        Err(RunError::Invalid { .. }) => "invalid",
-        Err(RunError::Store { .. }) => "store_error",
-        Err(RunError::Incomplete { .. }) => "incomplete",
-    };
+// The functions below are the leaf the executor, the worker and the relay call: they take
+// labels and numbers, never the callers' types, so this module depends on none of them.
+
+/// A run finished (executor: `run`, `run_with`, and each item of `run_batch`,
+/// `commit_batch` + `dispatch`), with its `outcome` label.
+pub(crate) fn run_finished(outcome: &'static str) {
     emit::count(RUNS, &[label("outcome", outcome)], 1);
 }
 
-/// A request got an outcome from the HTTP client after `elapsed`.
+/// A request got an outcome (`success`, `rejected`, `exhausted`, `failed`) from the HTTP
+/// client after `elapsed`, in `attempts` attempts when the client made any.
 pub(crate) fn request_sent(
     endpoint: &str,
     elapsed: Duration,
-    result: &Result<HttpResponse, HttpError>,
+    outcome: &'static str,
+    attempts: Option<u32>,
 ) {
-    let (outcome, attempts) = match result {
-        Ok(response) => ("success", Some(response.attempts)),
-        Err(HttpError::Rejected { response, .. }) => ("rejected", Some(response.attempts)),
-        Err(HttpError::Exhausted { attempts, .. }) => ("exhausted", Some(*attempts)),
-        Err(HttpError::UnknownEndpoint { .. } | HttpError::InvalidRequest { .. }) => {
-            ("failed", None)
-        }
-    };
     let endpoint = label("endpoint", endpoint);
     emit::count(
         HTTP_REQUESTS,
@@ -167,22 +153,13 @@ pub(crate) fn request_sent(
     }
 }
 
-/// An outbox row was dead-lettered by the executor.
+/// Something was dead-lettered: an outbox row by the executor, an input by a worker.
 pub(crate) fn dead_lettered(kind: DeadLetterKind) {
     emit::count(DEAD_LETTERS, &[label("kind", kind.as_str())], 1);
 }
 
-/// A worker settled a delivery.
-pub(crate) fn delivery_settled(handler: &'static str, processed: &Processed) {
-    let outcome = match processed {
-        Processed::Applied { .. } => "applied",
-        Processed::Duplicate { .. } => "duplicate",
-        Processed::DeadLettered { .. } => {
-            dead_lettered(DeadLetterKind::Input);
-            "dead_lettered"
-        }
-        Processed::Retry { .. } => "retried",
-    };
+/// A worker settled a delivery: `applied`, `duplicate`, `dead_lettered` or `retried`.
+pub(crate) fn delivery_settled(handler: &'static str, outcome: &'static str) {
     emit::count(
         WORKER_DELIVERIES,
         &[label("handler", handler), label("outcome", outcome)],
@@ -201,12 +178,12 @@ pub(crate) fn rerun(handler: &'static str) {
 }
 
 /// A relay round claimed rows.
-pub(crate) fn relay_round(report: &RelayReport) {
-    if report.claimed > 0 {
+pub(crate) fn relay_round(claimed: usize) {
+    if claimed > 0 {
         emit::count(
             RELAY_ROWS_CLAIMED,
             &[],
-            u64::try_from(report.claimed).unwrap_or(u64::MAX),
+            u64::try_from(claimed).unwrap_or(u64::MAX),
         );
     }
 }

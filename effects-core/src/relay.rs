@@ -148,7 +148,7 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
             .dispatch_due(self.config.batch)
             .instrument(tracing::info_span!("effects.relay"))
             .await
-            .inspect(crate::metrics::relay_round)
+            .inspect(|report| crate::metrics::relay_round(report.claimed))
     }
 
     /// Prunes by the configured retention (nothing if it is `None`).

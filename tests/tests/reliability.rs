@@ -652,6 +652,9 @@ struct Crash {
     separate: bool,
     owner: Owner,
     mutant: Option<Mutant>,
+    /// All five inputs in one group commit (killed in its middle, or between it and the
+    /// acknowledgements); otherwise one input at a time.
+    batch: bool,
 }
 
 /// What was counted when the child was killed, and at the end.
@@ -723,6 +726,14 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
         a.owner = (c.owner == Owner::Fixed).then(|| "child".to_owned());
         a.mutant = c.mutant;
         a.fault = fault;
+        if c.batch {
+            // The five inputs decided one after the other, committed together.
+            a.group_commit = Some(Duration::from_millis(500));
+        } else {
+            // One input at a time, from fetch to settle: what is at each boundary is exactly
+            // one run.
+            a.max_in_flight = 1;
+        }
         a.to_args()
     };
     let program = PathBuf::from(CRASH_CHILD);
@@ -777,7 +788,7 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
             "transactions",
             keys.iter().map(String::as_str),
             &at_crash.transactions,
-            |k| usize::from(committed_at_crash && k == key0),
+            |k| usize::from(committed_at_crash && (c.batch || k == key0)),
         ),
     );
     diffs.insert(
@@ -786,7 +797,7 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
             "handler calls",
             ids.iter().map(String::as_str),
             &at_crash.handler,
-            |id| usize::from(id == "t0"),
+            |id| usize::from(c.batch || id == "t0"),
         ),
     );
     diffs.insert(
@@ -836,7 +847,7 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
             ids.iter().map(String::as_str),
             &after.handler,
             |id| {
-                if c.point == FaultPoint::BeforeCommit && id == "t0" {
+                if c.point == FaultPoint::BeforeCommit && (c.batch || id == "t0") {
                     2
                 } else {
                     1
@@ -942,12 +953,20 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
 }
 
 async fn crash_case(point: FaultPoint, separate: bool, owner: Owner) {
+    crash_case_of(point, separate, owner, false).await;
+}
+
+async fn crash_case_of(point: FaultPoint, separate: bool, owner: Owner, batch: bool) {
     let transport = if separate { "separate" } else { "inline" };
     let owner_name = match owner {
         Owner::Fixed => "fixed-owner",
         Owner::Default => "default-owner",
     };
-    let name = format!("crash-{}-{transport}-{owner_name}", fault_name(point));
+    let batch_name = if batch { "-batch" } else { "" };
+    let name = format!(
+        "crash-{}-{transport}-{owner_name}{batch_name}",
+        fault_name(point)
+    );
     let f = crash_and_restart(
         &name,
         Crash {
@@ -955,12 +974,13 @@ async fn crash_case(point: FaultPoint, separate: bool, owner: Owner) {
             separate,
             owner,
             mutant: None,
+            batch,
         },
     )
     .await;
     let total = |m: &BTreeMap<String, usize>| m.values().sum::<usize>();
     println!(
-        "FIGURE crash point={} transport={transport} owner={owner_name} fault=`{}` \
+        "FIGURE crash point={} transport={transport} owner={owner_name} batch={batch} fault=`{}` \
          when_killed: transactions={} handler_calls={} http_attempts={} publish_attempts={} \
          after_restart: transactions={} handler_calls={} http_attempts={} publish_attempts={} \
          restart_to_interrupted_run_dispatched_ms={} restart_to_done_ms={} restarted=`{}` \
@@ -982,6 +1002,31 @@ async fn crash_case(point: FaultPoint, separate: bool, owner: Owner) {
         f.failed()
     );
     assert!(f.failed().is_empty(), "{:#?}", f.diffs);
+}
+
+/// Killed in the middle of a group commit of all five inputs: nothing of it was written; after
+/// the restart each input is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_in_a_group_commit_inline() {
+    crash_case_of(FaultPoint::BeforeCommit, false, Owner::Default, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_in_a_group_commit_separate_broker() {
+    crash_case_of(FaultPoint::BeforeCommit, true, Owner::Default, true).await;
+}
+
+/// Killed between a group commit of all five inputs and their acknowledgements (ack at
+/// commit): the redelivered inputs are duplicates, and the runs' requests and messages go out
+/// once, from the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_group_commit_and_acknowledgement_inline() {
+    crash_case_of(FaultPoint::AfterCommit, false, Owner::Default, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_group_commit_and_acknowledgement_separate_broker() {
+    crash_case_of(FaultPoint::AfterCommit, true, Owner::Default, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1065,6 +1110,7 @@ async fn mutant_skip_duplicate_check_fails_the_crash_checks() {
             separate: true,
             owner: Owner::Fixed,
             mutant: Some(Mutant::SkipDuplicateCheck),
+            batch: false,
         },
     )
     .await;
@@ -1100,6 +1146,7 @@ async fn mutant_mark_before_publish_fails_the_lost_message_check() {
             separate: true,
             owner: Owner::Fixed,
             mutant: Some(Mutant::MarkBeforePublish),
+            batch: false,
         },
     )
     .await;

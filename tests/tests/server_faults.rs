@@ -1264,6 +1264,9 @@ async fn relay_down_past_window(
     )
     .with_config(effects_core::worker::WorkerConfig {
         concurrency: if large(runs) { 8 } else { 1 },
+        // One delivery at a time in the small runs: a copy is fetched only once its original
+        // settled.
+        max_in_flight: if large(runs) { 256 } else { 1 },
         fetch_wait: Duration::from_millis(50),
         ..effects_core::worker::WorkerConfig::default()
     })

@@ -35,30 +35,58 @@
 //!
 //! Work that is interrupted (a crash, a broker that is down, a request that keeps failing) stays
 //! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its lease expires.
+//!
+//! # Commit, then dispatch
+//!
+//! [`Executor::run_batch`] is two halves that a caller can also use apart:
+//! [`Executor::commit_batch`] commits many runs in one store transaction (steps 1–2 for each)
+//! and hands back each run as [`Committed`] (or the reason it was refused);
+//! [`Executor::dispatch`] then does steps 3–5 for them. Between the two, a run's requests and
+//! messages belong to its outbox, leased to this executor: the worker acknowledges its input
+//! there (see [`crate::worker`]), and if the process dies before dispatching, a relay sends them.
+//!
+//! # Fenced sends
+//!
+//! A claim leases rows for [`ExecutorConfig::lease`] by the store's clock; the executor notes
+//! on its own monotonic clock the instant it *asked* for the claim, so it never believes it
+//! holds a row longer than the store does, whatever the wall clocks say. Rows still to be
+//! worked on are renewed once a third of the lease has passed (before each request, each wave
+//! of messages, and every third of the lease while a request is in flight). Right before a
+//! request is sent or a message published, the row's hold is checked: with less than a tenth
+//! of the lease left (at most 1 s) — the process was paused, a batch took longer than its
+//! lease — the row is renewed first, and if the store says another claimant has it since, it
+//! is not sent. A request whose lease is lost while it is in flight is abandoned (no further
+//! attempt of the client's retries is made).
+//!
+//! What the fence cannot close: a pause that begins after the check and before the bytes
+//! leave — the check and the write are microseconds apart, plus the HTTP client's connection
+//! set-up for a request. A row sent in that window may be sent again by its next claimant under
+//! the same id (`Idempotency-Key: key#n`, `Nats-Msg-Id: key#n`), which receivers deduplicate.
 
+mod dispatch;
 mod validate;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use tracing::{Instrument, field, info_span};
 
 pub use self::validate::{Limits, ValidationError, effects_sha256};
+
+use self::dispatch::Holds;
 
 use crate::effects::Effects;
 use crate::http::{HttpClient, HttpError, HttpResponse};
 use crate::message::MessageEffect;
 use crate::request::RequestEffect;
 use crate::store::{
-    ClaimOptions, Commit, Conflict, Finish, Lease, NewRun, OutboxKind, OutboxRow, ReadVersion,
-    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    ClaimOptions, Commit, Conflict, NewRun, OutboxKind, OutboxRow, ReadVersion,
+    RecordedRequest, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
-use crate::transport::{OutgoingMessage, Transport, message_headers as publish_headers};
+use crate::transport::Transport;
 
 /// A pure function of a run's recorded requests that returns more messages to send (step 4).
 /// It must be deterministic: after a crash it is called again with the same recorded requests
@@ -95,6 +123,15 @@ pub enum Mutant {
     /// `AfterPublishBeforeMark` then sits between the mark and the publish): a crash there
     /// loses the message.
     MarkBeforePublish,
+    /// Rows are sent without checking, right before, that their lease still holds: a holder
+    /// paused past its lease sends what another claimant sends too.
+    NoFence,
+    /// The worker starts every delivery at once, whatever its partition key: one key's
+    /// deliveries can be decided and committed out of order.
+    NoKeyOrder,
+    /// The worker never extends the deliveries it holds: one held longer than its visibility
+    /// is handed to another consumer while it is still being worked on.
+    NoHeartbeat,
 }
 
 impl Mutant {
@@ -104,6 +141,9 @@ impl Mutant {
         Mutant::SkipDuplicateCheck,
         Mutant::NoLeaseRenewal,
         Mutant::MarkBeforePublish,
+        Mutant::NoFence,
+        Mutant::NoKeyOrder,
+        Mutant::NoHeartbeat,
     ];
 
     /// Its name on a command line: `skip-read-validation`, ...
@@ -113,6 +153,9 @@ impl Mutant {
             Mutant::SkipDuplicateCheck => "skip-duplicate-check",
             Mutant::NoLeaseRenewal => "no-lease-renewal",
             Mutant::MarkBeforePublish => "mark-before-publish",
+            Mutant::NoFence => "no-fence",
+            Mutant::NoKeyOrder => "no-key-order",
+            Mutant::NoHeartbeat => "no-heartbeat",
         }
     }
 
@@ -662,6 +705,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         self.inline
     }
 
+    /// The deliberately broken behaviour this executor (and the workers on it) has. Testing
+    /// only.
+    #[doc(hidden)]
+    pub fn mutant(&self) -> Option<Mutant> {
+        self.mutant
+    }
+
     fn fault(&self, point: FaultPoint, at: &str) {
         if let Some(hook) = &self.fault {
             hook(point, at);
@@ -675,54 +725,6 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             publish_inline: self.inline,
             before_commit: None,
         }
-    }
-
-    /// Keeps the leases on claimed rows that are still to be worked on: once a third of the
-    /// lease has passed since `renewed`, renews them all (grouped by claim) and returns the ids
-    /// no longer held — another claimant took them after the lease expired, and this one must
-    /// not touch them.
-    async fn keep_leases(
-        &self,
-        rows: &[OutboxRow],
-        renewed: &mut Instant,
-    ) -> Result<HashSet<String>, StoreError> {
-        let mut lost = HashSet::new();
-        if renewed.elapsed() < self.config.lease / 3
-            || rows.is_empty()
-            || self.mutant == Some(Mutant::NoLeaseRenewal)
-        {
-            return Ok(lost);
-        }
-        let mut by_lease: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
-        for row in rows {
-            match &row.lease {
-                Some(l) => by_lease
-                    .entry((l.owner.clone(), l.token))
-                    .or_default()
-                    .push(row.id.clone()),
-                None => {
-                    lost.insert(row.id.clone());
-                }
-            }
-        }
-        *renewed = Instant::now();
-        for ((owner, token), ids) in by_lease {
-            let lease = Lease { owner, token };
-            let held: HashSet<String> = self
-                .store
-                .renew(ids.clone(), &lease, self.config.lease)
-                .await?
-                .into_iter()
-                .collect();
-            lost.extend(ids.into_iter().filter(|id| !held.contains(id)));
-        }
-        if !lost.is_empty() {
-            tracing::warn!(
-                lost = lost.len(),
-                "leases lost while working: another claimant has those rows"
-            );
-        }
-        Ok(lost)
     }
 
     /// Runs `effects` under the idempotency key `key` (see the [module docs](self)).
@@ -742,54 +744,107 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         options: RunOptions,
     ) -> Result<RunOutcome, RunError> {
         let key = key.into();
-        let span = info_span!("effects.run", key = %key, tx = field::Empty);
-        let result = async {
-            let run = {
-                let _validate = info_span!("effects.validate", key = %key).entered();
-                self.prepare(
-                    &key,
-                    &effects,
-                    &options.reads,
-                    options.after_requests.as_deref(),
-                )
-                .map_err(|source| {
-                    tracing::warn!(error = %source, "effects refused");
-                    RunError::Invalid {
-                        key: key.clone(),
-                        source,
-                    }
-                })?
-            };
-            let summary = RunSummary::of(&run);
-            let mut commits = self.commit(vec![run], &key).await?;
-            let commit = commits.pop().ok_or_else(|| RunError::Store {
-                key: key.clone(),
-                source: StoreError::Corrupt {
-                    what: "commit".to_owned(),
-                    reason: "the store returned no result for the run".to_owned(),
-                },
-            })?;
-            self.after_commit(&summary, commit).await
+        let item = BatchItem {
+            key: key.clone(),
+            effects,
+            options,
+        };
+        let committed = match self.commit_batch(std::slice::from_ref(&item)).await {
+            Ok(mut results) => results.pop().unwrap_or_else(|| {
+                Err(RunError::Store {
+                    key: key.clone(),
+                    source: StoreError::Corrupt {
+                        what: "commit".to_owned(),
+                        reason: "the store returned no result for the run".to_owned(),
+                    },
+                })
+            }),
+            Err(source) => {
+                let result = Err(RunError::Store { key, source });
+                crate::metrics::run_finished(outcome_label(&result));
+                return result;
+            }
+        };
+        match committed {
+            Ok(committed) => self
+                .dispatch(vec![committed])
+                .await
+                .pop()
+                .unwrap_or_else(|| {
+                    Err(RunError::Store {
+                        key,
+                        source: StoreError::Corrupt {
+                            what: "dispatch".to_owned(),
+                            reason: "no result for the run".to_owned(),
+                        },
+                    })
+                }),
+            Err(e) => Err(e),
         }
-        .instrument(span)
-        .await;
-        crate::metrics::run_finished(&result);
-        result
     }
 
     /// Runs many keys in ONE store transaction: one commit instead of one per run. Each item
     /// gets its own `tx` and outcome; an invalid item or a reused key fails alone. A store
-    /// error fails the whole batch and nothing of it is written.
+    /// error fails the whole batch and nothing of it is written. This is
+    /// [`Executor::commit_batch`] followed by [`Executor::dispatch`] of what committed.
     pub async fn run_batch(
         &self,
         items: Vec<BatchItem>,
     ) -> Result<Vec<Result<RunOutcome, RunError>>, StoreError> {
-        let span = info_span!("effects.run_batch", runs = items.len());
+        let committed = self.commit_batch(&items).await?;
+        let mut results: Vec<Option<Result<RunOutcome, RunError>>> = Vec::with_capacity(committed.len());
+        let mut to_dispatch = Vec::new();
+        let mut slots = Vec::new();
+        for (i, c) in committed.into_iter().enumerate() {
+            match c {
+                Ok(c) => {
+                    results.push(None);
+                    slots.push(i);
+                    to_dispatch.push(c);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        for (i, result) in slots.into_iter().zip(self.dispatch(to_dispatch).await) {
+            results[i] = Some(result);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(RunError::Store {
+                        key: String::new(),
+                        source: StoreError::Corrupt {
+                            what: "batch".to_owned(),
+                            reason: "a batch item got no result".to_owned(),
+                        },
+                    })
+                })
+            })
+            .collect())
+    }
+
+    /// The first half of [`Executor::run_batch`]: validates the items and commits them in ONE
+    /// store transaction, without dispatching anything. Each item comes back as
+    /// [`Committed`] (applied now, or a duplicate of a run applied before) or as the reason it
+    /// was not (invalid, conflict, key reuse; nothing of it written). A store error fails the
+    /// whole batch and nothing of it is written.
+    ///
+    /// Once committed, a run's requests and messages belong to its outbox: its rows are leased
+    /// to this executor and [`Executor::dispatch`] sends them; if this process dies first, a
+    /// relay sends them once the lease (or the process's liveness) is gone. The worker
+    /// acknowledges its input at this point.
+    pub async fn commit_batch(
+        &self,
+        items: &[BatchItem],
+    ) -> Result<Vec<Result<Committed, RunError>>, StoreError> {
+        let span = info_span!("effects.commit_batch", runs = items.len());
         async {
-            let mut results: Vec<Option<Result<RunOutcome, RunError>>> =
+            let mut results: Vec<Option<Result<Committed, RunError>>> =
                 (0..items.len()).map(|_| None).collect();
             let mut prepared: Vec<(usize, NewRun)> = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
+                let _validate = info_span!("effects.validate", key = %item.key).entered();
                 match self.prepare(
                     &item.key,
                     &item.effects,
@@ -798,6 +853,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 ) {
                     Ok(run) => prepared.push((i, run)),
                     Err(source) => {
+                        tracing::warn!(key = %item.key, error = %source, "effects refused");
                         results[i] = Some(Err(RunError::Invalid {
                             key: item.key.clone(),
                             source,
@@ -812,71 +868,23 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     .collect();
                 let runs: Vec<NewRun> = prepared.into_iter().map(|(_, r)| r).collect();
                 let first = runs.first().map(|r| r.key.clone()).unwrap_or_default();
-                let commits = match self.commit(runs, &first).await {
-                    Ok(c) => c,
-                    Err(RunError::Store { source, .. }) => return Err(source),
-                    Err(other) => {
-                        return Err(StoreError::Corrupt {
-                            what: "batch commit".to_owned(),
-                            reason: other.to_string(),
-                        });
-                    }
-                };
-                // Runs with only messages to send (no requests) send them together: published
-                // in waves across the runs and marked in one store call. The others go one by
-                // one.
-                let mut together: Vec<(usize, &RunSummary, Tx, usize)> = Vec::new();
-                let mut rows = Vec::new();
-                for ((i, run), commit) in summaries.iter().zip(commits) {
-                    match commit {
-                        Commit::Applied {
-                            tx,
-                            status,
-                            claimed,
-                            published_inline,
-                        } if status != RunStatus::RequestsPending => {
-                            self.fault(FaultPoint::AfterCommit, &run.key);
-                            together.push((*i, run, tx, published_inline));
-                            rows.extend(claimed);
-                        }
-                        commit => {
-                            let span = info_span!("effects.run", key = %run.key, tx = field::Empty);
-                            results[*i] =
-                                Some(self.after_commit(run, commit).instrument(span).await);
-                        }
-                    }
-                }
-                let mut sent = self.send_messages_by_run(rows).await;
-                for (i, run, tx, published_inline) in together {
-                    results[i] = Some(match &mut sent {
-                        Ok(by_run) => {
-                            let mut progress = Progress {
-                                messages_dispatched: published_inline,
-                                ..Progress::default()
-                            };
-                            progress.add(by_run.remove(&run.key).unwrap_or_default());
-                            progress.pending = run
-                                .outbox_len
-                                .saturating_sub(progress.messages_dispatched)
-                                .saturating_sub(progress.dead_lettered);
-                            Ok(RunOutcome::Applied { tx, progress })
-                        }
-                        Err(e) => Err(RunError::Incomplete {
-                            key: run.key.clone(),
-                            tx,
-                            source: StoreError::Database {
-                                operation: "dispatching a batch's messages",
-                                source: e.to_string().into(),
-                            },
-                        }),
+                let asked = Instant::now();
+                let commits = self.commit(runs, &first).await?;
+                if commits.len() != summaries.len() {
+                    return Err(StoreError::Corrupt {
+                        what: "commit".to_owned(),
+                        reason: format!(
+                            "the store returned {} results for {} runs",
+                            commits.len(),
+                            summaries.len()
+                        ),
                     });
                 }
+                for ((i, run), commit) in summaries.into_iter().zip(commits) {
+                    results[i] = Some(self.committed(run, commit, asked));
+                }
             }
-            results
-                .iter()
-                .flatten()
-                .for_each(crate::metrics::run_finished);
-            Ok(results
+            let results: Vec<Result<Committed, RunError>> = results
                 .into_iter()
                 .map(|r| {
                     r.unwrap_or_else(|| {
@@ -889,10 +897,221 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         })
                     })
                 })
-                .collect())
+                .collect();
+            for result in &results {
+                if let Err(e) = result {
+                    crate::metrics::run_finished(error_label(e));
+                }
+            }
+            Ok(results)
         }
         .instrument(span)
         .await
+    }
+
+    /// What one run's commit means for its caller.
+    fn committed(
+        &self,
+        run: RunSummary,
+        commit: Commit,
+        asked: Instant,
+    ) -> Result<Committed, RunError> {
+        match commit {
+            Commit::Applied {
+                tx,
+                status,
+                claimed,
+                published_inline,
+            } => {
+                self.fault(FaultPoint::AfterCommit, &run.key);
+                Ok(Committed {
+                    key: run.key.clone(),
+                    tx,
+                    work: Work::Applied {
+                        run,
+                        status,
+                        claimed,
+                        published_inline,
+                        asked,
+                    },
+                })
+            }
+            Commit::Conflict(conflict) => {
+                tracing::info!(key = %run.key, %conflict, "read validation refused the run: nothing written");
+                Err(RunError::Conflict {
+                    key: run.key,
+                    conflict: Box::new(conflict),
+                })
+            }
+            Commit::Existing(record) => {
+                if record.effects_sha256 != run.effects_sha256 {
+                    tracing::warn!(key = %run.key, original_tx = record.tx.0, "idempotency key reused");
+                    return Err(RunError::KeyReuse {
+                        key: run.key,
+                        original_tx: record.tx,
+                        original_sha256: record.effects_sha256,
+                        sha256: run.effects_sha256,
+                    });
+                }
+                Ok(Committed {
+                    key: run.key,
+                    tx: record.tx,
+                    work: Work::Resume { record },
+                })
+            }
+        }
+    }
+
+    /// The second half of [`Executor::run_batch`]: sends what committed runs have to send —
+    /// each run's requests in order, then its after-requests step, then its messages; the
+    /// messages of runs without requests published together in waves and marked dispatched
+    /// together; runs with requests driven concurrently (each one's requests in order). A
+    /// duplicate's original run has its pending rows claimed and sent. Outcomes in the order
+    /// given; a store error while dispatching makes a run [`RunError::Incomplete`] (its rows
+    /// stay pending for the relay).
+    pub async fn dispatch(&self, committed: Vec<Committed>) -> Vec<Result<RunOutcome, RunError>> {
+        let span = info_span!("effects.dispatch", runs = committed.len());
+        async {
+            let holds = Holds::new(self.config.lease);
+            let mut results: Vec<Option<Result<RunOutcome, RunError>>> =
+                (0..committed.len()).map(|_| None).collect();
+            // Runs with only messages to send: published in waves across the runs.
+            let mut together: Vec<(usize, String, Tx, usize, usize)> = Vec::new();
+            let mut rows = Vec::new();
+            let mut one_by_one = Vec::new();
+            for (i, c) in committed.into_iter().enumerate() {
+                match c.work {
+                    Work::Applied {
+                        run,
+                        status,
+                        claimed,
+                        published_inline,
+                        asked,
+                    } if status != RunStatus::RequestsPending => {
+                        holds.claimed(asked, &claimed);
+                        together.push((i, run.key, c.tx, published_inline, run.outbox_len));
+                        rows.extend(claimed);
+                    }
+                    work => one_by_one.push((i, c.key, c.tx, work)),
+                }
+            }
+            let holds = &holds;
+            let jobs: Vec<_> = one_by_one
+                .into_iter()
+                .map(|(i, key, tx, work)| async move {
+                    let span = info_span!("effects.run", key = %key, tx = tx.0);
+                    (i, self.dispatch_one(key, tx, work, holds).instrument(span).await)
+                })
+                .collect();
+            for (i, result) in self.drive_many(jobs).await {
+                results[i] = Some(result);
+            }
+            let mut sent = self.send_messages_by_run(rows, holds).await;
+            for (i, key, tx, published_inline, outbox_len) in together {
+                results[i] = Some(match &mut sent {
+                    Ok(by_run) => {
+                        let mut progress = Progress {
+                            messages_dispatched: published_inline,
+                            ..Progress::default()
+                        };
+                        progress.add(by_run.remove(&key).unwrap_or_default());
+                        progress.pending = outbox_len
+                            .saturating_sub(progress.messages_dispatched)
+                            .saturating_sub(progress.dead_lettered);
+                        Ok(RunOutcome::Applied { tx, progress })
+                    }
+                    Err(e) => Err(RunError::Incomplete {
+                        key,
+                        tx,
+                        source: StoreError::Database {
+                            operation: "dispatching a batch's messages",
+                            source: e.to_string().into(),
+                        },
+                    }),
+                });
+            }
+            let results: Vec<Result<RunOutcome, RunError>> = results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(RunError::Store {
+                            key: String::new(),
+                            source: StoreError::Corrupt {
+                                what: "dispatch".to_owned(),
+                                reason: "a run got no result".to_owned(),
+                            },
+                        })
+                    })
+                })
+                .collect();
+            for result in &results {
+                crate::metrics::run_finished(outcome_label(result));
+            }
+            results
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Dispatches one committed run on its own: an applied run with requests, or a duplicate.
+    async fn dispatch_one(
+        &self,
+        key: String,
+        tx: Tx,
+        work: Work,
+        holds: &Holds,
+    ) -> Result<RunOutcome, RunError> {
+        let incomplete = |source| RunError::Incomplete {
+            key: key.clone(),
+            tx,
+            source,
+        };
+        match work {
+            Work::Applied {
+                run,
+                status,
+                claimed,
+                published_inline,
+                asked,
+            } => {
+                holds.claimed(asked, &claimed);
+                let total = run.outbox_len;
+                let record = RunRecord {
+                    key: key.clone(),
+                    effects_sha256: run.effects_sha256.clone(),
+                    tx,
+                    status,
+                    after_requests: run.after_requests.clone(),
+                    outbox_count: u32::try_from(total).unwrap_or(u32::MAX),
+                    created_at: 0,
+                    updated_at: 0,
+                    completed_at: None,
+                };
+                let mut progress = Progress {
+                    messages_dispatched: published_inline,
+                    ..Progress::default()
+                };
+                let (more, total) = self
+                    .drive(&record, claimed, total, holds)
+                    .await
+                    .map_err(incomplete)?;
+                progress.add(more);
+                progress.pending = total
+                    .saturating_sub(progress.requests_sent)
+                    .saturating_sub(progress.messages_dispatched)
+                    .saturating_sub(progress.dead_lettered);
+                tracing::debug!(?progress, "run applied");
+                Ok(RunOutcome::Applied { tx, progress })
+            }
+            Work::Resume { record } => {
+                let progress = self.resume_record(&record).await.map_err(incomplete)?;
+                tracing::debug!(?progress, "duplicate absorbed");
+                Ok(RunOutcome::Duplicate {
+                    original_tx: tx,
+                    progress,
+                })
+            }
+        }
     }
 
     /// The duplicate path on its own: dispatches what is pending of the run with this key, if
@@ -913,7 +1132,14 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 return Ok(None);
             };
             tracing::Span::current().record("tx", record.tx.0);
-            let progress = self.resume_record(&record).await?;
+            let progress =
+                self.resume_record(&record)
+                    .await
+                    .map_err(|source| RunError::Incomplete {
+                        key: key.to_owned(),
+                        tx: record.tx,
+                        source,
+                    })?;
             Ok(Some(RunOutcome::Duplicate {
                 original_tx: record.tx,
                 progress,
@@ -921,6 +1147,33 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         }
         .instrument(span)
         .await
+    }
+
+    /// The runs with these keys, if they were committed (without dispatching anything), in
+    /// the same order.
+    pub async fn find_many(&self, keys: Vec<String>) -> Result<Vec<Option<Committed>>, StoreError> {
+        Ok(self
+            .store
+            .runs_by_key(keys)
+            .await?
+            .into_iter()
+            .map(|record| {
+                record.map(|record| Committed {
+                    key: record.key.clone(),
+                    tx: record.tx,
+                    work: Work::Resume { record },
+                })
+            })
+            .collect())
+    }
+
+    /// The run with this key, if one was committed (without dispatching anything).
+    pub async fn find(&self, key: &str) -> Result<Option<Committed>, StoreError> {
+        Ok(self.store.run(key).await?.map(|record| Committed {
+            key: record.key.clone(),
+            tx: record.tx,
+            work: Work::Resume { record },
+        }))
     }
 
     /// Releases every lease held under this executor's owner name by a previous process with
@@ -948,11 +1201,14 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     pub async fn dispatch_due(&self, limit: usize) -> Result<RelayReport, StoreError> {
         self.recover().await?;
         let mut report = RelayReport::default();
+        let holds = Holds::new(self.config.lease);
+        let asked = Instant::now();
         let claimed = self
             .store
             .claim_due(limit, self.claim_options())
             .instrument(info_span!("effects.claim_due"))
             .await?;
+        holds.claimed(asked, &claimed.rows);
         report.claimed = claimed.rows.len() + claimed.published_inline;
         report.progress.messages_dispatched += claimed.published_inline;
 
@@ -960,39 +1216,44 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             .rows
             .into_iter()
             .partition(|r| r.kind == OutboxKind::Request);
-        // Requests run by run (their order within a run matters); messages keep the claimed
-        // order, which follows the per-partition order across runs.
+        // Requests run by run (their order within a run matters), runs at once; messages keep
+        // the claimed order, which follows the per-partition order across runs.
         let mut by_run: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in requests {
             by_run.entry(row.run_key.clone()).or_default().push(row);
         }
+        let holds = &holds;
+        let jobs: Vec<_> = by_run
+            .into_iter()
+            .map(|(key, rows)| async move {
+                let span = info_span!("effects.run", key = %key, tx = field::Empty);
+                let Some(record) = self.store.run(&key).await? else {
+                    return Ok((Progress::default(), None));
+                };
+                span.record("tx", record.tx.0);
+                self.send_requests_then_finish(&record, rows, holds)
+                    .instrument(span)
+                    .await
+            })
+            .collect();
         let mut later_messages = Vec::new();
-        for (key, rows) in by_run {
-            let span = info_span!("effects.run", key = %key, tx = field::Empty);
-            let record = self.store.run(&key).await?;
-            let Some(record) = record else {
-                continue;
-            };
-            span.record("tx", record.tx.0);
-            let (progress, finished) = self
-                .send_requests_then_finish(&record, rows)
-                .instrument(span)
-                .await?;
+        for result in self.drive_many(jobs).await {
+            let (progress, finished) = result?;
             report.progress.add(progress);
             if let Some(rows) = finished {
                 report.finished_runs += 1;
                 later_messages.extend(rows);
             }
         }
-        report.progress.add(self.send_messages(messages).await?);
+        report.progress.add(self.send_messages(messages, holds).await?);
         report
             .progress
-            .add(self.send_messages(later_messages).await?);
+            .add(self.send_messages(later_messages, holds).await?);
 
         for record in self.store.stalled_runs(self.config.lease, limit).await? {
             let span = info_span!("effects.run", key = %record.key, tx = record.tx.0);
             let (progress, finished) = self
-                .send_requests_then_finish(&record, Vec::new())
+                .send_requests_then_finish(&record, Vec::new(), holds)
                 .instrument(span.clone())
                 .await?;
             report.progress.add(progress);
@@ -1000,7 +1261,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 report.finished_runs += 1;
                 report
                     .progress
-                    .add(self.send_messages(rows).instrument(span).await?);
+                    .add(self.send_messages(rows, holds).instrument(span).await?);
             }
         }
         Ok(report)
@@ -1032,7 +1293,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     datom.expected.clear();
                 }
             }
-            Some(Mutant::NoLeaseRenewal | Mutant::MarkBeforePublish) => {}
+            Some(
+                Mutant::NoLeaseRenewal
+                | Mutant::MarkBeforePublish
+                | Mutant::NoFence
+                | Mutant::NoKeyOrder
+                | Mutant::NoHeartbeat,
+            ) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1042,11 +1309,8 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         Ok(run)
     }
 
-    async fn commit(&self, runs: Vec<NewRun>, first_key: &str) -> Result<Vec<Commit>, RunError> {
-        self.recover().await.map_err(|source| RunError::Store {
-            key: first_key.to_owned(),
-            source,
-        })?;
+    async fn commit(&self, runs: Vec<NewRun>, first_key: &str) -> Result<Vec<Commit>, StoreError> {
+        self.recover().await?;
         let mut options = self.claim_options();
         if let Some(hook) = &self.fault {
             let hook = Arc::clone(hook);
@@ -1057,523 +1321,11 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             .commit_runs(runs, options)
             .instrument(info_span!("effects.commit", key = %first_key))
             .await
-            .map_err(|source| {
+            .inspect_err(|source| {
                 tracing::error!(error = %source, "commit failed: nothing applied");
-                RunError::Store {
-                    key: first_key.to_owned(),
-                    source,
-                }
             })
     }
 
-    async fn after_commit(&self, run: &RunSummary, commit: Commit) -> Result<RunOutcome, RunError> {
-        let key = &run.key;
-        match commit {
-            Commit::Applied {
-                tx,
-                status,
-                claimed,
-                published_inline,
-            } => {
-                tracing::Span::current().record("tx", tx.0);
-                self.fault(FaultPoint::AfterCommit, key);
-                let total = run.outbox_len;
-                let record = RunRecord {
-                    key: key.clone(),
-                    effects_sha256: run.effects_sha256.clone(),
-                    tx,
-                    status,
-                    after_requests: run.after_requests.clone(),
-                    outbox_count: u32::try_from(total).unwrap_or(u32::MAX),
-                    created_at: 0,
-                    updated_at: 0,
-                    completed_at: None,
-                };
-                let mut progress = Progress {
-                    messages_dispatched: published_inline,
-                    ..Progress::default()
-                };
-                let (more, total) =
-                    self.drive(&record, claimed, total)
-                        .await
-                        .map_err(|source| RunError::Incomplete {
-                            key: key.clone(),
-                            tx,
-                            source,
-                        })?;
-                progress.add(more);
-                progress.pending = total
-                    .saturating_sub(progress.requests_sent)
-                    .saturating_sub(progress.messages_dispatched)
-                    .saturating_sub(progress.dead_lettered);
-                tracing::debug!(?progress, "run applied");
-                Ok(RunOutcome::Applied { tx, progress })
-            }
-            Commit::Conflict(conflict) => {
-                tracing::info!(%conflict, "read validation refused the run: nothing written");
-                Err(RunError::Conflict {
-                    key: key.clone(),
-                    conflict: Box::new(conflict),
-                })
-            }
-            Commit::Existing(record) => {
-                tracing::Span::current().record("tx", record.tx.0);
-                if record.effects_sha256 != run.effects_sha256 {
-                    tracing::warn!(original_tx = record.tx.0, "idempotency key reused");
-                    return Err(RunError::KeyReuse {
-                        key: key.clone(),
-                        original_tx: record.tx,
-                        original_sha256: record.effects_sha256,
-                        sha256: run.effects_sha256.clone(),
-                    });
-                }
-                let progress = self.resume_record(&record).await?;
-                tracing::debug!(?progress, "duplicate absorbed");
-                Ok(RunOutcome::Duplicate {
-                    original_tx: record.tx,
-                    progress,
-                })
-            }
-        }
-    }
-
-    async fn resume_record(&self, record: &RunRecord) -> Result<Progress, RunError> {
-        let incomplete = |source| RunError::Incomplete {
-            key: record.key.clone(),
-            tx: record.tx,
-            source,
-        };
-        if record.status == RunStatus::Done {
-            return Ok(Progress::default());
-        }
-        self.recover().await.map_err(incomplete)?;
-        let claimed = self
-            .store
-            .claim_run(&record.key, self.claim_options())
-            .instrument(info_span!("effects.claim"))
-            .await
-            .map_err(incomplete)?;
-        let mut progress = Progress {
-            messages_dispatched: claimed.published_inline,
-            ..Progress::default()
-        };
-        let (more, _) = self
-            .drive(record, claimed.rows, record.outbox_count as usize)
-            .await
-            .map_err(incomplete)?;
-        progress.add(more);
-        let rows = self.store.outbox(&record.key).await.map_err(incomplete)?;
-        progress.pending = rows.iter().filter(|r| r.is_pending()).count();
-        Ok(progress)
-    }
-
-    /// Dispatches claimed rows of one run: requests in order, then the after-requests step,
-    /// then messages. Returns the progress and the run's row count (after-requests included).
-    async fn drive(
-        &self,
-        record: &RunRecord,
-        claimed: Vec<OutboxRow>,
-        total: usize,
-    ) -> Result<(Progress, usize), StoreError> {
-        let mut progress = Progress::default();
-        let mut total = total;
-        if claimed.is_empty() && record.status != RunStatus::RequestsPending {
-            return Ok((progress, total));
-        }
-        let (requests, mut messages): (Vec<OutboxRow>, Vec<OutboxRow>) = claimed
-            .into_iter()
-            .partition(|r| r.kind == OutboxKind::Request);
-        if record.status == RunStatus::RequestsPending {
-            let (sent, finished) = self.send_requests_then_finish(record, requests).await?;
-            progress.add(sent);
-            if let Some(rows) = finished {
-                let count = self.store.run(&record.key).await?.map(|r| r.outbox_count);
-                if let Some(count) = count {
-                    total = total.max(count as usize);
-                }
-                messages.extend(rows);
-            }
-        }
-        progress.add(self.send_messages(messages).await?);
-        Ok((progress, total))
-    }
-
-    /// Sends a run's claimed requests in order, and when they are all resolved, runs the
-    /// after-requests step. Returns the finish step's claimed message rows, if it finished.
-    async fn send_requests_then_finish(
-        &self,
-        record: &RunRecord,
-        requests: Vec<OutboxRow>,
-    ) -> Result<(Progress, Option<Vec<OutboxRow>>), StoreError> {
-        let mut progress = Progress::default();
-        let span = info_span!("effects.requests", key = %record.key, tx = record.tx.0);
-        let mut renewed = Instant::now();
-        for (i, row) in requests.iter().enumerate() {
-            let lost = self.keep_leases(&requests[i..], &mut renewed).await?;
-            let stop = if lost.contains(&row.id) {
-                // Someone else owns this request now; the run's later requests wait for it.
-                progress.pending += 1;
-                true
-            } else {
-                self.send_request(row, &mut progress)
-                    .instrument(span.clone())
-                    .await?
-            };
-            if stop {
-                let rest: Vec<String> = requests[i + 1..]
-                    .iter()
-                    .filter(|r| !lost.contains(&r.id))
-                    .map(|r| r.id.clone())
-                    .collect();
-                if !rest.is_empty() {
-                    self.store.release(rest, &self.config.owner).await?;
-                }
-                return Ok((progress, None));
-            }
-        }
-        let finished = self
-            .finish(record)
-            .instrument(info_span!("effects.after_requests", key = %record.key, tx = record.tx.0))
-            .await?;
-        let rows = finished.map(|(rows, published_inline)| {
-            progress.messages_dispatched += published_inline;
-            rows
-        });
-        Ok((progress, rows))
-    }
-
-    /// Sends one request and records its outcome. Returns whether the run must stop here
-    /// (the request is to be retried later).
-    async fn send_request(
-        &self,
-        row: &OutboxRow,
-        progress: &mut Progress,
-    ) -> Result<bool, StoreError> {
-        let lease = claimed_lease(row)?;
-        let request = match row.request() {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = format!("unreadable request: {e}");
-                if self
-                    .store
-                    .record_request(&row.id, RequestOutcome::Failed { reason }, &lease)
-                    .await?
-                {
-                    progress.dead_lettered += 1;
-                } else {
-                    progress.pending += 1;
-                }
-                return Ok(false);
-            }
-        };
-        let started = Instant::now();
-        let mut result = self
-            .http
-            .send(&row.id, &request)
-            .instrument(info_span!("effects.http", id = %row.id, endpoint = %row.destination))
-            .await;
-        crate::metrics::request_sent(&row.destination, started.elapsed(), &result);
-        self.fault(FaultPoint::AfterHttpBeforeRecord, &row.id);
-        crate::http::redact_result(&mut result, |name| {
-            self.http.is_secret_header(&request.endpoint, name)
-        });
-        let outcome = match result {
-            Ok(response) => RequestOutcome::Response { response },
-            Err(HttpError::Rejected { response, .. }) => {
-                tracing::warn!(id = %row.id, status = response.status, "request rejected: dead-lettered");
-                RequestOutcome::Rejected { response }
-            }
-            Err(e @ HttpError::Exhausted { .. }) => {
-                let error = e.to_string();
-                if self
-                    .config
-                    .retry
-                    .max_attempts
-                    .is_some_and(|max| row.attempts >= max)
-                {
-                    tracing::error!(id = %row.id, %error, "request failed too often: dead-lettered");
-                    RequestOutcome::Failed {
-                        reason: format!("gave up after {} attempts: {error}", row.attempts),
-                    }
-                } else {
-                    let delay = self.config.retry.delay(row.attempts);
-                    tracing::warn!(id = %row.id, %error, ?delay, "request failed: retrying later");
-                    if !self
-                        .store
-                        .retry_later(&row.id, &lease, &error, delay)
-                        .await?
-                    {
-                        tracing::warn!(id = %row.id, "lease lost: another claimant has the request");
-                    }
-                    progress.pending += 1;
-                    return Ok(true);
-                }
-            }
-            Err(other) => {
-                tracing::warn!(id = %row.id, error = %other, "request cannot succeed: dead-lettered");
-                RequestOutcome::Failed {
-                    reason: other.to_string(),
-                }
-            }
-        };
-        let success = outcome.is_success();
-        if !self.store.record_request(&row.id, outcome, &lease).await? {
-            // Another claimant took the row after this lease expired: its record stands, not
-            // this one; the run goes on with whoever holds it now.
-            tracing::warn!(id = %row.id, "lease lost: the outcome is not recorded");
-            progress.pending += 1;
-            return Ok(true);
-        }
-        if success {
-            progress.requests_sent += 1;
-        } else {
-            progress.dead_lettered += 1;
-            crate::metrics::dead_lettered(crate::store::DeadLetterKind::Request);
-        }
-        Ok(false)
-    }
-
-    /// The after-requests step: when every request of the run is resolved, computes the extra
-    /// messages from the recorded responses and persists them with the run's messages made
-    /// ready, in one transaction. `None` if the run is not ready or was finished by someone else.
-    async fn finish(
-        &self,
-        record: &RunRecord,
-    ) -> Result<Option<(Vec<OutboxRow>, usize)>, StoreError> {
-        let mut after = Vec::new();
-        if let Some(name) = &record.after_requests {
-            let Some(hook) = self.hooks.get(name) else {
-                tracing::error!(hook = %name, "after-requests hook not registered here: the run waits for a process that has it");
-                return Ok(None);
-            };
-            let recorded = self.store.recorded_requests(&record.key).await?;
-            let messages = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                hook(recorded.as_slice())
-            })) {
-                Ok(m) => m,
-                Err(_) => {
-                    tracing::error!(hook = %name, "after-requests hook panicked: the run waits");
-                    return Ok(None);
-                }
-            };
-            // The run's own rows end at `outbox_count`; a run record from a fresh commit may
-            // predate requests, so read the stored count.
-            let count = match self.store.run(&record.key).await? {
-                Some(r) => r.outbox_count,
-                None => return Ok(None),
-            };
-            for (i, m) in messages.iter().enumerate() {
-                let seq = count.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
-                match validate::message_row(seq, i, m, &self.config.limits) {
-                    Ok(row) => after.push(row),
-                    Err(e) => {
-                        tracing::error!(hook = %name, error = %e, "after-requests hook returned an invalid message: the run waits");
-                        return Ok(None);
-                    }
-                }
-            }
-        }
-        match self
-            .store
-            .finish_requests(&record.key, after, self.claim_options())
-            .await?
-        {
-            Finish::Finished {
-                claimed,
-                published_inline,
-                ..
-            } => Ok(Some((claimed, published_inline))),
-            Finish::NotReady | Finish::AlreadyFinished => Ok(None),
-        }
-    }
-
-    /// Publishes claimed message rows in order, marking each dispatched after the broker's
-    /// acknowledgement. A row that fails is retried later, and the rows after it with the same
-    /// topic and partition key are released (they must not overtake it); other partitions go on.
-    async fn send_messages(&self, rows: Vec<OutboxRow>) -> Result<Progress, StoreError> {
-        let mut progress = Progress::default();
-        for (_, p) in self.send_messages_by_run(rows).await? {
-            progress.add(p);
-        }
-        Ok(progress)
-    }
-
-    /// Publishes claimed message rows and marks them dispatched; what happened to them, by run
-    /// key.
-    async fn send_messages_by_run(
-        &self,
-        rows: Vec<OutboxRow>,
-    ) -> Result<HashMap<String, Progress>, StoreError> {
-        let mut progress: HashMap<String, Progress> = HashMap::new();
-        if rows.is_empty() {
-            return Ok(progress);
-        }
-        let span = info_span!("effects.messages", count = rows.len());
-        async {
-            let mut blocked: HashSet<(String, String)> = HashSet::new();
-            let mut held_back: Vec<&OutboxRow> = Vec::new();
-            let mut renewed = Instant::now();
-            // Published rows are marked together, every `MARK_BATCH` and at the end: one
-            // transaction for the messages of a batch of runs instead of one per message.
-            let mut to_mark: Vec<(&OutboxRow, Lease)> = Vec::new();
-            let mark_first = self.mutant == Some(Mutant::MarkBeforePublish);
-            let mut next = 0;
-            while next < rows.len() {
-                let lost = self.keep_leases(&rows[next..], &mut renewed).await?;
-                // A wave: the next rows, at most one per topic and partition key (a keyed
-                // message waits for the one before it), published at once.
-                let mut wave: Vec<(&OutboxRow, Lease)> = Vec::new();
-                let mut in_wave: HashSet<(String, String)> = HashSet::new();
-                while next < rows.len() && wave.len() < PUBLISH_WAVE {
-                    let row = &rows[next];
-                    let partition = row
-                        .partition_key
-                        .as_ref()
-                        .map(|pk| (row.destination.clone(), pk.clone()));
-                    if partition.as_ref().is_some_and(|p| in_wave.contains(p)) {
-                        break;
-                    }
-                    next += 1;
-                    if partition.as_ref().is_some_and(|p| blocked.contains(p)) {
-                        held_back.push(row);
-                        continue;
-                    }
-                    if lost.contains(&row.id) {
-                        of(&mut progress, row).pending += 1;
-                        blocked.extend(partition);
-                        continue;
-                    }
-                    in_wave.extend(partition);
-                    wave.push((row, claimed_lease(row)?));
-                }
-                if mark_first {
-                    for (row, lease) in &wave {
-                        if self.store.mark_dispatched(&row.id, lease).await? {
-                            of(&mut progress, row).messages_dispatched += 1;
-                            self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                        }
-                    }
-                }
-                let published = join_all(wave.iter().map(|(row, _)| {
-                    let message = OutgoingMessage {
-                        id: row.id.clone(),
-                        topic: row.destination.clone(),
-                        partition_key: row.partition_key.clone(),
-                        headers: publish_headers(&row.headers, &row.run_key, row.tx),
-                        payload: row.payload.clone().into_bytes(),
-                    };
-                    self.transport
-                        .publish(message)
-                        .instrument(info_span!("effects.publish", id = %row.id, key = %row.run_key, tx = row.tx.0))
-                }))
-                .await;
-                for ((row, lease), published) in wave.into_iter().zip(published) {
-                    let partition = row
-                        .partition_key
-                        .as_ref()
-                        .map(|pk| (row.destination.clone(), pk.clone()));
-                    match published {
-                        Ok(()) if mark_first => {}
-                        Ok(()) => {
-                            self.fault(FaultPoint::AfterPublishBeforeMark, &row.id);
-                            to_mark.push((row, lease));
-                            if to_mark.len() >= MARK_BATCH {
-                                self.mark_published(&mut to_mark, &mut progress).await?;
-                            }
-                        }
-                        Err(e) => {
-                            let error = e.to_string();
-                            if self
-                                .config
-                                .retry
-                                .max_attempts
-                                .is_some_and(|max| row.attempts >= max)
-                            {
-                                tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
-                                let reason = format!("gave up after {} attempts: {error}", row.attempts);
-                                if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {
-                                    of(&mut progress, row).dead_lettered += 1;
-                                    crate::metrics::dead_lettered(crate::store::DeadLetterKind::Message);
-                                } else {
-                                    of(&mut progress, row).pending += 1;
-                                }
-                                continue;
-                            }
-                            let delay = self.config.retry.delay(row.attempts);
-                            tracing::warn!(id = %row.id, %error, ?delay, "publish failed: retrying later");
-                            self.store
-                                .retry_later(&row.id, &lease, &error, delay)
-                                .await?;
-                            of(&mut progress, row).pending += 1;
-                            if let Some(p) = partition {
-                                blocked.insert(p);
-                            }
-                        }
-                    }
-                }
-            }
-            self.mark_published(&mut to_mark, &mut progress).await?;
-            if !held_back.is_empty() {
-                for row in &held_back {
-                    of(&mut progress, row).pending += 1;
-                }
-                let ids = held_back.iter().map(|r| r.id.clone()).collect();
-                self.store.release(ids, &self.config.owner).await?;
-            }
-            Ok(progress)
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Marks the published rows of `to_mark` dispatched (emptying it). A row whose lease was
-    /// lost meanwhile stays pending: its new claimant publishes it again under the same id.
-    async fn mark_published(
-        &self,
-        to_mark: &mut Vec<(&OutboxRow, Lease)>,
-        progress: &mut HashMap<String, Progress>,
-    ) -> Result<(), StoreError> {
-        if to_mark.is_empty() {
-            return Ok(());
-        }
-        let rows = std::mem::take(to_mark);
-        let marked = self
-            .store
-            .mark_dispatched_many(
-                rows.iter()
-                    .map(|(row, lease)| (row.id.clone(), lease.clone()))
-                    .collect(),
-            )
-            .await?;
-        for ((row, _), marked) in rows.iter().zip(marked) {
-            if marked {
-                of(progress, row).messages_dispatched += 1;
-            } else {
-                tracing::warn!(id = %row.id, "lease lost: published, but another claimant marks the row");
-                of(progress, row).pending += 1;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The progress of `row`'s run.
-fn of<'p>(progress: &'p mut HashMap<String, Progress>, row: &OutboxRow) -> &'p mut Progress {
-    progress.entry(row.run_key.clone()).or_default()
-}
-
-/// How many published messages are marked dispatched in one store call.
-const MARK_BATCH: usize = 128;
-
-/// How many messages (of distinct partitions) are published at once.
-const PUBLISH_WAVE: usize = 64;
-
-/// The lease under which a row was handed to this claimant.
-fn claimed_lease(row: &OutboxRow) -> Result<Lease, StoreError> {
-    row.lease.clone().ok_or_else(|| StoreError::Corrupt {
-        what: format!("outbox row `{}`", row.id),
-        reason: "a claimed row came back without its lease".to_owned(),
-    })
 }
 
 /// A key as shown in an error: control characters escaped, at most 80 characters.
@@ -1587,6 +1339,7 @@ fn shown_key(key: &str) -> String {
 }
 
 /// What the steps after the commit need to know about a run.
+#[derive(Debug)]
 struct RunSummary {
     key: String,
     effects_sha256: String,
@@ -1603,4 +1356,80 @@ impl RunSummary {
             outbox_len: run.outbox.len(),
         }
     }
+}
+
+/// A run that [`Executor::commit_batch`] committed (or found committed before, under the same
+/// effects), whose requests and messages [`Executor::dispatch`] has yet to send.
+#[derive(Debug)]
+pub struct Committed {
+    key: String,
+    tx: Tx,
+    work: Work,
+}
+
+#[derive(Debug)]
+enum Work {
+    /// Applied by this commit: the rows it claimed, under a lease asked for at `asked`.
+    Applied {
+        run: RunSummary,
+        status: RunStatus,
+        claimed: Vec<OutboxRow>,
+        published_inline: usize,
+        asked: Instant,
+    },
+    /// Applied before: a duplicate; the original run's pending rows are claimed and sent.
+    Resume { record: RunRecord },
+}
+
+impl Committed {
+    /// The idempotency key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The transaction that applied the key (this commit's, or the original run's).
+    pub fn tx(&self) -> Tx {
+        self.tx
+    }
+
+    /// Whether the key had been applied before (nothing was applied again).
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self.work, Work::Resume { .. })
+    }
+}
+
+/// The `outcome` label of `effects_runs_total` for a run's result.
+fn outcome_label(result: &Result<RunOutcome, RunError>) -> &'static str {
+    match result {
+        Ok(RunOutcome::Applied { .. }) => "applied",
+        Ok(RunOutcome::Duplicate { .. }) => "duplicate",
+        Err(e) => error_label(e),
+    }
+}
+
+fn error_label(error: &RunError) -> &'static str {
+    match error {
+        RunError::Conflict { .. } => "conflict",
+        RunError::KeyReuse { .. } => "key_reuse",
+        RunError::Invalid { .. } => "invalid",
+        RunError::Store { .. } => "store_error",
+        RunError::Incomplete { .. } => "incomplete",
+    }
+}
+
+/// Counts a request's outcome in the metrics.
+fn record_request_metrics(
+    endpoint: &str,
+    elapsed: Duration,
+    result: &Result<HttpResponse, HttpError>,
+) {
+    let (outcome, attempts) = match result {
+        Ok(response) => ("success", Some(response.attempts)),
+        Err(HttpError::Rejected { response, .. }) => ("rejected", Some(response.attempts)),
+        Err(HttpError::Exhausted { attempts, .. }) => ("exhausted", Some(*attempts)),
+        Err(HttpError::UnknownEndpoint { .. } | HttpError::InvalidRequest { .. }) => {
+            ("failed", None)
+        }
+    };
+    crate::metrics::request_sent(endpoint, elapsed, outcome, attempts);
 }

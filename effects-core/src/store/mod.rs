@@ -745,6 +745,21 @@ pub trait Store: Send + Sync + 'static {
     /// The run with this key.
     fn run(&self, key: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
 
+    /// The runs with these keys, in the same order (`None` where there is none): the worker
+    /// looks up the keys of a whole batch of fresh deliveries at once. The default asks
+    /// [`Store::run`] for each, concurrently.
+    fn runs_by_key(
+        &self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<RunRecord>>, StoreError>> + Send {
+        async move {
+            futures_util::future::join_all(keys.iter().map(|k| self.run(k)))
+                .await
+                .into_iter()
+                .collect()
+        }
+    }
+
     /// Claims the pending, due, unleased rows of one run (the duplicate path), with the rules
     /// of [`Store::claim_due`].
     fn claim_run(

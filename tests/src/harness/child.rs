@@ -22,7 +22,7 @@ use effects_core::http::{HttpConfig, ReqwestClient, RetryPolicy};
 use effects_core::relay::RelayConfig;
 use effects_core::store::{SqliteOptions, SqliteStore, Synchronous};
 use effects_core::transport::SqliteLog;
-use effects_core::worker::{Worker, WorkerConfig};
+use effects_core::worker::{GroupCommit, Worker, WorkerConfig};
 
 use super::book::{BookHandler, HANDLER_NAME, INPUTS, RECEIPT_HOOK, Requests, receipts};
 use super::redeliver::{CountingTransport, Redeliveries, StallFirstDelivery};
@@ -58,8 +58,12 @@ pub struct WorkerArgs {
     pub lose_acks: u64,
     /// Percent of inputs whose first delivery stalls until the redelivery is acknowledged.
     pub stalls: u64,
-    /// Deliveries processed at once.
+    /// Deliveries decided at once.
     pub concurrency: usize,
+    /// Deliveries the worker holds at once (1: one input at a time, from fetch to settle).
+    pub max_in_flight: usize,
+    /// Group commit's wait for more runs; `None`: every run commits alone.
+    pub group_commit: Option<Duration>,
     /// The store's `synchronous` setting.
     pub synchronous: Synchronous,
     /// Stop once every input is acknowledged and nothing is pending.
@@ -70,7 +74,8 @@ pub struct WorkerArgs {
 
 impl WorkerArgs {
     /// Defaults: inline log, a request per input, no fault, default owner, 2 s lease, 1.5 s
-    /// visibility, no redeliveries, concurrency 1, `synchronous = FULL`, until drained, 60 s.
+    /// visibility, no redeliveries, concurrency 1 with the worker's default in-flight limit and
+    /// group commit, `synchronous = FULL`, until drained, 60 s.
     pub fn new(db: PathBuf) -> WorkerArgs {
         WorkerArgs {
             db,
@@ -87,6 +92,8 @@ impl WorkerArgs {
             lose_acks: 0,
             stalls: 0,
             concurrency: 1,
+            max_in_flight: WorkerConfig::default().max_in_flight,
+            group_commit: Some(GroupCommit::default().max_wait),
             synchronous: Synchronous::Full,
             until_drained: true,
             timeout: Duration::from_secs(60),
@@ -131,6 +138,12 @@ impl WorkerArgs {
         push("--lose-acks", self.lose_acks.to_string());
         push("--stalls", self.stalls.to_string());
         push("--concurrency", self.concurrency.to_string());
+        push("--max-in-flight", self.max_in_flight.to_string());
+        push(
+            "--group-commit-wait-ms",
+            self.group_commit
+                .map_or_else(|| "off".to_owned(), |d| d.as_millis().to_string()),
+        );
         push(
             "--synchronous",
             match self.synchronous {
@@ -187,6 +200,16 @@ impl WorkerArgs {
                 "--stalls" => w.stalls = number(&value)?,
                 "--concurrency" => {
                     w.concurrency = usize::try_from(number(&value)?).map_err(|e| e.to_string())?;
+                }
+                "--max-in-flight" => {
+                    w.max_in_flight =
+                        usize::try_from(number(&value)?).map_err(|e| e.to_string())?;
+                }
+                "--group-commit-wait-ms" => {
+                    w.group_commit = match value.as_str() {
+                        "off" => None,
+                        ms => Some(Duration::from_millis(number(ms)?)),
+                    };
                 }
                 "--synchronous" => {
                     w.synchronous = match value.as_str() {
@@ -391,6 +414,11 @@ async fn work(
         )
         .with_config(WorkerConfig {
             concurrency: a.concurrency.max(1),
+            max_in_flight: a.max_in_flight.max(1),
+            group_commit: a.group_commit.map(|max_wait| GroupCommit {
+                max_wait,
+                ..GroupCommit::default()
+            }),
             fetch_wait: Duration::from_millis(50),
             visibility: a.visibility,
             relay: Some(RelayConfig {

@@ -42,6 +42,9 @@ pub struct Redeliveries {
     max_stalls: usize,
     stall_limit: Duration,
     stalls: AtomicUsize,
+    /// The messages whose first delivery is stalled right now: the process holding them is
+    /// stalled, so it sends no heartbeat for them.
+    stalled: Mutex<HashSet<String>>,
     /// Stalls that found every stall slot taken: their first ack is lost instead.
     switched: Mutex<HashSet<String>>,
     log_db: PathBuf,
@@ -76,6 +79,7 @@ impl Redeliveries {
             max_stalls,
             stall_limit,
             stalls: AtomicUsize::new(0),
+            stalled: Mutex::new(HashSet::new()),
             switched: Mutex::new(HashSet::new()),
             log_db,
             tally,
@@ -142,6 +146,10 @@ impl Redeliveries {
     /// Waits (bounded) until the message's redelivery is acknowledged in the log.
     async fn stall(&self, delivery: &Delivery) {
         self.tally.record(STALL, &delivery.message_id);
+        self.stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(delivery.message_id.clone());
         let started = Instant::now();
         loop {
             let db = self.log_db.clone();
@@ -159,7 +167,21 @@ impl Redeliveries {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&delivery.message_id);
         self.stalls.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether this delivery is the stalled first delivery of its message.
+    fn is_stalled(&self, delivery: &Delivery) -> bool {
+        delivery.deliveries == 1
+            && self
+                .stalled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&delivery.message_id)
     }
 }
 
@@ -264,6 +286,22 @@ impl<T: Transport> Transport for CountingTransport<T> {
         reason: &str,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         self.inner.dead_letter(delivery, reason)
+    }
+
+    /// Heartbeats pass through, except for a stalled delivery: a stalled process sends none,
+    /// so its delivery comes back after its visibility as the storm intends.
+    fn extend(
+        &self,
+        delivery: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let extended = (!self.plan.is_stalled(delivery)).then(|| self.inner.extend(delivery, visibility));
+        async move {
+            match extended {
+                Some(extend) => extend.await,
+                None => Ok(()),
+            }
+        }
     }
 }
 
