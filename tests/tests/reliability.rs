@@ -730,9 +730,10 @@ async fn crash_and_restart(name: &str, c: Crash) -> CrashFigures {
             // The five inputs decided one after the other, committed together.
             a.group_commit = Some(Duration::from_millis(500));
         } else {
-            // One input at a time, from fetch to settle: what is at each boundary is exactly
-            // one run.
+            // One input at a time, from fetch to its effects out: what is at each boundary is
+            // exactly one run.
             a.max_in_flight = 1;
+            a.after_effects = true;
         }
         a.to_args()
     };

@@ -1131,6 +1131,171 @@ async fn mutant_marking_before_publishing_loses_the_paused_relays_messages() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fenced sends: a holder paused past its lease sends nothing again once resumed.
+
+/// The stream's duplicate window in the pause tests: shorter than the pause, so that the
+/// stream cannot hide a message sent a second time.
+const PAUSE_WINDOW: Duration = Duration::from_millis(1_000);
+
+struct Fenced {
+    runs: u64,
+    /// Once the other process finished everything, before the paused one resumed.
+    on_stream_before: Vec<(String, u64)>,
+    events_before: Events,
+    /// After the paused one resumed and ran on.
+    on_stream: Vec<(String, u64)>,
+    events: Events,
+    reports: Vec<String>,
+}
+
+/// A process stopped (SIGSTOP) at `point` — a worker right after its group commit, or a relay
+/// right after its claim — holding every run's outbox rows, for longer than its 1 s lease and
+/// the stream's duplicate window; a second process of the same kind takes the rows over and
+/// publishes them; then the first is resumed and runs on for 3 s.
+async fn fenced(name: &str, runs: u64, point: &str, mutant: Option<Mutant>) -> Fenced {
+    let relay = point == "after_claim";
+    let servers = Servers::start(name).await;
+    let store = servers.store().await;
+    let nats = nats_support::connect_or_explain(nats_config_with_window(
+        &servers.nats.url(),
+        &servers.stream,
+        Some(PAUSE_WINDOW),
+    ))
+    .await;
+    let workload = if relay {
+        commit_pending(&servers, &store, &nats, runs).await;
+        "relay"
+    } else {
+        book::seed(&nats, 0..runs, false)
+            .await
+            .expect("publish the inputs");
+        "book"
+    };
+    let mut common: Vec<String> = [
+        "--lease-ms",
+        "1000",
+        "--visibility-ms",
+        "1500",
+        "--duplicate-window-ms",
+        "1000",
+        "--batch",
+        "100000",
+        "--concurrency",
+        "8",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    if let Some(m) = mutant {
+        common.extend(["--mutant".to_owned(), m.name().to_owned()]);
+    }
+    let mut pausing = common.clone();
+    pausing.extend(
+        ["--pause-at", point, "--pause-ms", "500", "--worker-relay", "false"].map(str::to_owned),
+    );
+    let mut first = servers.child(1, workload, &pausing);
+    let at = tokio::task::block_in_place(|| first.wait_for("PAUSE", Duration::from_secs(60)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    sigstop(&first, "-STOP");
+    // Past the lease and the duplicate window.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let second = servers.child(2, workload, &common);
+    if relay {
+        let deadline = Instant::now() + bound(60, runs);
+        while store.backlog().await.expect("backlog").pending_rows > 0 {
+            assert!(Instant::now() < deadline, "the second relay did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        wait_until_done(&nats, &store, HANDLER_NAME, INPUTS, runs, bound(90, runs)).await;
+    }
+    let on_stream_before = read_back(&nats, "before-resume", BOOKED, runs as usize).await;
+    let events_before = events_now(&servers);
+    // Well past the window after the takeover's publishes (the server forgets ids in periodic
+    // sweeps): a copy published now is stored again.
+    tokio::time::sleep(2 * PAUSE_WINDOW + Duration::from_millis(500)).await;
+    sigstop(&first, "-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reports = tokio::task::block_in_place(|| stop_all(vec![first, second]));
+    let f = Fenced {
+        runs,
+        on_stream_before,
+        events_before,
+        on_stream: read_back(&nats, "after-resume", BOOKED, runs as usize).await,
+        events: events_now(&servers),
+        reports,
+    };
+    println!(
+        "FIGURE server_fenced point={point} mutant={:?} runs={runs} paused_at=`{at}` \
+         before_resume: on_stream={} published_again={} wrong={:?} \
+         after_resume: on_stream={} published_again={} wrong={:?} reports={:?}",
+        mutant.map(Mutant::name),
+        f.on_stream_before.len(),
+        published_again(&f.events_before),
+        stream_differences(&f.on_stream_before, runs),
+        f.on_stream.len(),
+        published_again(&f.events),
+        stream_differences(&f.on_stream, runs),
+        f.reports,
+    );
+    drop(store);
+    f
+}
+
+fn assert_sent_once(f: &Fenced) {
+    assert_eq!(
+        stream_differences(&f.on_stream_before, f.runs),
+        Vec::<String>::new(),
+        "taken over: each message on the stream once"
+    );
+    assert_eq!(
+        stream_differences(&f.on_stream, f.runs),
+        Vec::<String>::new(),
+        "resumed: still each message once on the stream"
+    );
+    assert_eq!(
+        published_again(&f.events),
+        0,
+        "no publish attempt a second time, counted at the source"
+    );
+}
+
+/// A worker paused right after its group commit, past its lease: the relay of another process
+/// sends the runs' messages; resumed, the paused worker sends none of them (its fence finds the
+/// leases taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_after_its_commit_sends_nothing_twice() {
+    assert_sent_once(&fenced("fencedworker", size(40), "after_commit", None).await);
+}
+
+/// A relay paused right after it claimed a batch, past its lease: another relay sends it;
+/// resumed, the paused relay sends none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_paused_after_its_claim_sends_nothing_twice() {
+    assert_sent_once(&fenced("fencedrelay", size(40), "after_claim", None).await);
+}
+
+fn assert_sent_twice(f: &Fenced) {
+    assert!(published_again(&f.events) > 0, "published again");
+    assert!(
+        !stream_differences(&f.on_stream, f.runs).is_empty(),
+        "copies on the stream"
+    );
+}
+
+/// Without the fence the resumed relay publishes its batch again, and the stream, whose
+/// duplicate window has passed, stores the copies: the checks above fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_without_the_fence_sends_a_paused_batch_twice() {
+    assert_sent_twice(&fenced("fencedmutant", 40, "after_claim", Some(Mutant::NoFence)).await);
+}
+
+/// ... and so does the resumed worker with what it had committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutant_without_the_fence_sends_a_paused_commit_twice() {
+    assert_sent_twice(&fenced("fencedmutantw", 40, "after_commit", Some(Mutant::NoFence)).await);
+}
+
+// ---------------------------------------------------------------------------------------------
 // A relay down for longer than the duplicate window.
 
 const WINDOW: Duration = Duration::from_millis(1_000);

@@ -41,13 +41,18 @@ pub(crate) const RUNS_AT_ONCE: usize = 64;
 pub(crate) struct Holds {
     lease: Duration,
     until: Mutex<HashMap<String, Instant>>,
+    /// Off only under [`Mutant::NoFence`]: holds are then counted from when dispatching
+    /// starts, not from when the claim was asked for, and nothing is checked right before a
+    /// send — a holder paused between its claim and its sends believes it holds its rows.
+    fenced: bool,
 }
 
 impl Holds {
-    pub(crate) fn new(lease: Duration) -> Holds {
+    pub(crate) fn new(lease: Duration, mutant: Option<Mutant>) -> Holds {
         Holds {
             lease,
             until: Mutex::new(HashMap::new()),
+            fenced: mutant != Some(Mutant::NoFence),
         }
     }
 
@@ -60,7 +65,8 @@ impl Holds {
 
     /// Rows handed back by a store call made at `asked`.
     pub(crate) fn claimed<'r>(&self, asked: Instant, rows: impl IntoIterator<Item = &'r OutboxRow>) {
-        let until = asked + self.lease;
+        let from = if self.fenced { asked } else { Instant::now() };
+        let until = from + self.lease;
         let mut map = self.map();
         for row in rows {
             map.insert(row.id.clone(), until);
@@ -171,7 +177,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     /// The fence, right before `row` is sent: whether this claimant still holds it (renewing
     /// it first if its hold is about to end).
     async fn fenced(&self, row: &OutboxRow, lease: &Lease, holds: &Holds) -> Result<bool, StoreError> {
-        if self.mutant == Some(Mutant::NoFence) || !holds.lapsing(&row.id) {
+        if !holds.fenced || !holds.lapsing(&row.id) {
             return Ok(true);
         }
         let held = self.renew_held(vec![row.id.clone()], lease, holds).await?;
@@ -190,7 +196,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             return Ok(Progress::default());
         }
         self.recover().await?;
-        let holds = Holds::new(self.config.lease);
+        let holds = Holds::new(self.config.lease, self.mutant);
         let asked = Instant::now();
         let claimed = self
             .store

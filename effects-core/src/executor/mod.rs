@@ -105,6 +105,8 @@ pub enum FaultPoint {
     AfterHttpBeforeRecord,
     /// After the broker acknowledged a message, before the row is marked dispatched.
     AfterPublishBeforeMark,
+    /// After a relay round claimed rows, before it sends any (at: the first row's id).
+    AfterClaim,
 }
 
 /// A deliberately broken behaviour, so that a reliability test can show that its check fails
@@ -123,8 +125,9 @@ pub enum Mutant {
     /// `AfterPublishBeforeMark` then sits between the mark and the publish): a crash there
     /// loses the message.
     MarkBeforePublish,
-    /// Rows are sent without checking, right before, that their lease still holds: a holder
-    /// paused past its lease sends what another claimant sends too.
+    /// Leases are counted from when dispatching starts rather than from when the claim was
+    /// asked for, and rows are sent without checking, right before, that their lease still
+    /// holds: a holder paused past its lease sends what another claimant sends too.
     NoFence,
     /// The worker starts every delivery at once, whatever its partition key: one key's
     /// deliveries can be decided and committed out of order.
@@ -972,7 +975,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     pub async fn dispatch(&self, committed: Vec<Committed>) -> Vec<Result<RunOutcome, RunError>> {
         let span = info_span!("effects.dispatch", runs = committed.len());
         async {
-            let holds = Holds::new(self.config.lease);
+            let holds = Holds::new(self.config.lease, self.mutant);
             let mut results: Vec<Option<Result<RunOutcome, RunError>>> =
                 (0..committed.len()).map(|_| None).collect();
             // Runs with only messages to send: published in waves across the runs.
@@ -1201,13 +1204,16 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     pub async fn dispatch_due(&self, limit: usize) -> Result<RelayReport, StoreError> {
         self.recover().await?;
         let mut report = RelayReport::default();
-        let holds = Holds::new(self.config.lease);
+        let holds = Holds::new(self.config.lease, self.mutant);
         let asked = Instant::now();
         let claimed = self
             .store
             .claim_due(limit, self.claim_options())
             .instrument(info_span!("effects.claim_due"))
             .await?;
+        if let Some(first) = claimed.rows.first() {
+            self.fault(FaultPoint::AfterClaim, &first.id);
+        }
         holds.claimed(asked, &claimed.rows);
         report.claimed = claimed.rows.len() + claimed.published_inline;
         report.progress.messages_dispatched += claimed.published_inline;

@@ -6,12 +6,16 @@
 //!     --workload book|transfer|relay [--lose-acks PERCENT] [--visibility-ms N]
 //!     [--concurrency N] [--mutant NAME] [--duplicate-window-ms N]
 //!     [--lease-ms N] [--batch N] [--delay-before-ms N] [--delay-after-ms N]
-//!     [--die-at-publish N]
+//!     [--die-at-publish N] [--pause-at POINT --pause-ms N] [--worker-relay false]
 //! ```
 //!
 //! `relay` runs only a relay (no worker): it dispatches what runs left pending, each publish
 //! slowed by the given delays before and after it reaches NATS, and with `--die-at-publish N`
-//! the process exits at the `N`th message published and not yet marked dispatched.
+//! the process exits at the `N`th message published and not yet marked dispatched. With
+//! `--pause-at POINT` (a fault point's name: `after_commit`, `after_claim`, ...) it prints
+//! `PAUSE <at>` the first time the executor reaches that point and waits `--pause-ms` there
+//! before going on, so that the parent can stop it (SIGSTOP) exactly there. `--worker-relay
+//! false` runs a worker without the relay beside it.
 //!
 //! It counts at the source in `DIR/<pid>-<n>.events` (handler calls, publish attempts, fetched
 //! deliveries, redeliveries, lost acknowledgements: [`effects_tests::harness::tally`]), loses
@@ -223,6 +227,9 @@ struct Args {
     delay_before: Duration,
     delay_after: Duration,
     die_at_publish: Option<u64>,
+    pause_at: Option<FaultPoint>,
+    pause: Duration,
+    worker_relay: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -244,6 +251,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
         delay_before: Duration::ZERO,
         delay_after: Duration::ZERO,
         die_at_publish: None,
+        pause_at: None,
+        pause: Duration::from_millis(500),
+        worker_relay: true,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -271,6 +281,18 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--delay-before-ms" => a.delay_before = Duration::from_millis(number()?),
             "--delay-after-ms" => a.delay_after = Duration::from_millis(number()?),
             "--die-at-publish" => a.die_at_publish = Some(number()?),
+            "--pause-at" => {
+                a.pause_at = Some(
+                    effects_tests::harness::child::fault_point(value)
+                        .ok_or_else(|| format!("unknown fault point {value}"))?,
+                );
+            }
+            "--pause-ms" => a.pause = Duration::from_millis(number()?),
+            "--worker-relay" => {
+                a.worker_relay = value
+                    .parse()
+                    .map_err(|e| format!("{flag} `{value}`: {e}"))?;
+            }
             "--lose-acks" => a.lose_acks = number()?,
             "--visibility-ms" => a.visibility = Duration::from_millis(number()?),
             "--concurrency" => a.concurrency = usize::try_from(number()?).unwrap_or(1),
@@ -341,14 +363,23 @@ async fn run(a: Args) -> Result<(), BoxError> {
     if let Some(lease) = a.lease {
         builder = builder.lease(lease);
     }
-    if let Some(n) = a.die_at_publish {
+    if a.die_at_publish.is_some() || a.pause_at.is_some() {
+        let (die, pause_at, pause) = (a.die_at_publish, a.pause_at, a.pause);
         let hits = Arc::new(AtomicU64::new(0));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         builder = builder.fault_hook(Arc::new(move |point: FaultPoint, at: &str| {
-            if point == FaultPoint::AfterPublishBeforeMark
-                && hits.fetch_add(1, Ordering::SeqCst) + 1 == n
-            {
-                say(&format!("FAULT {at}"));
-                std::process::exit(3);
+            if let Some(n) = die {
+                if point == FaultPoint::AfterPublishBeforeMark
+                    && hits.fetch_add(1, Ordering::SeqCst) + 1 == n
+                {
+                    say(&format!("FAULT {at}"));
+                    std::process::exit(3);
+                }
+            }
+            if pause_at == Some(point) && !paused.swap(true, Ordering::SeqCst) {
+                say(&format!("PAUSE {at}"));
+                // The parent stops the process meanwhile; then it goes on.
+                std::thread::sleep(pause);
             }
         }));
     }
@@ -357,7 +388,7 @@ async fn run(a: Args) -> Result<(), BoxError> {
         concurrency: a.concurrency.max(1),
         fetch_wait: Duration::from_millis(50),
         visibility: a.visibility,
-        relay: Some(RelayConfig {
+        relay: a.worker_relay.then(|| RelayConfig {
             interval: Duration::from_millis(100),
             ..RelayConfig::default()
         }),

@@ -22,7 +22,7 @@ use effects_core::http::{HttpConfig, ReqwestClient, RetryPolicy};
 use effects_core::relay::RelayConfig;
 use effects_core::store::{SqliteOptions, SqliteStore, Synchronous};
 use effects_core::transport::SqliteLog;
-use effects_core::worker::{GroupCommit, Worker, WorkerConfig};
+use effects_core::worker::{Acknowledge, GroupCommit, Worker, WorkerConfig};
 
 use super::book::{BookHandler, HANDLER_NAME, INPUTS, RECEIPT_HOOK, Requests, receipts};
 use super::redeliver::{CountingTransport, Redeliveries, StallFirstDelivery};
@@ -44,6 +44,9 @@ pub struct WorkerArgs {
     pub fault: Option<FaultPoint>,
     /// ... the n-th time it is reached (1: the first).
     pub fault_after: u64,
+    /// At the fault point, go on after this long instead of waiting to be killed: the parent
+    /// stops the process (SIGSTOP) meanwhile, to pause it there.
+    pub fault_pause: Option<Duration>,
     /// The lease owner's name; `None`: the default, unique per process.
     pub owner: Option<String>,
     /// The executor's lease on claimed outbox rows.
@@ -64,6 +67,8 @@ pub struct WorkerArgs {
     pub max_in_flight: usize,
     /// Group commit's wait for more runs; `None`: every run commits alone.
     pub group_commit: Option<Duration>,
+    /// Acknowledge an input only once its run's effects were dispatched (otherwise at commit).
+    pub after_effects: bool,
     /// The store's `synchronous` setting.
     pub synchronous: Synchronous,
     /// Stop once every input is acknowledged and nothing is pending.
@@ -84,6 +89,7 @@ impl WorkerArgs {
             requests: Requests::Every(1),
             fault: None,
             fault_after: 1,
+            fault_pause: None,
             owner: None,
             lease: Duration::from_secs(2),
             visibility: Duration::from_millis(1500),
@@ -94,6 +100,7 @@ impl WorkerArgs {
             concurrency: 1,
             max_in_flight: WorkerConfig::default().max_in_flight,
             group_commit: Some(GroupCommit::default().max_wait),
+            after_effects: false,
             synchronous: Synchronous::Full,
             until_drained: true,
             timeout: Duration::from_secs(60),
@@ -124,6 +131,9 @@ impl WorkerArgs {
             push("--fault", fault_name(f).to_owned());
         }
         push("--fault-after", self.fault_after.to_string());
+        if let Some(pause) = self.fault_pause {
+            push("--fault-pause-ms", pause.as_millis().to_string());
+        }
         if let Some(o) = &self.owner {
             push("--owner", o.clone());
         }
@@ -139,6 +149,7 @@ impl WorkerArgs {
         push("--stalls", self.stalls.to_string());
         push("--concurrency", self.concurrency.to_string());
         push("--max-in-flight", self.max_in_flight.to_string());
+        push("--after-effects", self.after_effects.to_string());
         push(
             "--group-commit-wait-ms",
             self.group_commit
@@ -188,6 +199,7 @@ impl WorkerArgs {
                     );
                 }
                 "--fault-after" => w.fault_after = number(&value)?.max(1),
+                "--fault-pause-ms" => w.fault_pause = Some(Duration::from_millis(number(&value)?)),
                 "--owner" => w.owner = Some(value),
                 "--lease-ms" => w.lease = Duration::from_millis(number(&value)?),
                 "--visibility-ms" => w.visibility = Duration::from_millis(number(&value)?),
@@ -204,6 +216,11 @@ impl WorkerArgs {
                 "--max-in-flight" => {
                     w.max_in_flight =
                         usize::try_from(number(&value)?).map_err(|e| e.to_string())?;
+                }
+                "--after-effects" => {
+                    w.after_effects = value
+                        .parse()
+                        .map_err(|e| format!("`--after-effects {value}`: {e}"))?;
                 }
                 "--group-commit-wait-ms" => {
                     w.group_commit = match value.as_str() {
@@ -240,6 +257,7 @@ pub fn fault_name(point: FaultPoint) -> &'static str {
         FaultPoint::AfterCommit => "after_commit",
         FaultPoint::AfterHttpBeforeRecord => "after_http_before_record",
         FaultPoint::AfterPublishBeforeMark => "after_publish_before_mark",
+        FaultPoint::AfterClaim => "after_claim",
     }
 }
 
@@ -250,6 +268,7 @@ pub fn fault_point(name: &str) -> Option<FaultPoint> {
         FaultPoint::AfterCommit,
         FaultPoint::AfterHttpBeforeRecord,
         FaultPoint::AfterPublishBeforeMark,
+        FaultPoint::AfterClaim,
     ]
     .into_iter()
     .find(|p| fault_name(*p) == name)
@@ -394,9 +413,15 @@ async fn work(
     if let Some(fault) = a.fault {
         let hits = Arc::new(AtomicU64::new(0));
         let after = a.fault_after;
+        let pause = a.fault_pause;
         builder = builder.fault_hook(Arc::new(move |point: FaultPoint, at: &str| {
             if point == fault && hits.fetch_add(1, Ordering::SeqCst) + 1 == after {
                 say(&format!("FAULT {} {at}", fault_name(point)));
+                if let Some(pause) = pause {
+                    // The parent stops the process meanwhile; then it goes on.
+                    std::thread::sleep(pause);
+                    return;
+                }
                 // Wait for SIGKILL; never carry on past the fault point.
                 std::thread::sleep(Duration::from_secs(60));
                 std::process::exit(3);
@@ -415,6 +440,11 @@ async fn work(
         .with_config(WorkerConfig {
             concurrency: a.concurrency.max(1),
             max_in_flight: a.max_in_flight.max(1),
+            acknowledge: if a.after_effects {
+                Acknowledge::AfterEffects
+            } else {
+                Acknowledge::AtCommit
+            },
             group_commit: a.group_commit.map(|max_wait| GroupCommit {
                 max_wait,
                 ..GroupCommit::default()
