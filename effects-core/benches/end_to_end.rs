@@ -81,6 +81,10 @@
 //! a lost ack redelivers the input, which the key claim absorbs). The schema is the store's,
 //! migrated by this process. With `E2E_HAND_TX=sequence` (b') the `tx` comes from
 //! `nextval('hand_tx')` instead of the counter row, which no longer serialises the commits.
+//! `E2E_HAND_MUTANT=twice` in the bench's environment breaks it on purpose (every output
+//! published a second time under another id), which the exactly-once check must catch:
+//! `E2E_HAND_MUTANT=twice cargo bench ... --bench end_to_end -- quick` panics with
+//! "arrived 2 times".
 //!
 //! Run: `cargo bench -p effects-core --features postgres,nats --bench end_to_end` (add
 //! `-- quick` for a smoke run, section names to choose). Needs PostgreSQL on 127.0.0.1:5432 (user
@@ -730,6 +734,21 @@ async fn hand_message(
         .await
         .unwrap_or_else(|e| fatal("outbox", e));
         tx.commit().await.unwrap_or_else(|e| fatal("commit", e));
+        if std::env::var("E2E_HAND_MUTANT").is_ok_and(|m| m == "twice") {
+            // A deliberately broken consumer, to see the bench's exactly-once check fail: the
+            // output published a second time under another id.
+            let copy = format!("{out_id}-copy");
+            hand_publish(
+                js,
+                prefix,
+                &copy,
+                &key,
+                txid,
+                &seen.customer_id,
+                payload.clone(),
+            )
+            .await;
+        }
         hand_publish(js, prefix, &out_id, &key, txid, &seen.customer_id, payload).await;
         let tx = conn
             .client
@@ -2048,7 +2067,11 @@ fn main() {
             "all" => sections
                 .extend(["servers", "http", "hot", "embedded", "processes"].map(str::to_owned)),
             // cargo bench passes `--bench`.
-            _ => {}
+            "--bench" => {}
+            other => panic!(
+                "unknown argument {other:?}: sections are servers, processes, http, hot, \
+                 embedded, all; options quick, --before <binary>"
+            ),
         }
     }
     if sections.is_empty() {
