@@ -3,7 +3,7 @@
 //!
 //! - **`servers`** (the default): NATS JetStream → one consumer process → PostgreSQL → NATS, 1
 //!   datom (2 attributes) + 1 output message per run, 32 partitions, 1 000 customers, concurrency
-//!   8. Three consumers, each on a fresh stream and schema:
+//!   8. Four consumers, each on a fresh stream and schema:
 //!   (a) the worker of another build (`--before <binary>`, see below; left out without it),
 //!   (b) a hand-written consumer (no effects-core on its path, see [Hand-written consumer]),
 //!   (b') the same numbering its transactions with a PostgreSQL sequence instead of the counter
@@ -41,26 +41,35 @@
 //! # The worker of another build: `--before <binary>`
 //!
 //! The consumer processes are this binary started again with `EFFECTS_E2E_ROLE=worker` (or
-//! `hand`, `embedded`) and `E2E_STREAM`, `E2E_PREFIX`, `E2E_SCHEMA`; a worker prints `ready` and
-//! serves until its stdin closes, then prints its `WorkerReport` (Debug) on stderr. `--before`
-//! starts another end_to_end binary instead for (a), with the same environment. The binary of a
-//! commit before this bench existed (protocol 1, such as `5c2fe32`) serves the `servers` and
-//! `processes` sections; the `http`, `hot` and `embedded` sections need a binary that knows their
-//! handlers (protocol 2: it answers `E2E_PROBE=1` with `protocol 2`), which is this bench file
-//! built against the older library. Build either beside the working tree, with a target
-//! directory of its own, never touching the repository's worktrees:
+//! `hand`, `embedded`) and `E2E_STREAM`, `E2E_PREFIX`, `E2E_SCHEMA`; a worker prints `ready`
+//! (`ready protocol=2` from this file) and serves until its stdin closes, then prints its
+//! `WorkerReport` (Debug) on stderr. `--before` starts another end_to_end binary instead for
+//! (a), with the same environment. The binary of a commit before this bench existed (protocol 1,
+//! such as `5c2fe32`) serves the `servers` and `processes` sections; the `http`, `hot` and
+//! `embedded` sections need a binary that knows their handlers (protocol 2: it answers
+//! `E2E_PROBE=1` with `protocol 2`), which is this bench file built against the older library
+//! (a section leaves (a) out, saying why, when the binary cannot serve it). Build both beside
+//! the working tree, with a target directory of their own, never touching the repository's
+//! worktrees:
 //!
 //! ```sh
-//! # protocol 1: the commit's own bench (servers, processes)
 //! rm -rf /tmp/e2e-before && mkdir -p /tmp/e2e-before
 //! git archive 5c2fe32 | tar -x -C /tmp/e2e-before
-//! # protocol 2 (all sections): this bench file against that commit's library
+//! build() {
+//!   (cd /tmp/e2e-before && CARGO_TARGET_DIR=/work/target-bench-before \
+//!     cargo bench -p effects-core --features postgres,nats --bench end_to_end --no-run) &&
+//!   cp "$(ls -t /work/target-bench-before/release/deps/end_to_end-* | grep -v '\.d$' | head -1)" "$1"
+//! }
+//! build /tmp/e2e-before/end_to_end-5c2fe32      # protocol 1: the commit's own bench
 //! git show HEAD:effects-core/benches/end_to_end.rs > /tmp/e2e-before/effects-core/benches/end_to_end.rs
-//! (cd /tmp/e2e-before && CARGO_TARGET_DIR=/work/target-bench-before \
-//!   cargo bench -p effects-core --features postgres,nats --bench end_to_end --no-run)
-//! BEFORE=$(ls -t /work/target-bench-before/release/deps/end_to_end-* | grep -v '\.d$' | head -1)
-//! cargo bench -p effects-core --features postgres,nats --bench end_to_end -- all --before "$BEFORE"
+//! build /tmp/e2e-before/end_to_end-5c2fe32-p2   # protocol 2: this file, the old library
+//! cargo bench -p effects-core --features postgres,nats --bench end_to_end -- \
+//!   all --before /tmp/e2e-before/end_to_end-5c2fe32-p2
 //! ```
+//!
+//! The hand-written consumer creates its NATS consumers before it reports ready; a worker
+//! creates its partition consumers at its first fetch (33 creations, sent together), inside
+//! the measured backlog phase.
 //!
 //! # Hand-written consumer
 //!
@@ -1322,14 +1331,23 @@ fn drop_schema_sql(schema: &str) -> String {
     format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")
 }
 
+/// Drops a run's schema (at most 30 s; a schema left behind is only clutter).
 async fn drop_schema(schema: &str) {
-    if let Ok((client, connection)) =
-        tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await
+    let drop = async {
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let _ = client.batch_execute(&drop_schema_sql(schema)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), drop)
+        .await
+        .is_err()
     {
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let _ = client.batch_execute(&drop_schema_sql(schema)).await;
+        eprintln!("schema {schema} was not dropped within 30 s: drop it by hand");
     }
 }
 
