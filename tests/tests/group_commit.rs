@@ -73,9 +73,10 @@ impl Handler for NoteHandler {
             [("note/index", json!(note.index))],
         ));
         if note.key.starts_with("req") {
-            effects = effects.merge(RequestEffect::new(Method::Post, "notify", "/notes").with_body(
-                json!({"key": note.key, "index": note.index}),
-            ));
+            effects = effects.merge(
+                RequestEffect::new(Method::Post, "notify", "/notes")
+                    .with_body(json!({"key": note.key, "index": note.index})),
+            );
         }
         effects
     }
@@ -219,10 +220,7 @@ async fn the_order_check_fails_without_key_order() {
     // A broken order shows almost every time; three tries keep the check itself steady.
     for _ in 0..3 {
         let (order, _) = notes_in_order(Some(Mutant::NoKeyOrder)).await;
-        if order
-            .values()
-            .any(|indexes| indexes != &[0, 1, 2, 3, 4, 5])
-        {
+        if order.values().any(|indexes| indexes != &[0, 1, 2, 3, 4, 5]) {
             broken = true;
             break;
         }
@@ -297,7 +295,10 @@ async fn a_conflict_in_a_group_commit_reruns_that_run_alone() {
     for i in 0..10 {
         log.publish(note(&format!("m{i}"), 0)).await.unwrap();
     }
-    let (bumped, loads) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (bumped, loads) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let handler = NoteHandler::default();
     let worker = Worker::new(Arc::clone(&executor), handler)
         .with_config(WorkerConfig {
@@ -357,15 +358,15 @@ async fn a_duplicate_in_a_group_commit_settles_as_a_duplicate() {
     for i in 0..10 {
         log.publish(note(&format!("m{i}"), 0)).await.unwrap();
     }
-    let worker = Arc::new(Worker::new(Arc::clone(&executor), NoteHandler::default()).with_config(
-        WorkerConfig {
+    let worker = Arc::new(
+        Worker::new(Arc::clone(&executor), NoteHandler::default()).with_config(WorkerConfig {
             group_commit: Some(GroupCommit {
                 max_runs: 64,
                 max_wait: Duration::from_millis(200),
             }),
             ..config()
-        },
-    ));
+        }),
+    );
     let report = run_until_acked(Arc::clone(&worker), &log, Duration::from_secs(30)).await;
     assert_eq!(report.applied, 9, "{report:?}");
     assert_eq!(report.duplicates, 1, "{report:?}");
@@ -396,8 +397,8 @@ async fn a_run_the_store_refuses_does_not_hold_back_its_batch() {
         log.publish(note(&format!("m{i}"), 0)).await.unwrap();
     }
     log.publish(note("poison", 0)).await.unwrap();
-    let worker = Arc::new(Worker::new(Arc::clone(&executor), NoteHandler::default()).with_config(
-        WorkerConfig {
+    let worker = Arc::new(
+        Worker::new(Arc::clone(&executor), NoteHandler::default()).with_config(WorkerConfig {
             max_deliveries: Some(3),
             retry: effects_core::executor::Backoff {
                 initial: Duration::from_millis(10),
@@ -409,8 +410,8 @@ async fn a_run_the_store_refuses_does_not_hold_back_its_batch() {
                 max_wait: Duration::from_millis(200),
             }),
             ..config()
-        },
-    ));
+        }),
+    );
     let report = run_until_acked(Arc::clone(&worker), &log, Duration::from_secs(30)).await;
     assert_eq!(report.applied, 9, "{report:?}");
     assert_eq!(report.dead_lettered, 1, "{report:?}");
@@ -448,14 +449,16 @@ async fn slow_loads(mutant: Option<Mutant>, slow: Duration) -> (usize, WorkerRep
             visibility: slow / 4,
             ..config()
         })
-        .load_with(LoadWith::new(move |note: Note, _store: Tracked<SqliteStore>| {
-            let loads = Arc::clone(&counted);
-            async move {
-                loads.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(slow).await;
-                Ok::<Note, LoadError>(note)
-            }
-        }));
+        .load_with(LoadWith::new(
+            move |note: Note, _store: Tracked<SqliteStore>| {
+                let loads = Arc::clone(&counted);
+                async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(slow).await;
+                    Ok::<Note, LoadError>(note)
+                }
+            },
+        ));
     let report = run_until_acked(Arc::new(worker), &log, Duration::from_secs(30)).await;
     (loads.load(Ordering::SeqCst), report)
 }

@@ -1190,7 +1190,15 @@ async fn fenced(name: &str, runs: u64, point: &str, mutant: Option<Mutant>) -> F
     }
     let mut pausing = common.clone();
     pausing.extend(
-        ["--pause-at", point, "--pause-ms", "500", "--worker-relay", "false"].map(str::to_owned),
+        [
+            "--pause-at",
+            point,
+            "--pause-ms",
+            "500",
+            "--worker-relay",
+            "false",
+        ]
+        .map(str::to_owned),
     );
     let mut first = servers.child(1, workload, &pausing);
     let at = tokio::task::block_in_place(|| first.wait_for("PAUSE", Duration::from_secs(60)))

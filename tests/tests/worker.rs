@@ -513,3 +513,138 @@ async fn shutdown_finishes_the_work_in_flight() {
         RunStatus::Done
     );
 }
+
+/// A loader that says "not yet" while the card it needs does not exist.
+fn waiting_loader(
+    loads: Arc<AtomicUsize>,
+) -> LoadWith<
+    BlockRequest,
+    impl Fn(
+        BlockRequest,
+        Tracked<SqliteStore>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<cards::Card, LoadError>> + Send>,
+    > + Send
+    + Sync
+    + 'static,
+> {
+    LoadWith::new(move |r: BlockRequest, store: Tracked<SqliteStore>| {
+        let loads = Arc::clone(&loads);
+        Box::pin(async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            let lookup = LookupRef::new("card/id", r.card_id);
+            let Some(entity) = store.entity(&lookup, None).await? else {
+                return Err(LoadError::NotYet {
+                    reason: format!("{lookup} has not been created yet"),
+                });
+            };
+            entity.decode().map_err(|e| LoadError::Invalid {
+                reason: e.to_string(),
+            })
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+    })
+}
+
+fn waiting_config(attempts: u32) -> WorkerConfig {
+    WorkerConfig {
+        not_yet: effects_core::executor::Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(40),
+            max_attempts: Some(attempts),
+        },
+        ..fast_config()
+    }
+}
+
+/// A message whose input has not arrived yet is tried again, holding its place, and applied
+/// once the input is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_says_not_yet_is_tried_again_until_its_input_arrives() {
+    let store = SqliteStore::in_memory().unwrap();
+    let log = store.log();
+    let executor = Arc::new(Executor::builder(store.clone(), log.clone()).build());
+    let loads = Arc::new(AtomicUsize::new(0));
+    let worker = Arc::new(
+        Worker::new(Arc::clone(&executor), BlockHandler::default())
+            .with_config(waiting_config(100))
+            .load_with(waiting_loader(Arc::clone(&loads))),
+    );
+    publish(&log, TOPIC, "early", Some("c1"), br#"{"card_id": "c1"}"#).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let worker = Arc::clone(&worker);
+        async move {
+            worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    eventually("two attempts told not yet", Duration::from_secs(10), || {
+        let loads = Arc::clone(&loads);
+        async move { loads.load(Ordering::SeqCst) >= 2 }
+    })
+    .await;
+    executor
+        .run("create-c1", card_datoms("c1", "u1", "active"))
+        .await
+        .unwrap();
+    eventually("the ack", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move { log.unacknowledged("block", TOPIC).await.unwrap() == 0 }
+    })
+    .await;
+    let _ = stop.send(());
+    let report = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_eq!(
+        report.deliveries, 1,
+        "held by the worker, not redelivered: {report:?}"
+    );
+    assert_eq!(worker.handler().calls.load(Ordering::Relaxed), 1);
+    assert!(log.dead_letters("block").await.unwrap().is_empty());
+}
+
+/// One that never arrives is dead-lettered with the reason once the waits are spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_keeps_saying_not_yet_is_dead_lettered_with_the_reason() {
+    let store = SqliteStore::in_memory().unwrap();
+    let log = store.log();
+    let executor = Arc::new(Executor::builder(store.clone(), log.clone()).build());
+    let loads = Arc::new(AtomicUsize::new(0));
+    let worker = Arc::new(
+        Worker::new(Arc::clone(&executor), BlockHandler::default())
+            .with_config(waiting_config(4))
+            .load_with(waiting_loader(Arc::clone(&loads))),
+    );
+    publish(&log, TOPIC, "never", Some("c9"), br#"{"card_id": "c9"}"#).await;
+    let report = run_until(
+        Arc::clone(&worker),
+        "the dead letter",
+        Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            async move { log.unacknowledged("block", TOPIC).await.unwrap() == 0 }
+        },
+    )
+    .await;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(loads.load(Ordering::SeqCst), 4, "four attempts");
+    let dead = log.dead_letters("block").await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .reason
+            .starts_with("gave up after 4 attempts, each told not yet: ")
+            && dead[0]
+                .reason
+                .contains("[card/id \"c9\"] has not been created yet"),
+        "{}",
+        dead[0].reason
+    );
+}

@@ -64,7 +64,11 @@ impl Holds {
     }
 
     /// Rows handed back by a store call made at `asked`.
-    pub(crate) fn claimed<'r>(&self, asked: Instant, rows: impl IntoIterator<Item = &'r OutboxRow>) {
+    pub(crate) fn claimed<'r>(
+        &self,
+        asked: Instant,
+        rows: impl IntoIterator<Item = &'r OutboxRow>,
+    ) {
         let from = if self.fenced { asked } else { Instant::now() };
         let until = from + self.lease;
         let mut map = self.map();
@@ -82,11 +86,9 @@ impl Holds {
     }
 
     fn remaining(&self, id: &str) -> Duration {
-        self.map()
-            .get(id)
-            .map_or(Duration::ZERO, |until| {
-                until.saturating_duration_since(Instant::now())
-            })
+        self.map().get(id).map_or(Duration::ZERO, |until| {
+            until.saturating_duration_since(Instant::now())
+        })
     }
 
     /// Whether a third of the lease has passed since the row was claimed or renewed.
@@ -131,7 +133,10 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         if self.mutant == Some(Mutant::NoLeaseRenewal) {
             return Ok(lost);
         }
-        let due: Vec<&OutboxRow> = rows.iter().filter(|r| holds.due_for_renewal(&r.id)).collect();
+        let due: Vec<&OutboxRow> = rows
+            .iter()
+            .filter(|r| holds.due_for_renewal(&r.id))
+            .collect();
         if due.is_empty() {
             return Ok(lost);
         }
@@ -176,7 +181,12 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
 
     /// The fence, right before `row` is sent: whether this claimant still holds it (renewing
     /// it first if its hold is about to end).
-    async fn fenced(&self, row: &OutboxRow, lease: &Lease, holds: &Holds) -> Result<bool, StoreError> {
+    async fn fenced(
+        &self,
+        row: &OutboxRow,
+        lease: &Lease,
+        holds: &Holds,
+    ) -> Result<bool, StoreError> {
         if !holds.fenced || !holds.lapsing(&row.id) {
             return Ok(true);
         }
@@ -659,10 +669,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
 
     /// Drives several runs' requests at once (each run's own in order), at most
     /// [`RUNS_AT_ONCE`] at a time; results in the order given.
-    pub(super) async fn drive_many<'a, Fut, R>(
-        &self,
-        jobs: Vec<Fut>,
-    ) -> Vec<R>
+    pub(super) async fn drive_many<'a, Fut, R>(&self, jobs: Vec<Fut>) -> Vec<R>
     where
         Fut: std::future::Future<Output = R> + 'a,
     {

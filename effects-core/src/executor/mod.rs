@@ -83,8 +83,8 @@ use crate::http::{HttpClient, HttpError, HttpResponse};
 use crate::message::MessageEffect;
 use crate::request::RequestEffect;
 use crate::store::{
-    ClaimOptions, Commit, Conflict, NewRun, OutboxKind, OutboxRow, ReadVersion,
-    RecordedRequest, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    ClaimOptions, Commit, Conflict, NewRun, OutboxKind, OutboxRow, ReadVersion, RecordedRequest,
+    RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
 use crate::transport::Transport;
 
@@ -795,7 +795,8 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         items: Vec<BatchItem>,
     ) -> Result<Vec<Result<RunOutcome, RunError>>, StoreError> {
         let committed = self.commit_batch(&items).await?;
-        let mut results: Vec<Option<Result<RunOutcome, RunError>>> = Vec::with_capacity(committed.len());
+        let mut results: Vec<Option<Result<RunOutcome, RunError>>> =
+            Vec::with_capacity(committed.len());
         let mut to_dispatch = Vec::new();
         let mut slots = Vec::new();
         for (i, c) in committed.into_iter().enumerate() {
@@ -1003,7 +1004,12 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 .into_iter()
                 .map(|(i, key, tx, work)| async move {
                     let span = info_span!("effects.run", key = %key, tx = tx.0);
-                    (i, self.dispatch_one(key, tx, work, holds).instrument(span).await)
+                    (
+                        i,
+                        self.dispatch_one(key, tx, work, holds)
+                            .instrument(span)
+                            .await,
+                    )
                 })
                 .collect();
             for (i, result) in self.drive_many(jobs).await {
@@ -1251,7 +1257,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 later_messages.extend(rows);
             }
         }
-        report.progress.add(self.send_messages(messages, holds).await?);
+        report
+            .progress
+            .add(self.send_messages(messages, holds).await?);
         report
             .progress
             .add(self.send_messages(later_messages, holds).await?);
@@ -1331,7 +1339,6 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 tracing::error!(error = %source, "commit failed: nothing applied");
             })
     }
-
 }
 
 /// A key as shown in an error: control characters escaped, at most 80 characters.

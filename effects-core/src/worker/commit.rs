@@ -95,10 +95,8 @@ where
 {
     /// Commits `runs` in one transaction (or, if that transaction fails, one by one).
     pub(super) async fn commit(&self, runs: Vec<(JobId, Decided)>) -> Vec<(JobId, Settled)> {
-        let (ids, items): (Vec<JobId>, Vec<BatchItem>) = runs
-            .into_iter()
-            .map(|(id, d)| (id, self.item(d)))
-            .unzip();
+        let (ids, items): (Vec<JobId>, Vec<BatchItem>) =
+            runs.into_iter().map(|(id, d)| (id, self.item(d))).unzip();
         let span = tracing::info_span!("effects.group_commit", runs = items.len());
         match self.executor.commit_batch(&items).instrument(span).await {
             Ok(results) => {
@@ -113,7 +111,8 @@ where
                 tracing::warn!(error = %e, runs = items.len(), "a group commit failed: committing its runs one by one");
                 let mut out = Vec::with_capacity(ids.len());
                 for (id, item) in ids.into_iter().zip(&items) {
-                    let settled = match self.executor.commit_batch(std::slice::from_ref(item)).await {
+                    let settled = match self.executor.commit_batch(std::slice::from_ref(item)).await
+                    {
                         Ok(mut results) => {
                             bump(&self.counters.commits);
                             match results.pop() {
@@ -151,7 +150,9 @@ where
             Err(RunError::Conflict { conflict, .. }) => {
                 Settled::Conflict(conflict.to_string(), conflict.entity().to_string())
             }
-            Err(RunError::KeyReuse { key, original_tx, .. }) => {
+            Err(RunError::KeyReuse {
+                key, original_tx, ..
+            }) => {
                 // Another delivery of this message was applied first, from inputs that have
                 // changed since: the original run stands.
                 tracing::warn!(%original_tx, %key, "a concurrent delivery applied this message first");

@@ -13,7 +13,7 @@ use crate::handler::{Handler, business_key, message_key};
 use crate::http::HttpClient;
 use crate::store::{ReadVersion, Store, Tracked};
 use crate::transport::{Delivery, Transport};
-use crate::worker::Inputs;
+use crate::worker::{Inputs, LoadError};
 
 /// A run ready to commit.
 #[derive(Debug)]
@@ -38,6 +38,8 @@ pub(super) enum Decision {
     DeadLetter(String),
     /// It failed for now (the store).
     Retry(String),
+    /// What its input needs has not arrived yet.
+    NotYet(String),
 }
 
 impl<S, T, C, H, I> Inner<S, T, C, H, I>
@@ -71,6 +73,7 @@ where
             .await
         {
             Ok(input) => input,
+            Err(LoadError::NotYet { reason }) => return Decision::NotYet(reason),
             Err(e) if e.is_permanent() => {
                 return self
                     .dead_letter_unless_applied(key.as_deref(), check, e.to_string())

@@ -97,7 +97,11 @@ mod tests {
         assert_eq!(hot.refused(1, "a"), (Refused::Rerun, None));
         assert_eq!(hot.refused(2, "a"), (Refused::Wait, None));
         assert_eq!(hot.refused(3, "a"), (Refused::Wait, None));
-        assert_eq!(hot.refused(4, "b"), (Refused::Rerun, None), "another entity");
+        assert_eq!(
+            hot.refused(4, "b"),
+            (Refused::Rerun, None),
+            "another entity"
+        );
         assert_eq!(
             hot.refused(1, "a"),
             (Refused::Rerun, None),

@@ -30,7 +30,17 @@ pub enum LoadError {
         /// Why.
         reason: String,
     },
-    /// The store failed: the message is given back and retried.
+    /// What the input needs has not arrived yet — say a cancellation that overtook the
+    /// reservation it cancels (they travel on different partition keys): the worker tries
+    /// again after [`WorkerConfig::not_yet`](super::WorkerConfig::not_yet)'s delays, holding
+    /// the delivery (and the later ones of its key), and dead-letters it with this reason once
+    /// that many attempts said "not yet".
+    #[error("not yet: {reason}")]
+    NotYet {
+        /// What is missing.
+        reason: String,
+    },
+    /// The store failed: the message is retried.
     #[error("the store failed while loading the input: {0}")]
     Store(#[from] StoreError),
 }
@@ -38,7 +48,7 @@ pub enum LoadError {
 impl LoadError {
     /// Whether retrying cannot help (the message is dead-lettered).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, LoadError::Store(_))
+        !matches!(self, LoadError::Store(_) | LoadError::NotYet { .. })
     }
 }
 

@@ -242,6 +242,11 @@ pub struct WorkerConfig {
     /// that keeps failing is dead-lettered with the last error; `None` retries forever.
     /// Default `None`.
     pub max_deliveries: Option<u32>,
+    /// A loader's "not yet" ([`LoadError::NotYet`]): the delay before each new attempt, and in
+    /// `max_attempts` how many attempts may say "not yet" before the message is dead-lettered
+    /// with the reason. Default: 100 ms doubling to 10 s, 20 attempts (about two and a half
+    /// minutes of waiting).
+    pub not_yet: Backoff,
     /// Re-runs after a conflict (something the handler's input was loaded from changed before
     /// the commit): the delay before each, and in `max_attempts` how many re-runs at most before
     /// the message is dead-lettered with the conflict as its reason. Default: 2 ms doubling to
@@ -271,6 +276,11 @@ impl Default for WorkerConfig {
                 max_attempts: None,
             },
             max_deliveries: None,
+            not_yet: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+                max_attempts: Some(20),
+            },
             reruns: Backoff {
                 initial: Duration::from_millis(2),
                 max: Duration::from_millis(250),

@@ -79,6 +79,8 @@ struct Job {
     retries: u32,
     /// Re-runs after conflicts.
     reruns: u32,
+    /// Attempts whose loader said "not yet".
+    not_yet: u32,
     /// The last failure, for the dead letter past `max_deliveries`, or the give-back.
     last_error: Option<String>,
     /// Whether it is known that no run was committed under its key (looked up, or refused by a
@@ -335,6 +337,7 @@ where
                     stage,
                     retries: 0,
                     reruns: 0,
+                    not_yet: 0,
                     last_error: None,
                     extended: Instant::now(),
                 },
@@ -373,7 +376,11 @@ where
         };
         let key = job.delivery.partition_key.clone();
         if let Some(next) = self.queues.settled(key.as_deref(), id) {
-            if self.jobs.get(&next).is_some_and(|j| j.stage == Stage::Queued) {
+            if self
+                .jobs
+                .get(&next)
+                .is_some_and(|j| j.stage == Stage::Queued)
+            {
                 self.enqueue(next);
             }
         }
@@ -523,7 +530,31 @@ where
             Decision::Found(committed) => self.settle_committed(vec![(id, committed)]),
             Decision::DeadLetter(reason) => self.dead_letter(id, reason),
             Decision::Retry(error) => self.retry(id, error),
+            Decision::NotYet(reason) => self.not_yet(id, reason),
         }
+    }
+
+    /// The loader said "not yet": decided again after the wait's delay, or dead-lettered once
+    /// the waits allowed are spent.
+    fn not_yet(&mut self, id: JobId, reason: String) {
+        let inner = Arc::clone(&self.inner);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.not_yet = job.not_yet.saturating_add(1);
+        let waits = &inner.config.not_yet;
+        if waits.max_attempts.is_some_and(|max| job.not_yet >= max) {
+            let n = job.not_yet;
+            self.dead_letter(
+                id,
+                format!("gave up after {n} attempts, each told not yet: {reason}"),
+            );
+            return;
+        }
+        let delay = waits.delay(job.not_yet);
+        tracing::info!(%reason, ?delay, message_id = %job.delivery.message_id, "not yet: trying again later");
+        job.last_error = Some(format!("not yet: {reason}"));
+        self.wait(id, delay);
     }
 
     // ---- commit -------------------------------------------------------------------------
@@ -562,7 +593,9 @@ where
                     .await
                     .unwrap_or_else(|panic| {
                         let error = format!("the commit panicked: {}", panic_text(panic.as_ref()));
-                        ids.into_iter().map(|id| (id, Settled::Retry(error.clone()))).collect()
+                        ids.into_iter()
+                            .map(|id| (id, Settled::Retry(error.clone())))
+                            .collect()
                     })
             });
         }
@@ -609,7 +642,9 @@ where
                     .unzip();
                 let dispatcher = Arc::clone(&inner);
                 self.tasks.settling.spawn(async move {
-                    let _ = AssertUnwindSafe(inner.acknowledge(&acks)).catch_unwind().await;
+                    let _ = AssertUnwindSafe(inner.acknowledge(&acks))
+                        .catch_unwind()
+                        .await;
                     ids
                 });
                 self.tasks.dispatching.spawn(async move {
@@ -686,7 +721,10 @@ where
         match refused {
             Refused::Rerun => self.rerun_turn(id),
             Refused::Wait => {
-                tracing::debug!(entity, "conflict: waiting for the re-run in progress on that entity");
+                tracing::debug!(
+                    entity,
+                    "conflict: waiting for the re-run in progress on that entity"
+                );
                 if self.stopping {
                     self.wait(id, Duration::ZERO);
                 } else {
@@ -738,7 +776,11 @@ where
                 break;
             }
             self.waiting.pop();
-            if self.jobs.get(&id).is_some_and(|j| j.stage == Stage::Waiting) {
+            if self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.stage == Stage::Waiting)
+            {
                 self.enqueue(id);
             }
         }
@@ -790,8 +832,7 @@ where
             job.stage = Stage::Settling;
             let delivery = Arc::clone(&job.delivery);
             // Out of its key's queue, wherever it is (what is behind it goes back too).
-            self.queues
-                .settled(delivery.partition_key.as_deref(), id);
+            self.queues.settled(delivery.partition_key.as_deref(), id);
             give_back.push((id, delivery, error));
         }
         self.ready.clear();

@@ -21,13 +21,9 @@ use crate::worker::Inputs;
 /// What a committed run's delivery is told.
 pub(super) fn processed_of(committed: &Committed) -> Processed {
     if committed.is_duplicate() {
-        Processed::Duplicate {
-            tx: committed.tx(),
-        }
+        Processed::Duplicate { tx: committed.tx() }
     } else {
-        Processed::Applied {
-            tx: committed.tx(),
-        }
+        Processed::Applied { tx: committed.tx() }
     }
 }
 
@@ -195,7 +191,7 @@ where
                 },
                 Decision::Found(committed) => Settled::Committed(committed),
                 Decision::DeadLetter(reason) => Settled::DeadLetter(reason),
-                Decision::Retry(error) => Settled::Retry(error),
+                Decision::Retry(error) | Decision::NotYet(error) => Settled::Retry(error),
             };
             match settled {
                 Settled::Committed(committed) => {
@@ -282,10 +278,15 @@ where
         last_error: Option<&str>,
     ) -> Option<Processed> {
         let max = self.config.max_deliveries?;
-        let attempts = delivery.deliveries.saturating_sub(1).saturating_add(retries);
+        let attempts = delivery
+            .deliveries
+            .saturating_sub(1)
+            .saturating_add(retries);
         (attempts >= max).then(|| Processed::DeadLettered {
             reason: match last_error {
-                Some(error) => format!("gave up after {attempts} attempts; the last failed with: {error}"),
+                Some(error) => {
+                    format!("gave up after {attempts} attempts; the last failed with: {error}")
+                }
                 None => format!("gave up after {attempts} deliveries"),
             },
         })

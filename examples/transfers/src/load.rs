@@ -53,12 +53,23 @@ pub async fn transfer_input<S: Store>(
 
 /// The input of [`settle`](crate::settle): the verdict from the message, the held transfer and
 /// both its accounts as they are now.
+///
+/// A verdict travels on its own partition key, so it can overtake the transfer it settles (a
+/// fraud-check service that answers through the broker before the transfer's run is recorded,
+/// or a verdict re-sent by an operator): a verdict whose transfer is not recorded yet is
+/// [`LoadError::NotYet`], and the worker tries it again a little later instead of
+/// dead-lettering it.
 pub async fn settle_input<S: Store>(
     check: FraudChecked,
     store: Tracked<S>,
 ) -> Result<SettleInput, LoadError> {
-    let transfer: TransferRecord =
-        entity(&store, transfer_ref(&check.transfer_id), "a transfer").await?;
+    let lookup = transfer_ref(&check.transfer_id);
+    if store.entity(&lookup, None).await?.is_none() {
+        return Err(LoadError::NotYet {
+            reason: format!("the transfer {lookup} this verdict settles is not recorded yet"),
+        });
+    }
+    let transfer: TransferRecord = entity(&store, lookup, "a transfer").await?;
     let payer: Account = entity(&store, account_ref(&transfer.from), "an account").await?;
     let payee: Account = entity(&store, account_ref(&transfer.to), "an account").await?;
     Ok(SettleInput {

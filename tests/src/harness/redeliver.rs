@@ -295,7 +295,8 @@ impl<T: Transport> Transport for CountingTransport<T> {
         delivery: &Delivery,
         visibility: Duration,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        let extended = (!self.plan.is_stalled(delivery)).then(|| self.inner.extend(delivery, visibility));
+        let extended =
+            (!self.plan.is_stalled(delivery)).then(|| self.inner.extend(delivery, visibility));
         async move {
             match extended {
                 Some(extend) => extend.await,
