@@ -465,7 +465,15 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             };
             for (i, m) in messages.iter().enumerate() {
                 let seq = count.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
-                match validate::message_row(seq, i, m, &self.config.limits) {
+                match validate::message_row(
+                    seq,
+                    i,
+                    m,
+                    &validate::Rules {
+                        values: self.mutant != Some(Mutant::NoValueRules),
+                        ..validate::Rules::new(&self.config.limits)
+                    },
+                ) {
                     Ok(row) => after.push(row),
                     Err(e) => {
                         tracing::error!(hook = %name, error = %e, "after-requests hook returned an invalid message: the run waits");

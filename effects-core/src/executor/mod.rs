@@ -135,6 +135,13 @@ pub enum Mutant {
     /// The worker never extends the deliveries it holds: one held longer than its visibility
     /// is handed to another consumer while it is still being worked on.
     NoHeartbeat,
+    /// Validation lets through values a store cannot hold (a NUL in a key, a topic or a name;
+    /// keys and names past their ceilings): they reach the store's transaction, which one store
+    /// refuses and the other writes.
+    NoValueRules,
+    /// The worker retries every store error, even one no retry can fix (the store refused the
+    /// run's values): such an input holds its partition key for ever.
+    RetryDataErrors,
 }
 
 impl Mutant {
@@ -147,6 +154,8 @@ impl Mutant {
         Mutant::NoFence,
         Mutant::NoKeyOrder,
         Mutant::NoHeartbeat,
+        Mutant::NoValueRules,
+        Mutant::RetryDataErrors,
     ];
 
     /// Its name on a command line: `skip-read-validation`, ...
@@ -159,6 +168,8 @@ impl Mutant {
             Mutant::NoFence => "no-fence",
             Mutant::NoKeyOrder => "no-key-order",
             Mutant::NoHeartbeat => "no-heartbeat",
+            Mutant::NoValueRules => "no-value-rules",
+            Mutant::RetryDataErrors => "retry-data-errors",
         }
     }
 
@@ -1159,25 +1170,41 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     }
 
     /// The runs with these keys, if they were committed (without dispatching anything), in
-    /// the same order.
+    /// the same order. A key no run can have (one with a control character, which validation
+    /// refuses) is not looked up: a store may not be able to compare it (PostgreSQL refuses a
+    /// NUL in text), and a message whose key it is must reach validation and be refused there.
     pub async fn find_many(&self, keys: Vec<String>) -> Result<Vec<Option<Committed>>, StoreError> {
-        Ok(self
-            .store
-            .runs_by_key(keys)
-            .await?
-            .into_iter()
-            .map(|record| {
-                record.map(|record| Committed {
-                    key: record.key.clone(),
-                    tx: record.tx,
-                    work: Work::Resume { record },
-                })
-            })
-            .collect())
+        let asked: Vec<String> = keys
+            .iter()
+            .filter(|k| validate::storable_key(k))
+            .cloned()
+            .collect();
+        let mut found = self.store.runs_by_key(asked).await?.into_iter();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let record = if validate::storable_key(key) {
+                found.next().ok_or_else(|| StoreError::Corrupt {
+                    what: "runs by key".to_owned(),
+                    reason: "the store returned fewer results than keys".to_owned(),
+                })?
+            } else {
+                None
+            };
+            out.push(record.map(|record| Committed {
+                key: record.key.clone(),
+                tx: record.tx,
+                work: Work::Resume { record },
+            }));
+        }
+        Ok(out)
     }
 
-    /// The run with this key, if one was committed (without dispatching anything).
+    /// The run with this key, if one was committed (without dispatching anything). A key no run
+    /// can have is not looked up (see [`Executor::find_many`]).
     pub async fn find(&self, key: &str) -> Result<Option<Committed>, StoreError> {
+        if !validate::storable_key(key) {
+            return Ok(None);
+        }
         Ok(self.store.run(key).await?.map(|record| Committed {
             key: record.key.clone(),
             tx: record.tx,
@@ -1290,6 +1317,10 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         reads: &[ReadVersion],
         after_requests: Option<&str>,
     ) -> Result<NewRun, ValidationError> {
+        let rules = validate::Rules {
+            values: self.mutant != Some(Mutant::NoValueRules),
+            ..validate::Rules::new(&self.config.limits)
+        };
         let mut run = validate::prepare(
             key,
             effects,
@@ -1297,7 +1328,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             after_requests,
             |name| self.hooks.contains_key(name),
             self.has_http.then_some(&self.http),
-            &self.config.limits,
+            &rules,
         )?;
         match self.mutant {
             None => {}
@@ -1312,7 +1343,9 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 | Mutant::MarkBeforePublish
                 | Mutant::NoFence
                 | Mutant::NoKeyOrder
-                | Mutant::NoHeartbeat,
+                | Mutant::NoHeartbeat
+                | Mutant::NoValueRules
+                | Mutant::RetryDataErrors,
             ) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

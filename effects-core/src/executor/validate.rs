@@ -9,7 +9,50 @@ use crate::message::MessageEffect;
 use crate::schema::Kind;
 use crate::store::{NewDatom, NewOutboxRow, NewRead, NewRun, OutboxKind, ReadVersion};
 
-/// Size limits checked before anything is written.
+/// Size limits checked before anything is written, and the rules every value follows.
+///
+/// # One definition of a valid value
+///
+/// Effects are checked against the same rules whatever the store, before anything is written:
+/// a run that holds something one store cannot keep is refused on every store, with the same
+/// [`ValidationError`] ([`RunError::Invalid`](crate::executor::RunError::Invalid); a worker
+/// dead-letters its input), instead of failing inside one store's transaction — where a retry
+/// cannot help and the deliveries behind it on its partition key would wait for ever. The rules
+/// are not limits: they hold whatever the fields below say. Each comes from a measured
+/// difference between the stores (PostgreSQL 15 with a UTF-8 database, SQLite through
+/// rusqlite):
+///
+/// - **No NUL character (U+0000) in text that is not JSON**: the idempotency key, topics,
+///   partition keys, message and request header names and values, endpoints, request paths,
+///   attribute names (of lookup refs, of asserted and expected values, of the reads a run was
+///   computed from) and the after-requests hook's name
+///   ([`ValidationError::NulCharacter`]; the idempotency key was already refused with any
+///   control character, [`ValidationError::KeyControlCharacter`]). PostgreSQL's `text` refuses
+///   it (`22021 invalid byte sequence for encoding "UTF8": 0x00`, for a partition key, a topic,
+///   an attribute or an identity attribute); SQLite stores it.
+/// - **JSON values may hold any character.** Datom values, identity values, message payloads
+///   and request bodies — strings and object keys, at any depth — are stored as canonical JSON
+///   text, which writes NUL and every other control character as an escape (`"a\u0000b"`):
+///   both stores keep them and give them back unchanged (headers are stored as JSON too, but
+///   they also travel as HTTP and broker headers, so they follow the rule above). Numbers are
+///   stored as their JSON text, so every number a [`serde_json::Value`] holds (`u64::MAX`,
+///   `i64::MIN`, `1.7976931348623157e308`, `5e-324`, `-0.0`) is kept by both. A lone
+///   surrogate (`"\ud800"`) cannot reach a store: neither a Rust string nor a
+///   [`serde_json::Value`] can hold one (serde_json refuses such JSON text), so a message whose
+///   payload has one is undecodable, and a worker dead-letters it as such.
+/// - **Keys and names have a ceiling**: whatever [`Limits::max_key_bytes`] and
+///   [`Limits::max_name_bytes`] say, a key (idempotency key, partition key, identity value) is
+///   at most [`Limits::KEY_BYTES_CEILING`] bytes and a name (attribute, topic, endpoint, header
+///   name) at most [`Limits::NAME_BYTES_CEILING`]. PostgreSQL indexes them — a run key, an
+///   outbox id (`key#n`), an attribute, a topic with a partition key, an identity attribute
+///   with its value — and a B-tree index row holds at most 2 704 bytes: 2 720 random bytes in
+///   an identity value, a partition key, a topic, an attribute or a run key fail with `54000
+///   index row size … exceeds btree version 4 maximum 2704`, while a 512-byte name with a
+///   2 048-byte key fits. SQLite has no such limit.
+///
+/// Control characters other than NUL (in partition keys, topics, names), non-characters
+/// (U+FFFE, U+FFFF) and characters outside the Basic Multilingual Plane are kept by both stores
+/// and are not refused (the idempotency key excepted: it travels in an HTTP header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Datoms per run. Default 1 000.
@@ -21,16 +64,39 @@ pub struct Limits {
     /// Bytes of canonical JSON in one datom value, one message payload or one request (method,
     /// path, headers and body together). Default 256 KiB.
     pub max_payload_bytes: usize,
-    /// Bytes in an idempotency key or a message's partition key. Default 512.
+    /// Bytes in an idempotency key, a message's partition key or an identity value (as JSON).
+    /// Default 512; at most [`Limits::KEY_BYTES_CEILING`] whatever it is set to.
     pub max_key_bytes: usize,
     /// Bytes in a name: an attribute (identity, asserted or expected), a topic, an endpoint, a
-    /// header name. Default 256.
+    /// header name. Default 256; at most [`Limits::NAME_BYTES_CEILING`] whatever it is set to.
     pub max_name_bytes: usize,
     /// Bytes in one header value of a message or request. Default 8 KiB.
     pub max_header_value_bytes: usize,
     /// Bytes of the whole run: every value, payload, request and header together. Default
     /// 8 MiB.
     pub max_run_bytes: usize,
+}
+
+impl Limits {
+    /// The most bytes a key (idempotency key, partition key, identity value as JSON) may have,
+    /// whatever [`Limits::max_key_bytes`] says: with a name of [`Limits::NAME_BYTES_CEILING`]
+    /// it still fits in a PostgreSQL index row (see
+    /// [the rules](Limits#one-definition-of-a-valid-value)).
+    pub const KEY_BYTES_CEILING: usize = 2048;
+
+    /// The most bytes a name (attribute, topic, endpoint, header name) may have, whatever
+    /// [`Limits::max_name_bytes`] says.
+    pub const NAME_BYTES_CEILING: usize = 512;
+
+    /// The limit on keys in effect: [`Limits::max_key_bytes`] up to its ceiling.
+    pub fn key_bytes(&self) -> usize {
+        self.max_key_bytes.min(Limits::KEY_BYTES_CEILING)
+    }
+
+    /// The limit on names in effect: [`Limits::max_name_bytes`] up to its ceiling.
+    pub fn name_bytes(&self) -> usize {
+        self.max_name_bytes.min(Limits::NAME_BYTES_CEILING)
+    }
 }
 
 impl Default for Limits {
@@ -103,6 +169,18 @@ pub enum ValidationError {
         max: usize,
         /// The name of the limit in [`Limits`].
         limit: &'static str,
+    },
+    /// Text that is not JSON — a key, a topic, a name, a header, a path — holds a NUL character
+    /// (U+0000), which PostgreSQL cannot store as text (see [`Limits`]).
+    #[error(
+        "{field} holds a NUL character (U+0000) at byte {index}: keys, topics, names, headers \
+         and paths must not (PostgreSQL cannot store it in text); only JSON values may hold it"
+    )]
+    NulCharacter {
+        /// Which field, as in `messages[2] partition key`.
+        field: String,
+        /// Where, in bytes.
+        index: usize,
     },
     /// The run as a whole is larger than its limit.
     #[error(
@@ -219,14 +297,80 @@ fn check_expectations(datoms: &[NewDatom]) -> Result<(), ValidationError> {
     Ok(())
 }
 
-pub(crate) fn check_key(key: &str, limits: &Limits) -> Result<(), ValidationError> {
+/// What a run is checked against: the limits and, unless a mutant turns them off, the rules
+/// on values every store can hold (see [`Limits`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rules<'a> {
+    pub(crate) limits: &'a Limits,
+    /// The rules on values: no NUL in text that is not JSON, the ceilings on keys and names.
+    /// Off only for [`Mutant::NoValueRules`](super::Mutant::NoValueRules).
+    pub(crate) values: bool,
+}
+
+impl<'a> Rules<'a> {
+    /// Every rule.
+    pub(crate) fn new(limits: &'a Limits) -> Rules<'a> {
+        Rules {
+            limits,
+            values: true,
+        }
+    }
+
+    fn key_bytes(&self) -> usize {
+        if self.values {
+            self.limits.key_bytes()
+        } else {
+            self.limits.max_key_bytes
+        }
+    }
+
+    fn name_bytes(&self) -> usize {
+        if self.values {
+            self.limits.name_bytes()
+        } else {
+            self.limits.max_name_bytes
+        }
+    }
+
+    /// Refuses text that is not JSON if it holds a NUL character.
+    fn text(&self, field: impl FnOnce() -> String, text: &str) -> Result<(), ValidationError> {
+        match text.bytes().position(|b| b == 0) {
+            Some(index) if self.values => Err(ValidationError::NulCharacter {
+                field: field(),
+                index,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A key: its length, and no NUL.
+    fn key(&self, field: impl Fn() -> String, key: &str) -> Result<(), ValidationError> {
+        check_len(&field, key, self.key_bytes(), "max_key_bytes")?;
+        self.text(field, key)
+    }
+
+    /// A name: its length, and no NUL.
+    fn name(&self, field: impl Fn() -> String, name: &str) -> Result<(), ValidationError> {
+        check_len(&field, name, self.name_bytes(), "max_name_bytes")?;
+        self.text(field, name)
+    }
+}
+
+/// Whether a run can exist under `key`: no key [`check_key`] refuses for its characters was
+/// ever written, so such a key is not looked up (a store may not even be able to compare it).
+pub(crate) fn storable_key(key: &str) -> bool {
+    !key.bytes().any(|b| b.is_ascii_control())
+}
+
+pub(crate) fn check_key(key: &str, rules: &Rules<'_>) -> Result<(), ValidationError> {
     if key.is_empty() {
         return Err(ValidationError::EmptyKey);
     }
-    if key.len() > limits.max_key_bytes {
+    let max = rules.key_bytes();
+    if key.len() > max {
         return Err(ValidationError::KeyTooLong {
             len: key.len(),
-            max: limits.max_key_bytes,
+            max,
         });
     }
     if let Some(index) = key.bytes().position(|b| b.is_ascii_control()) {
@@ -271,42 +415,40 @@ fn check_len(
     Ok(())
 }
 
-fn check_name(
-    field: impl FnOnce() -> String,
-    name: &str,
-    limits: &Limits,
-) -> Result<(), ValidationError> {
-    check_len(field, name, limits.max_name_bytes, "max_name_bytes")
-}
-
 fn check_headers<'a>(
     what: &str,
     headers: impl IntoIterator<Item = (&'a String, &'a String)>,
-    limits: &Limits,
+    rules: &Rules<'_>,
 ) -> Result<(), ValidationError> {
     for (name, value) in headers {
-        check_name(
-            || format!("{what} header name `{}…`", prefix(name)),
-            name,
-            limits,
-        )?;
+        rules.name(|| format!("{what} header name `{}…`", prefix(name)), name)?;
+        let field = || format!("{what} header `{}`", prefix(name));
         check_len(
-            || format!("{what} header `{}`", prefix(name)),
+            field,
             value,
-            limits.max_header_value_bytes,
+            rules.limits.max_header_value_bytes,
             "max_header_value_bytes",
         )?;
+        rules.text(field, value)?;
     }
     Ok(())
 }
 
-/// The start of a long name, for errors.
-fn prefix(name: &str) -> &str {
+/// The start of a long name, for errors, with control characters escaped (`\u{0}`).
+fn prefix(name: &str) -> String {
     let mut end = name.len().min(40);
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    &name[..end]
+    let mut out = String::with_capacity(end);
+    for c in name[..end].chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -328,7 +470,7 @@ pub(crate) fn message_row(
     seq: u32,
     index: usize,
     message: &MessageEffect,
-    limits: &Limits,
+    rules: &Rules<'_>,
 ) -> Result<NewOutboxRow, ValidationError> {
     if message.topic.is_empty() {
         return Err(ValidationError::InvalidMessage {
@@ -336,22 +478,18 @@ pub(crate) fn message_row(
             reason: "the topic is empty".to_owned(),
         });
     }
-    check_name(
-        || format!("messages[{index}] topic"),
-        &message.topic,
-        limits,
-    )?;
+    rules.name(|| format!("messages[{index}] topic"), &message.topic)?;
     if let Some(key) = &message.key {
-        check_len(
-            || format!("messages[{index}] partition key"),
-            key,
-            limits.max_key_bytes,
-            "max_key_bytes",
-        )?;
+        rules.key(|| format!("messages[{index}] partition key"), key)?;
     }
-    check_headers(&format!("messages[{index}]"), &message.headers, limits)?;
+    check_headers(&format!("messages[{index}]"), &message.headers, rules)?;
     let payload = canonical_json(&message.payload);
-    check_size(Kind::Messages, index, &payload, limits.max_payload_bytes)?;
+    check_size(
+        Kind::Messages,
+        index,
+        &payload,
+        rules.limits.max_payload_bytes,
+    )?;
     Ok(NewOutboxRow {
         seq,
         kind: OutboxKind::Message,
@@ -360,6 +498,16 @@ pub(crate) fn message_row(
         headers: message.headers.clone(),
         payload,
     })
+}
+
+/// Checks the text of every request that is not JSON: endpoint, path, headers.
+fn check_request_text(effects: &Effects, rules: &Rules<'_>) -> Result<(), ValidationError> {
+    for (index, r) in effects.requests.iter().enumerate() {
+        rules.name(|| format!("requests[{index}] endpoint"), &r.endpoint)?;
+        rules.text(|| format!("requests[{index}] path"), &r.path)?;
+        check_headers(&format!("requests[{index}]"), &r.headers, rules)?;
+    }
+    Ok(())
 }
 
 /// Checks every request against the client: a known endpoint, no credential header.
@@ -396,12 +544,14 @@ pub(crate) fn prepare(
     after_requests: Option<&str>,
     has_hook: impl Fn(&str) -> bool,
     http: Option<&impl HttpClient>,
-    limits: &Limits,
+    rules: &Rules<'_>,
 ) -> Result<NewRun, ValidationError> {
-    check_key(key, limits)?;
+    let limits = rules.limits;
+    check_key(key, rules)?;
     check_count(Kind::Datoms, effects.datoms.len(), limits.max_datoms)?;
     check_count(Kind::Requests, effects.requests.len(), limits.max_requests)?;
     check_count(Kind::Messages, effects.messages.len(), limits.max_messages)?;
+    check_request_text(effects, rules)?;
     match http {
         None if !effects.requests.is_empty() => {
             return Err(ValidationError::NoHttpClient {
@@ -412,6 +562,7 @@ pub(crate) fn prepare(
         Some(http) => check_requests(effects, http)?,
     }
     if let Some(name) = after_requests {
+        rules.text(|| "the after-requests hook's name".to_owned(), name)?;
         if !has_hook(name) {
             return Err(ValidationError::UnknownAfterRequests {
                 name: name.to_owned(),
@@ -431,16 +582,16 @@ pub(crate) fn prepare(
                 reason: "the lookup ref's attribute is empty".to_owned(),
             });
         }
-        check_name(
+        rules.name(
             || format!("datoms[{index}] identity attribute"),
             &d.entity.attribute,
-            limits,
         )?;
         let identity_value = canonical_json(&d.entity.value);
+        // JSON: any character is written as text a store keeps; only its length counts.
         check_len(
             || format!("datoms[{index}] identity value"),
             &identity_value,
-            limits.max_key_bytes,
+            rules.key_bytes(),
             "max_key_bytes",
         )?;
         run_bytes += d.entity.attribute.len() + identity_value.len();
@@ -452,10 +603,9 @@ pub(crate) fn prepare(
                     reason: "an attribute name is empty".to_owned(),
                 });
             }
-            check_name(
+            rules.name(
                 || format!("datoms[{index}] attribute `{}…`", prefix(name)),
                 name,
-                limits,
             )?;
             let value = canonical_json(value);
             check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
@@ -470,10 +620,9 @@ pub(crate) fn prepare(
                     reason: "an expected attribute's name is empty".to_owned(),
                 });
             }
-            check_name(
+            rules.name(
                 || format!("datoms[{index}] expected attribute `{}…`", prefix(name)),
                 name,
-                limits,
             )?;
             let value = canonical_json(value);
             check_size(Kind::Datoms, index, &value, limits.max_payload_bytes)?;
@@ -490,7 +639,11 @@ pub(crate) fn prepare(
     }
     check_expectations(&datoms)?;
     let mut new_reads: Vec<NewRead> = Vec::with_capacity(reads.len());
-    for read in reads {
+    for (index, read) in reads.iter().enumerate() {
+        rules.text(
+            || format!("reads[{index}] identity attribute"),
+            &read.entity.attribute,
+        )?;
         let identity_value = canonical_json(&read.entity.value);
         let same = |r: &NewRead| {
             r.entity.attribute == read.entity.attribute
@@ -515,12 +668,6 @@ pub(crate) fn prepare(
         })?;
         let payload = canonical_json(&value);
         check_size(Kind::Requests, index, &payload, limits.max_payload_bytes)?;
-        check_name(
-            || format!("requests[{index}] endpoint"),
-            &r.endpoint,
-            limits,
-        )?;
-        check_headers(&format!("requests[{index}]"), &r.headers, limits)?;
         run_bytes += payload.len();
         outbox.push(NewOutboxRow {
             seq,
@@ -533,7 +680,7 @@ pub(crate) fn prepare(
         seq += 1;
     }
     for (index, m) in effects.messages.iter().enumerate() {
-        let row = message_row(seq, index, m, limits)?;
+        let row = message_row(seq, index, m, rules)?;
         run_bytes += row.destination.len()
             + row.partition_key.as_ref().map_or(0, String::len)
             + row
@@ -559,4 +706,238 @@ pub(crate) fn prepare(
         datoms,
         outbox,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::datom::{DatomEffect, LookupRef};
+    use crate::executor::NoHttp;
+    use crate::request::{Method, RequestEffect};
+
+    fn run(effects: &Effects, rules: &Rules<'_>) -> Result<NewRun, ValidationError> {
+        run_with("k", effects, &[], None, rules)
+    }
+
+    fn run_with(
+        key: &str,
+        effects: &Effects,
+        reads: &[ReadVersion],
+        after_requests: Option<&str>,
+        rules: &Rules<'_>,
+    ) -> Result<NewRun, ValidationError> {
+        prepare(
+            key,
+            effects,
+            reads,
+            after_requests,
+            |_| true,
+            None::<&NoHttp>,
+            rules,
+        )
+    }
+
+    fn card(id: &str) -> LookupRef {
+        LookupRef::new("card/id", id)
+    }
+
+    fn nul_field(e: Result<NewRun, ValidationError>) -> (String, usize) {
+        match e {
+            Err(ValidationError::NulCharacter { field, index }) => (field, index),
+            other => panic!("expected NulCharacter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_nul_in_text_that_is_not_json_is_refused_and_named() {
+        let limits = Limits::default();
+        let rules = Rules::new(&limits);
+        let m = || MessageEffect::new("t", json!(1));
+        let cases: Vec<(Effects, &str, usize)> = vec![
+            (
+                MessageEffect::new("to\0pic", json!(1)).into(),
+                "messages[0] topic",
+                2,
+            ),
+            (m().with_key("a\0b").into(), "messages[0] partition key", 1),
+            (
+                m().with_header("x-\0", "v").into(),
+                "messages[0] header name `x-\\u{0}…`",
+                2,
+            ),
+            (
+                m().with_header("x-a", "v\0").into(),
+                "messages[0] header `x-a`",
+                1,
+            ),
+            (
+                DatomEffect::assert(card("c"), [("card/\0s", json!(1))]).into(),
+                "datoms[0] attribute `card/\\u{0}s…`",
+                5,
+            ),
+            (
+                DatomEffect::assert(LookupRef::new("card/\0id", "c"), [("card/s", json!(1))])
+                    .into(),
+                "datoms[0] identity attribute",
+                5,
+            ),
+            (
+                DatomEffect::assert(card("c"), [("card/s", json!(1))])
+                    .expecting("card/\0s", json!(0))
+                    .into(),
+                "datoms[0] expected attribute `card/\\u{0}s…`",
+                5,
+            ),
+        ];
+        for (effects, field, index) in cases {
+            assert_eq!(nul_field(run(&effects, &rules)), (field.to_owned(), index));
+        }
+        let reads = [ReadVersion::missing(LookupRef::new("card/\0id", "c"))];
+        assert_eq!(
+            nul_field(run_with("k", &Effects::new(), &reads, None, &rules)),
+            ("reads[0] identity attribute".to_owned(), 5)
+        );
+        assert_eq!(
+            nul_field(run_with("k", &Effects::new(), &[], Some("ho\0ok"), &rules)),
+            ("the after-requests hook's name".to_owned(), 2)
+        );
+        let request = |r: RequestEffect| Effects::from(r);
+        let get = |endpoint: &str, path: &str| RequestEffect::new(Method::Get, endpoint, path);
+        for (effects, field) in [
+            (request(get("no\0tify", "/x")), "requests[0] endpoint"),
+            (request(get("notify", "/x\0")), "requests[0] path"),
+            (
+                request({
+                    let mut r = get("notify", "/x");
+                    r.headers.insert("x-a".to_owned(), "\0".to_owned());
+                    r
+                }),
+                "requests[0] header `x-a`",
+            ),
+        ] {
+            match check_request_text(&effects, &rules) {
+                Err(ValidationError::NulCharacter { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // The key was refused already, as any control character.
+        assert_eq!(
+            run_with("k\0", &Effects::new(), &[], None, &rules).unwrap_err(),
+            ValidationError::KeyControlCharacter { index: 1 }
+        );
+        let shown = run(&m().with_key("a\0b").into(), &rules)
+            .unwrap_err()
+            .to_string();
+        assert!(!shown.contains('\0'), "{shown}");
+        assert!(
+            shown.contains("NUL character (U+0000) at byte 1"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn json_values_hold_any_character_as_an_escape() {
+        let limits = Limits::default();
+        let rules = Rules::new(&limits);
+        let odd = "a\0b\u{1}\u{1f}\u{7f}\u{fffe}\u{ffff}\u{10ffff}😀";
+        let value = json!({ "s": odd, "list": [odd, {odd: odd}], odd: [u64::MAX] });
+        let effects = Effects::from(DatomEffect::assert(
+            LookupRef::new("card/id", odd),
+            [("card/v", value.clone())],
+        ))
+        .merge(MessageEffect::new("t", value.clone()).with_key("p\u{1}"));
+        let run = run(&effects, &rules).unwrap();
+        let texts = [
+            &run.datoms[0].identity_value,
+            &run.datoms[0].attributes[0].1,
+            &run.outbox[0].payload,
+        ];
+        for text in texts {
+            assert!(!text.contains('\0'), "{text}");
+            assert!(text.contains("a\\u0000b"), "{text}");
+        }
+        let back: serde_json::Value = serde_json::from_str(&run.outbox[0].payload).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn lone_surrogates_cannot_be_held_by_a_json_value() {
+        for text in [
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#"{"\ud800":1}"#,
+            r#"["a\udfffb"]"#,
+        ] {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(text).is_err(),
+                "{text}"
+            );
+        }
+        assert!(serde_json::from_slice::<serde_json::Value>(b"\"\xed\xa0\x80\"").is_err());
+    }
+
+    #[test]
+    fn keys_and_names_have_a_ceiling_whatever_the_limits() {
+        let limits = Limits {
+            max_key_bytes: 1 << 20,
+            max_name_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let rules = Rules::new(&limits);
+        assert_eq!(limits.key_bytes(), Limits::KEY_BYTES_CEILING);
+        assert_eq!(limits.name_bytes(), Limits::NAME_BYTES_CEILING);
+        let key = "k".repeat(Limits::KEY_BYTES_CEILING + 1);
+        let name = "n".repeat(Limits::NAME_BYTES_CEILING + 1);
+        assert_eq!(
+            run_with(&key, &Effects::new(), &[], None, &rules).unwrap_err(),
+            ValidationError::KeyTooLong {
+                len: 2049,
+                max: 2048
+            }
+        );
+        let too_long = |effects: Effects| match run(&effects, &rules) {
+            Err(ValidationError::FieldTooLong {
+                field, bytes, max, ..
+            }) => (field, bytes, max),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            too_long(
+                MessageEffect::new("t", json!(1))
+                    .with_key(key.as_str())
+                    .into()
+            ),
+            ("messages[0] partition key".to_owned(), 2049, 2048)
+        );
+        // The identity value counts as its JSON text, quotes included.
+        assert_eq!(
+            too_long(DatomEffect::assert(card(&key[1..]), [("card/s", json!(1))]).into()),
+            ("datoms[0] identity value".to_owned(), 2050, 2048)
+        );
+        assert_eq!(
+            too_long(MessageEffect::new(name.as_str(), json!(1)).into()),
+            ("messages[0] topic".to_owned(), 513, 512)
+        );
+        // Up to the ceilings, everything is accepted.
+        let fits = MessageEffect::new(&name[1..], json!(1)).with_key(&key[1..]);
+        assert!(run_with(&key[1..], &fits.into(), &[], None, &rules).is_ok());
+        // Without the rules (the mutant), the limits alone apply.
+        let off = Rules {
+            values: false,
+            ..Rules::new(&limits)
+        };
+        assert!(run_with(&key, &Effects::new(), &[], None, &off).is_ok());
+        let nul = MessageEffect::new("t\0", json!(1)).with_key("a\0b");
+        assert!(run(&nul.into(), &off).is_ok());
+    }
+
+    #[test]
+    fn a_key_with_a_control_character_is_never_looked_up() {
+        assert!(storable_key("transfer:t-1"));
+        assert!(storable_key("é😀"));
+        assert!(!storable_key("transfer:a\0b"));
+        assert!(!storable_key("a\nb"));
+    }
 }

@@ -43,9 +43,11 @@ use crate::datom::{LookupRef, Op};
 use crate::http::HttpResponse;
 use crate::request::RequestEffect;
 
+mod classify;
 mod inspect;
 mod tracked;
 
+pub use self::classify::StoreErrorKind;
 pub use self::inspect::{
     BacklogReport, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind, EntityHistory,
     InputDeadLetter, Inspect, OutboxEntry, RecordedOutcome, RetryOutcome, RetryRecord,

@@ -11,10 +11,10 @@ use tracing::Instrument;
 use super::decide::Decided;
 use super::order::JobId;
 use super::{Inner, bump};
-use crate::executor::{BatchItem, Committed, RunError, RunOptions};
+use crate::executor::{BatchItem, Committed, Mutant, RunError, RunOptions};
 use crate::handler::Handler;
 use crate::http::HttpClient;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreErrorKind};
 use crate::transport::Transport;
 use crate::worker::{GroupCommit, Inputs};
 
@@ -120,16 +120,30 @@ where
                                 None => Settled::Retry(missing().to_string()),
                             }
                         }
-                        Err(e) => Settled::Retry(e.to_string()),
+                        Err(source) => {
+                            self.settled(Err(RunError::Store {
+                                key: item.key.clone(),
+                                source,
+                            }))
+                            .await
+                        }
                     };
                     out.push((id, settled));
                 }
                 out
             }
-            Err(e) => ids
-                .into_iter()
-                .map(|id| (id, Settled::Retry(e.to_string())))
-                .collect(),
+            // One run (a batch of more is committed again run by run, above): the store's
+            // error is that run's.
+            Err(source) => match ids.into_iter().zip(&items).next() {
+                Some((id, item)) => {
+                    let result = Err(RunError::Store {
+                        key: item.key.clone(),
+                        source,
+                    });
+                    vec![(id, self.settled(result).await)]
+                }
+                None => Vec::new(),
+            },
         }
     }
 
@@ -163,7 +177,20 @@ where
                 }
             }
             Err(e @ RunError::Invalid { .. }) => Settled::DeadLetter(e.to_string()),
+            // The store refused the run's own values (`StoreErrorKind::Data`): no retry can
+            // succeed, and the deliveries behind this one on its partition key would wait for ever.
+            Err(RunError::Store { key, source })
+                if source.is_permanent()
+                    && self.executor.mutant() != Some(Mutant::RetryDataErrors) =>
+            {
+                Settled::DeadLetter(RunError::Store { key, source }.to_string())
+            }
             Err(e @ (RunError::Store { .. } | RunError::Incomplete { .. })) => {
+                if let RunError::Store { source, .. } = &e {
+                    if source.kind() == StoreErrorKind::Environment {
+                        tracing::error!(error = %e, "the database or its setup is wrong: the run waits until an operator fixes it");
+                    }
+                }
                 Settled::Retry(e.to_string())
             }
         }
