@@ -2343,9 +2343,16 @@ async fn setup<B: Backend>(b: &B, mutant: Option<Mutant>) -> Setup<B> {
     }
 }
 
+/// A worker's settings for the cases: `concurrency` deliveries decided at once; with 1, one
+/// delivery in the worker at a time, from fetch to settle.
 fn worker_config(concurrency: usize) -> WorkerConfig {
     WorkerConfig {
         concurrency,
+        max_in_flight: if concurrency == 1 {
+            1
+        } else {
+            WorkerConfig::default().max_in_flight
+        },
         fetch_wait: Duration::from_millis(20),
         relay: Some(RelayConfig {
             interval: Duration::from_millis(20),
