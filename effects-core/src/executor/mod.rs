@@ -34,7 +34,8 @@
 //! [`RunOutcome::Duplicate`].
 //!
 //! Work that is interrupted (a crash, a broker that is down, a request that keeps failing) stays
-//! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its lease expires.
+//! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its process is found dead
+//! (see liveness in [`store`](crate::store)) or its lease expires.
 
 mod validate;
 
@@ -95,6 +96,9 @@ pub enum Mutant {
     /// `AfterPublishBeforeMark` then sits between the mark and the publish): a crash there
     /// loses the message.
     MarkBeforePublish,
+    /// The relay never reaps dead owners: a dead process's rows wait for their leases and its
+    /// stalled runs for the idle time.
+    NoReaping,
 }
 
 impl Mutant {
@@ -104,6 +108,7 @@ impl Mutant {
         Mutant::SkipDuplicateCheck,
         Mutant::NoLeaseRenewal,
         Mutant::MarkBeforePublish,
+        Mutant::NoReaping,
     ];
 
     /// Its name on a command line: `skip-read-validation`, ...
@@ -113,6 +118,7 @@ impl Mutant {
             Mutant::SkipDuplicateCheck => "skip-duplicate-check",
             Mutant::NoLeaseRenewal => "no-lease-renewal",
             Mutant::MarkBeforePublish => "mark-before-publish",
+            Mutant::NoReaping => "no-reaping",
         }
     }
 
@@ -210,9 +216,11 @@ pub struct ExecutorConfig {
     pub lease: Duration,
     /// Retries of rows whose dispatch failed.
     pub retry: Backoff,
-    /// The name leases are taken under. Give each process a stable name (a pod name) so that a
-    /// restarted process reclaims its leases at once ([`Executor::recover`]); the default is
-    /// unique per process.
+    /// The name leases are taken under, unique among live processes. The default is unique per
+    /// process; that is enough: the store registers the owner as alive by something that dies
+    /// with the process ([`Executor::recover`]), and relays free a dead owner's rows within
+    /// seconds. A stable name (a pod name) also lets a restarted process reclaim its leases at
+    /// once, itself.
     pub owner: String,
     /// Publish messages inside the store's transactions when the transport lives in the
     /// store's database. Default `true`.
@@ -662,6 +670,11 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         self.inline
     }
 
+    /// Whether this executor runs with `mutant` (the relay reads it).
+    pub(crate) fn is_mutant(&self, mutant: Mutant) -> bool {
+        self.mutant == Some(mutant)
+    }
+
     fn fault(&self, point: FaultPoint, at: &str) {
         if let Some(hook) = &self.fault {
             hook(point, at);
@@ -923,16 +936,19 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         .await
     }
 
-    /// Releases every lease held under this executor's owner name by a previous process with
-    /// the same name, so what it was doing when it died becomes claimable at once instead of
-    /// when the leases expire. It happens once per executor, before its first claim: every
-    /// method that takes leases calls it, so calling it yourself is only useful to know how many
-    /// leases were reclaimed (0 if it already happened). Owner names must therefore be unique
-    /// among live processes.
+    /// Registers this executor's owner with the store as alive for as long as the store handle
+    /// lives ([`Store::register_owner`]: other processes' relays then free its rows within
+    /// seconds of its death), then releases every lease held under the owner name by a previous
+    /// process with the same name, so what it was doing when it died becomes claimable at once
+    /// instead of when the leases expire. It happens once per executor, before its first claim:
+    /// every method that takes leases calls it, so calling it yourself is only useful to know
+    /// how many leases were reclaimed (0 if it already happened). Owner names must therefore be
+    /// unique among live processes.
     pub async fn recover(&self) -> Result<u64, StoreError> {
         let mut released = 0;
         self.recovered
             .get_or_try_init(|| async {
+                self.store.register_owner(&self.config.owner).await?;
                 released = self.store.release(Vec::new(), &self.config.owner).await?;
                 if released > 0 {
                     tracing::info!(owner = %self.config.owner, released, "reclaimed the leases of a previous process");
@@ -1032,7 +1048,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     datom.expected.clear();
                 }
             }
-            Some(Mutant::NoLeaseRenewal | Mutant::MarkBeforePublish) => {}
+            Some(Mutant::NoLeaseRenewal | Mutant::MarkBeforePublish | Mutant::NoReaping) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

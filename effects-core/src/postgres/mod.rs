@@ -146,6 +146,7 @@
 mod commit;
 mod db;
 mod inspect;
+mod liveness;
 mod pipeline;
 mod single;
 mod store;
