@@ -3,13 +3,12 @@
 //! A run leaves outbox rows pending when its process dies between the commit and the end of
 //! dispatching, when the broker is down, or when a request keeps failing. Every such row is
 //! leased (or due for a retry at `next attempt at`); once its lease expires any relay may claim
-//! it. A dead process does not make anyone wait for its leases: every [`RelayConfig::reap_every`]
-//! the relay asks the store for owners whose process is gone ([`Store::reap_dead_owners`]),
-//! which frees their rows at once, and the same round claims them. (A process alive but stuck
-//! keeps its rows until its lease expires.) Leases, not locks, keep two relays from sending one
-//! row at once: a claim takes rows whose
-//! lease is free and stamps them with the claimant's name and an expiry, in one store
-//! transaction. (A PostgreSQL store will claim with `FOR UPDATE SKIP LOCKED` under the same
+//! it. A dead process does not make anyone wait for its leases: every
+//! [`RelayConfig::reap_every`] the relay asks the store for owners whose process is gone
+//! ([`Store::reap_dead_owners`]), which frees their rows at once, and the same round claims
+//! them. (A process alive but stuck keeps its rows until its lease expires.) Leases, not locks,
+//! keep two relays from sending one row at once: a claim takes rows whose lease is free and
+//! stamps them with the claimant's name and an expiry, in one store transaction. (A PostgreSQL store will claim with `FOR UPDATE SKIP LOCKED` under the same
 //! trait.) Claims keep the order rules: a run's requests one after the other, its messages only
 //! after its requests, and messages with one partition key in the order they became ready.
 //!
@@ -23,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::executor::Mutant;
-use crate::executor::{Executor, RelayReport};
+use crate::executor::{Executor, Mutant, RelayReport};
 use crate::http::HttpClient;
 use crate::store::{PruneOlderThan, PruneReport, Reaped, Store, StoreError};
 use crate::transport::Transport;
@@ -166,7 +164,8 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
     }
 
     /// Frees the rows of owners whose process is gone ([`Store::reap_dead_owners`]), so that
-    /// the next round claims them; [`Relay::run`] does it every [`RelayConfig::reap_every`].
+    /// a round claims them; [`Relay::run`] does it every [`RelayConfig::reap_every`], before the
+    /// round.
     pub async fn reap(&self) -> Result<Reaped, StoreError> {
         if self.executor.is_mutant(Mutant::NoReaping) {
             return Ok(Reaped::default());

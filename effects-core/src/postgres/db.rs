@@ -94,7 +94,10 @@ pub struct PostgresOptions {
     /// digits and `_`, not starting with a digit, at most 63 bytes. Default `public`; give each
     /// service (or test) its own to keep them apart in one database.
     pub schema: String,
-    /// Connections in the pool. Default 16.
+    /// Connections in the pool. Default 16. Once an owner registers
+    /// ([`Store::register_owner`](crate::store::Store::register_owner), as every executor does
+    /// before its first claim) the store holds one more, outside the pool: its liveness
+    /// connection (see the [module documentation](super)).
     pub pool_size: usize,
     /// How long opening a connection may take. Default 5 s.
     pub connect_timeout: Duration,

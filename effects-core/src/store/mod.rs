@@ -662,7 +662,9 @@ pub struct HistoryDatom {
 }
 
 /// What pruning may remove: everything older than these ages, measured by the store's own
-/// clock (a pruning process whose clock runs ahead cannot shorten them). `None` keeps that kind.
+/// clock (a pruning process whose clock runs ahead cannot shorten them: on PostgreSQL the
+/// server's clock; on SQLite the store's clock, which no process's wall clock can move ahead by
+/// more than 1 % of real time). `None` keeps that kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PruneOlderThan {
     /// Outbox rows dispatched longer ago than this, of runs that are done.

@@ -14,7 +14,8 @@
 //!   `HELD <rows>` and waits.
 //! - `execute` runs `N` runs (`P:0` ..) through an executor with the default configuration
 //!   (owner, lease), each a datom, a request to the `notify` endpoint at `URL` and a message,
-//!   all at once, and prints `STARTED`; the runs then wait for their responses.
+//!   all at once, and prints `STARTED <owner>` (its executor's owner name); the runs then wait
+//!   for their responses.
 //!
 //! Either way it waits to be killed (SIGKILL), stops when stdin closes or says `STOP`, and exits
 //! by itself (code 3) after 120 s so that a broken test never leaves it behind.
@@ -219,6 +220,7 @@ async fn execute<S: Store + Clone>(store: S, args: &[String]) -> Result<(), BoxE
             })?,
     )?;
     let executor = Arc::new(Executor::builder(store, broker).http(http).build());
+    let owner = executor.config().owner.clone();
     for i in 0..runs {
         let executor = Arc::clone(&executor);
         let key = format!("{prefix}:{i}");
@@ -234,6 +236,6 @@ async fn execute<S: Store + Clone>(store: S, args: &[String]) -> Result<(), BoxE
             }
         });
     }
-    say("STARTED");
+    say(&format!("STARTED {owner}"));
     Ok(())
 }
