@@ -1175,8 +1175,7 @@ impl Inspect for SqliteStore {
     }
 
     fn backlog(&self) -> impl Future<Output = Result<BacklogReport, StoreError>> + Send {
-        self.db
-            .read_at("measuring the backlog", |conn, now| backlog_tx(conn, now))
+        self.db.read_at("measuring the backlog", backlog_tx)
     }
 
     fn retry_dead_letter(
