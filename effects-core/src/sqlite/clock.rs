@@ -85,6 +85,29 @@ struct Anchor {
     instant: Instant,
 }
 
+impl Anchor {
+    /// The reading before the store's time is taken into account, and the projection (the
+    /// anchor moved by the real time since), in microseconds.
+    fn candidate(self, wall_us: i64, now: Instant) -> (i64, i64) {
+        let elapsed = i64::try_from(now.saturating_duration_since(self.instant).as_micros())
+            .unwrap_or(i64::MAX);
+        let low = self.at_us.saturating_add(elapsed);
+        let high = low.saturating_add(elapsed / CATCH_UP_DIVISOR);
+        (wall_us.clamp(low, high), low)
+    }
+}
+
+/// Takes the reading `t_us` as the new anchor, unless it is the projection: following the
+/// monotonic clock then loses no sub-millisecond remainders.
+fn settle(anchor: &mut Option<Anchor>, t_us: i64, projected: Option<i64>, now: Instant) {
+    if projected != Some(t_us) {
+        *anchor = Some(Anchor {
+            at_us: t_us,
+            instant: now,
+        });
+    }
+}
+
 /// This boot's id, hashed (Linux; `None` elsewhere).
 fn boot() -> Option<i64> {
     static BOOT: OnceLock<Option<i64>> = OnceLock::new();
@@ -162,26 +185,17 @@ impl Clock {
                 (t, None)
             }
             Some(a) => {
-                let elapsed = i64::try_from(now.saturating_duration_since(a.instant).as_micros())
-                    .unwrap_or(i64::MAX);
-                let low = a.at_us.saturating_add(elapsed);
-                let high = low.saturating_add(elapsed / CATCH_UP_DIVISOR);
-                (wall_us.clamp(low, high).max(store_us), Some(low))
+                let (candidate, low) = a.candidate(wall_us, now);
+                (candidate.max(store_us), Some(low))
             }
         };
-        // Re-anchor only off the projection, so that following the monotonic clock loses no
-        // sub-millisecond remainders.
-        if projected != Some(t) {
-            *anchor = Some(Anchor {
-                at_us: t,
-                instant: now,
-            });
-        }
+        settle(&mut anchor, t, projected, now);
         t.div_euclid(1000)
     }
 
     /// The time inside a write transaction: reads the store's newest time and raises it to the
-    /// reading; about once a second, records the reference.
+    /// reading; about once a second, records the reference. (Reading, then updating only when
+    /// the time moved, costs fewer instructions than one `UPDATE .. RETURNING`.)
     pub(crate) fn advance(&self, conn: &Connection) -> Result<Millis, StoreError> {
         const OP: &str = "reading the store's clock";
         let stored = stored(conn, "clock")?;
