@@ -3,9 +3,12 @@
 //! A run leaves outbox rows pending when its process dies between the commit and the end of
 //! dispatching, when the broker is down, or when a request keeps failing. Every such row is
 //! leased (or due for a retry at `next attempt at`); once its lease expires any relay may claim
-//! it. Leases, not locks, keep two relays from sending one row at once: a claim takes rows whose
-//! lease is free and stamps them with the claimant's name and an expiry, in one store
-//! transaction. (A PostgreSQL store will claim with `FOR UPDATE SKIP LOCKED` under the same
+//! it. A dead process does not make anyone wait for its leases: every
+//! [`RelayConfig::reap_every`] the relay asks the store for owners whose process is gone
+//! ([`Store::reap_dead_owners`]), which frees their rows at once, and the same round claims
+//! them. (A process alive but stuck keeps its rows until its lease expires.) Leases, not locks,
+//! keep two relays from sending one row at once: a claim takes rows whose lease is free and
+//! stamps them with the claimant's name and an expiry, in one store transaction. (A PostgreSQL store will claim with `FOR UPDATE SKIP LOCKED` under the same
 //! trait.) Claims keep the order rules: a run's requests one after the other, its messages only
 //! after its requests, and messages with one partition key in the order they became ready.
 //!
@@ -19,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::executor::{Executor, RelayReport};
+use crate::executor::{Executor, Mutant, RelayReport};
 use crate::http::HttpClient;
-use crate::store::{PruneOlderThan, PruneReport, Store, StoreError};
+use crate::store::{PruneOlderThan, PruneReport, Reaped, Store, StoreError};
 use crate::transport::Transport;
 
 /// How long things are kept.
@@ -66,6 +69,10 @@ pub struct RelayConfig {
     pub batch: usize,
     /// What pruning keeps; `None` disables pruning. Default [`Retention::default`].
     pub retention: Option<Retention>,
+    /// How often to look for dead owners and free their rows ([`Relay::reap`]): a process
+    /// killed with work in flight has it taken over within about this plus `interval`. Default
+    /// 1 s.
+    pub reap_every: Duration,
     /// How often to prune. Default 10 min.
     pub prune_every: Duration,
 }
@@ -76,6 +83,7 @@ impl Default for RelayConfig {
             interval: Duration::from_millis(500),
             batch: 100,
             retention: Some(Retention::default()),
+            reap_every: Duration::from_secs(1),
             prune_every: Duration::from_secs(600),
         }
     }
@@ -92,6 +100,10 @@ pub struct RelayTotals {
     pub dispatched: RelayReport,
     /// What pruning removed, summed.
     pub pruned: PruneReport,
+    /// Dead owners reaped.
+    pub reaped_owners: u64,
+    /// Rows their leases were freed from.
+    pub reaped_rows: u64,
 }
 
 /// Dispatches pending outbox rows left by crashed or failed runs. Run one per process (more are
@@ -151,6 +163,29 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
             .inspect(|report| crate::metrics::relay_round(report.claimed))
     }
 
+    /// Frees the rows of owners whose process is gone ([`Store::reap_dead_owners`]), so that
+    /// a round claims them; [`Relay::run`] does it every [`RelayConfig::reap_every`], before the
+    /// round.
+    pub async fn reap(&self) -> Result<Reaped, StoreError> {
+        if self.executor.is_mutant(Mutant::NoReaping) {
+            return Ok(Reaped::default());
+        }
+        let reaped = self
+            .executor
+            .store()
+            .reap_dead_owners()
+            .instrument(tracing::info_span!("effects.reap"))
+            .await?;
+        if !reaped.owners.is_empty() {
+            tracing::warn!(
+                owners = ?reaped.owners,
+                rows = reaped.rows,
+                "owners found dead: the rows they held are claimable now"
+            );
+        }
+        Ok(reaped)
+    }
+
     /// Prunes by the configured retention (nothing if it is `None`).
     pub async fn prune(&self) -> Result<PruneReport, StoreError> {
         match self.config.retention {
@@ -167,14 +202,26 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
 
     /// Runs rounds until `shutdown` resolves, then returns what it did. Store errors are logged
     /// and the round is retried after `interval`; they never end the loop. A round in progress
-    /// when `shutdown` resolves is finished first. (The executor reclaims the leases of a
-    /// previous process with its owner name before its first claim.)
+    /// when `shutdown` resolves is finished first. A round starts by reaping dead owners when
+    /// `reap_every` has passed since the last time (the first round always does). (The executor
+    /// reclaims the leases of a previous process with its owner name before its first claim.)
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> RelayTotals {
         let mut totals = RelayTotals::default();
         tokio::pin!(shutdown);
         let mut last_prune = Instant::now();
+        let mut last_reap: Option<Instant> = None;
         loop {
             totals.rounds += 1;
+            if last_reap.is_none_or(|at| at.elapsed() >= self.config.reap_every) {
+                last_reap = Some(Instant::now());
+                match self.reap().await {
+                    Ok(reaped) => {
+                        totals.reaped_owners += reaped.owners.len() as u64;
+                        totals.reaped_rows += reaped.rows;
+                    }
+                    Err(e) => tracing::error!(error = %e, "reaping dead owners failed"),
+                }
+            }
             let busy = match self.tick().await {
                 Ok(report) => {
                     add_report(&mut totals.dispatched, &report);

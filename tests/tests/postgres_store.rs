@@ -38,11 +38,12 @@ async fn migrations_are_recorded_checked_and_serialised() {
                 store.schema_versions().await.unwrap(),
                 [
                     (1, "0001_store.sql".to_owned()),
-                    (2, "0002_dead_letter_retries.sql".to_owned())
+                    (2, "0002_dead_letter_retries.sql".to_owned()),
+                    (3, "0003_owners.sql".to_owned())
                 ]
             );
         }
-        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 2);
+        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 3);
         drop(stores);
 
         // A migration edited after it was applied is refused.
@@ -292,6 +293,71 @@ async fn a_transaction_left_idle_is_ended_by_the_server() {
                 }
             }
         }
+    })
+    .await;
+}
+
+/// Whether the advisory lock `key` (one bigint) is held by a session of the store's liveness
+/// connection.
+async fn liveness_holds(db: &Postgres, key: i64) -> bool {
+    db.count(&format!(
+        "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = {key} \
+         AND a.application_name = 'effects liveness'"
+    ))
+    .await
+        == 1
+}
+
+/// The liveness connection lost while the process lives (its session ended by the server):
+/// the store notices, and registers its owner again with a new lock on a new connection; the
+/// old lock is free from the moment the session ended (the window in which others may take the
+/// owner for dead), and once the owner is registered again nobody reaps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_liveness_connection_is_noticed_and_the_owner_registered_again() {
+    let db = Postgres::create("pg-liveness-lost").await;
+    backends::run_case(db, |db| async move {
+        let store = db.open().await;
+        store.register_owner("w1").await.unwrap();
+        let first = db
+            .count("SELECT lock_key FROM owners WHERE owner = 'w1'")
+            .await;
+        assert!(liveness_holds(&db, first).await, "held from registration");
+
+        let ended = db
+            .count(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'effects liveness' \
+                 AND datname = current_database()) t",
+            )
+            .await;
+        assert_eq!(ended, 1, "one liveness session");
+
+        // Bounded: noticed at once when the server ends the session; 10 s at most.
+        let mut second = first;
+        for _ in 0..500 {
+            second = db
+                .count("SELECT COALESCE(MAX(lock_key), 0) FROM owners WHERE owner = 'w1'")
+                .await;
+            if second != first && second != 0 && liveness_holds(&db, second).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_ne!(second, first, "registered again with a new lock");
+        assert!(liveness_holds(&db, second).await);
+        assert!(
+            !liveness_holds(&db, first).await,
+            "the old lock went with its session"
+        );
+        let other = db.open().await;
+        assert_eq!(
+            other.reap_dead_owners().await.unwrap(),
+            effects_core::store::Reaped::default(),
+            "alive again: not reaped"
+        );
+        drop(store);
     })
     .await;
 }

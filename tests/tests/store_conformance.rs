@@ -13,10 +13,10 @@
 mod backends;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backends::Backend;
 use effects_core::executor::{
@@ -26,7 +26,7 @@ use effects_core::executor::{
 use effects_core::relay::{Relay, RelayConfig, Retention};
 use effects_core::store::{
     ClaimOptions, Conflict, Entity, Inspect, Lease, OutboxKind, PruneOlderThan, ReadVersion,
-    RequestOutcome, RunStatus, Store, StoreError, Tracked, Tx,
+    Reaped, RequestOutcome, RunStatus, Store, StoreError, Tracked, Tx,
 };
 use effects_core::transport::{HEADER_KEY, HEADER_TX, OutgoingMessage, SqliteLog, Transport};
 use effects_core::worker::{LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport};
@@ -34,6 +34,7 @@ use effects_core::{
     Datom, DatomEffect, Effects, Handler, HandlerDescriptor, LookupRef, MessageEffect, Method,
     RequestEffect,
 };
+use effects_tests::harness::process::ChildProcess;
 use serde::Deserialize;
 use serde_json::json;
 use support::{eventually, http_client};
@@ -110,6 +111,11 @@ conformance!(
     concurrent_transfers_between_disjoint_accounts_never_conflict,
     redelivery_after_a_rerun_is_still_a_duplicate,
     a_store_error_is_retried_by_the_worker_then_succeeds,
+    a_dead_owners_rows_are_taken_over_within_seconds,
+    mutant_without_reaping_leaves_a_dead_owners_rows_to_their_lease,
+    an_owner_alive_or_paused_is_never_reaped,
+    a_stalled_run_of_a_dead_recorder_is_taken_over_at_once,
+    an_owner_is_alive_as_long_as_its_store_handle,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3135,5 +3141,293 @@ async fn a_store_error_is_retried_by_the_worker_then_succeeds<B: Backend>(b: B) 
     assert_eq!(
         setup.log.messages("transfer-booked").await.unwrap().len(),
         1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Liveness: a process that dies has its work taken over in seconds, one that lives never.
+
+/// A child process taking leases on the case's database (`effects-liveness-child hold`), as
+/// another process would: it registers `owner`, commits `runs` runs of one request and one
+/// message whose requests it claims for `lease`, and with `record` records their responses.
+/// Returns once it holds them.
+fn holding_child<B: Backend>(
+    b: &B,
+    owner: &str,
+    runs: usize,
+    lease: Duration,
+    record: bool,
+) -> ChildProcess {
+    let args: Vec<String> = [
+        "hold",
+        "--store",
+        &b.child_store(),
+        "--owner",
+        owner,
+        "--runs",
+        &runs.to_string(),
+        "--lease-ms",
+        &lease.as_millis().to_string(),
+        "--record",
+        &record.to_string(),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let mut child = ChildProcess::spawn(
+        owner,
+        std::path::Path::new(env!("CARGO_BIN_EXE_effects-liveness-child")),
+        &args,
+    )
+    .expect("start the liveness child");
+    let held = child
+        .wait_for("HELD", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(held, format!("HELD {runs}"));
+    child
+}
+
+/// Sends a signal by name (`STOP`, `CONT`) to a child.
+fn signal(child: &ChildProcess, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+
+async fn leased_to<B: Backend>(b: &B, owner: &str) -> i64 {
+    // The owner names are the cases' own constants.
+    b.count(&format!(
+        "SELECT COUNT(*) FROM outbox WHERE lease_owner = '{owner}' \
+         AND dispatched_at_ms IS NULL AND dead_lettered_reason IS NULL"
+    ))
+    .await
+}
+
+async fn a_dead_owners_rows_are_taken_over_within_seconds<B: Backend>(b: B) {
+    dead_owner_taken_over(b, None).await;
+}
+
+async fn mutant_without_reaping_leaves_a_dead_owners_rows_to_their_lease<B: Backend>(b: B) {
+    dead_owner_taken_over(b, Some(Mutant::NoReaping)).await;
+}
+
+/// A process holding requests under an hour's lease is killed; a relay with the default
+/// configuration in another process sends them within seconds (counted at the HTTP server).
+/// Without reaping, they wait for the hour.
+async fn dead_owner_taken_over<B: Backend>(b: B, mutant: Option<Mutant>) {
+    const RUNS: usize = 5;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let child = holding_child(&b, "doomed", RUNS, one_hour(), false);
+    assert_eq!(leased_to(&b, "doomed").await, RUNS as i64);
+
+    let store = b.open().await;
+    let mut builder = Executor::builder(store.clone(), b.broker())
+        .http(http_client(&server.uri(), 1))
+        .owner("survivor");
+    if let Some(m) = mutant {
+        builder = builder.mutant(m);
+    }
+    let relay = Relay::new(Arc::new(builder.build()));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        relay
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // The relay runs; the child's rows are leased for an hour.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        server.received_requests().await.unwrap_or_default().len(),
+        0
+    );
+
+    assert!(child.kill_9().unwrap(), "the child was running when killed");
+    let killed = Instant::now();
+    // Bounded: 4 s.
+    let mut sent = 0;
+    while killed.elapsed() < Duration::from_secs(4) {
+        sent = server.received_requests().await.unwrap_or_default().len();
+        if sent >= RUNS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = killed.elapsed();
+    let _ = stop.send(());
+    let totals = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the relay stops")
+        .unwrap();
+    match mutant {
+        None => {
+            assert_eq!(sent, RUNS, "every request sent again after the kill");
+            assert!(
+                took <= Duration::from_secs(3),
+                "the dead owner's requests were sent {took:?} after the kill"
+            );
+            eprintln!(
+                "{}: a killed owner's {RUNS} requests sent again {took:?} after the kill",
+                B::NAME
+            );
+            assert_eq!((totals.reaped_owners, totals.reaped_rows), (1, RUNS as u64));
+            assert_eq!(
+                b.count("SELECT COUNT(*) FROM owners WHERE owner = 'doomed'")
+                    .await,
+                0,
+                "the dead owner is forgotten"
+            );
+        }
+        Some(_) => {
+            assert_eq!(
+                sent, 0,
+                "without reaping, the dead owner's rows wait for their hour's lease"
+            );
+            assert_eq!(leased_to(&b, "doomed").await, RUNS as i64);
+        }
+    }
+}
+
+/// Owners that live are never reaped, whether they run or are paused (SIGSTOP); a paused
+/// owner's rows are freed by their lease, the fallback, and the owner stays registered.
+async fn an_owner_alive_or_paused_is_never_reaped<B: Backend>(b: B) {
+    let alive = holding_child(&b, "alive", 2, one_hour(), false);
+    let mut paused = holding_child(&b, "paused", 2, Duration::from_millis(1500), false);
+    signal(&paused, "STOP");
+    let store = b.open().await;
+    store.register_owner("reaper").await.unwrap();
+    // Bounded: 2.5 s, longer than the paused owner's lease.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        assert_eq!(store.reap_dead_owners().await.unwrap(), Reaped::default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        b.count("SELECT COUNT(*) FROM owners WHERE owner IN ('alive', 'paused', 'reaper')")
+            .await,
+        3
+    );
+    assert_eq!(leased_to(&b, "alive").await, 2);
+    let claimed = store
+        .claim_due(
+            10,
+            ClaimOptions {
+                owner: "reaper".to_owned(),
+                lease: Duration::from_secs(60),
+                publish_inline: false,
+                before_commit: None,
+            },
+        )
+        .await
+        .unwrap();
+    let keys: BTreeSet<String> = claimed.rows.iter().map(|r| r.run_key.clone()).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["paused:0".to_owned(), "paused:1".to_owned()]),
+        "only the paused owner's rows, once their lease expired"
+    );
+    signal(&paused, "CONT");
+    let _ = paused.say("STOP");
+    paused.wait(Duration::from_secs(10)).unwrap();
+    alive.stop(Duration::from_secs(10)).unwrap();
+}
+
+/// A process that recorded its runs' responses and died before their after-requests step: once
+/// it is reaped, they are stalled at once (not after the idle time) and a relay finishes them.
+/// While it lives, they are not.
+async fn a_stalled_run_of_a_dead_recorder_is_taken_over_at_once<B: Backend>(b: B) {
+    const RUNS: usize = 3;
+    let child = holding_child(&b, "recorder", RUNS, one_hour(), true);
+    let store = b.open().await;
+    assert!(
+        store.stalled_runs(one_hour(), 10).await.unwrap().is_empty(),
+        "the recorder is alive"
+    );
+    assert!(child.kill_9().unwrap());
+    // Bounded: the reaper finds it within a few tries.
+    let mut reaped = Reaped::default();
+    for _ in 0..100 {
+        reaped = store.reap_dead_owners().await.unwrap();
+        if !reaped.owners.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reaped.owners, ["recorder"]);
+    assert_eq!(
+        reaped.rows, 0,
+        "its requests were recorded: nothing was leased"
+    );
+    let stalled: BTreeSet<String> = store
+        .stalled_runs(one_hour(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(
+        stalled,
+        (0..RUNS).map(|i| format!("recorder:{i}")).collect()
+    );
+    let broker = b.broker();
+    let relay = Relay::new(Arc::new(
+        Executor::builder(store.clone(), broker.clone())
+            .owner("finisher")
+            .build(),
+    ));
+    let report = relay.tick().await.unwrap();
+    assert_eq!(report.finished_runs, RUNS);
+    assert_eq!(report.progress.messages_dispatched, RUNS);
+    assert_eq!(broker.messages("held").await.unwrap().len(), RUNS);
+    for i in 0..RUNS {
+        assert_eq!(
+            store
+                .run(&format!("recorder:{i}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            RunStatus::Done
+        );
+    }
+}
+
+/// Registration is idempotent, and lasts as long as the store handle (and its clones): once
+/// the last is dropped, the owner counts as dead even though the process lives.
+async fn an_owner_is_alive_as_long_as_its_store_handle<B: Backend>(b: B) {
+    let reaper = b.open().await;
+    let store = b.open().await;
+    store.register_owner("short-lived").await.unwrap();
+    store.register_owner("short-lived").await.unwrap();
+    let clone = store.clone();
+    drop(store);
+    assert_eq!(reaper.reap_dead_owners().await.unwrap(), Reaped::default());
+    drop(clone);
+    // Bounded: the server notices a closed session in milliseconds.
+    let mut reaped = Reaped::default();
+    for _ in 0..100 {
+        reaped = reaper.reap_dead_owners().await.unwrap();
+        if !reaped.owners.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reaped.owners, ["short-lived"]);
+    assert_eq!(
+        b.count("SELECT COUNT(*) FROM owners").await,
+        0,
+        "nothing else was registered"
     );
 }

@@ -34,7 +34,8 @@
 //! [`RunOutcome::Duplicate`].
 //!
 //! Work that is interrupted (a crash, a broker that is down, a request that keeps failing) stays
-//! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its lease expires.
+//! in the outbox; the [`Relay`](crate::relay::Relay) picks it up once its process is found dead
+//! (see liveness in [`store`](crate::store)) or its lease expires.
 //!
 //! # Commit, then dispatch
 //!
@@ -142,6 +143,9 @@ pub enum Mutant {
     /// The worker retries every store error, even one no retry can fix (the store refused the
     /// run's values): such an input holds its partition key for ever.
     RetryDataErrors,
+    /// The relay never reaps dead owners: a dead process's rows wait for their leases and its
+    /// stalled runs for the idle time.
+    NoReaping,
 }
 
 impl Mutant {
@@ -156,6 +160,7 @@ impl Mutant {
         Mutant::NoHeartbeat,
         Mutant::NoValueRules,
         Mutant::RetryDataErrors,
+        Mutant::NoReaping,
     ];
 
     /// Its name on a command line: `skip-read-validation`, ...
@@ -170,6 +175,7 @@ impl Mutant {
             Mutant::NoHeartbeat => "no-heartbeat",
             Mutant::NoValueRules => "no-value-rules",
             Mutant::RetryDataErrors => "retry-data-errors",
+            Mutant::NoReaping => "no-reaping",
         }
     }
 
@@ -267,9 +273,11 @@ pub struct ExecutorConfig {
     pub lease: Duration,
     /// Retries of rows whose dispatch failed.
     pub retry: Backoff,
-    /// The name leases are taken under. Give each process a stable name (a pod name) so that a
-    /// restarted process reclaims its leases at once ([`Executor::recover`]); the default is
-    /// unique per process.
+    /// The name leases are taken under, unique among live processes. The default is unique per
+    /// process; that is enough: the store registers the owner as alive by something that dies
+    /// with the process ([`Executor::recover`]), and relays free a dead owner's rows within
+    /// seconds. A stable name (a pod name) also lets a restarted process reclaim its leases at
+    /// once, itself.
     pub owner: String,
     /// Publish messages inside the store's transactions when the transport lives in the
     /// store's database. Default `true`.
@@ -724,6 +732,11 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
     #[doc(hidden)]
     pub fn mutant(&self) -> Option<Mutant> {
         self.mutant
+    }
+
+    /// Whether this executor runs with `mutant` (the relay reads it).
+    pub(crate) fn is_mutant(&self, mutant: Mutant) -> bool {
+        self.mutant == Some(mutant)
     }
 
     fn fault(&self, point: FaultPoint, at: &str) {
@@ -1212,16 +1225,19 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         }))
     }
 
-    /// Releases every lease held under this executor's owner name by a previous process with
-    /// the same name, so what it was doing when it died becomes claimable at once instead of
-    /// when the leases expire. It happens once per executor, before its first claim: every
-    /// method that takes leases calls it, so calling it yourself is only useful to know how many
-    /// leases were reclaimed (0 if it already happened). Owner names must therefore be unique
-    /// among live processes.
+    /// Registers this executor's owner with the store as alive for as long as the store handle
+    /// lives ([`Store::register_owner`]: other processes' relays then free its rows within
+    /// seconds of its death), then releases every lease held under the owner name by a previous
+    /// process with the same name, so what it was doing when it died becomes claimable at once
+    /// instead of when the leases expire. It happens once per executor, before its first claim:
+    /// every method that takes leases calls it, so calling it yourself is only useful to know
+    /// how many leases were reclaimed (0 if it already happened). Owner names must therefore be
+    /// unique among live processes.
     pub async fn recover(&self) -> Result<u64, StoreError> {
         let mut released = 0;
         self.recovered
             .get_or_try_init(|| async {
+                self.store.register_owner(&self.config.owner).await?;
                 released = self.store.release(Vec::new(), &self.config.owner).await?;
                 if released > 0 {
                     tracing::info!(owner = %self.config.owner, released, "reclaimed the leases of a previous process");
@@ -1345,7 +1361,8 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 | Mutant::NoKeyOrder
                 | Mutant::NoHeartbeat
                 | Mutant::NoValueRules
-                | Mutant::RetryDataErrors,
+                | Mutant::RetryDataErrors
+                | Mutant::NoReaping,
             ) => {}
             Some(Mutant::SkipDuplicateCheck) => {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -70,7 +70,7 @@ impl PostgresTls {
         })
     }
 
-    fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    pub(super) fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -94,7 +94,10 @@ pub struct PostgresOptions {
     /// digits and `_`, not starting with a digit, at most 63 bytes. Default `public`; give each
     /// service (or test) its own to keep them apart in one database.
     pub schema: String,
-    /// Connections in the pool. Default 16.
+    /// Connections in the pool. Default 16. Once an owner registers
+    /// ([`Store::register_owner`](crate::store::Store::register_owner), as every executor does
+    /// before its first claim) the store holds one more, outside the pool: its liveness
+    /// connection (see the [module documentation](super)).
     pub pool_size: usize,
     /// How long opening a connection may take. Default 5 s.
     pub connect_timeout: Duration,
@@ -230,11 +233,16 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_dead_letter_retries.sql",
         sql: include_str!("../../migrations/postgres/0002_dead_letter_retries.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_owners.sql",
+        sql: include_str!("../../migrations/postgres/0003_owners.sql"),
+    },
 ];
 
 /// The advisory lock (one 64-bit key) held while migrating, so that two processes migrating
 /// one database at once take turns. Entity locks use the two-key space, which never overlaps.
-const MIGRATION_LOCK: i64 = 0x6566_6665_6374_7301;
+pub(crate) const MIGRATION_LOCK: i64 = 0x6566_6665_6374_7301;
 
 /// The first key of the advisory locks on entity identities that do not exist yet (see
 /// `store.rs`).
@@ -245,6 +253,8 @@ pub(crate) struct Db {
     retries: u32,
     pub(crate) location: String,
     pub(crate) schema: String,
+    /// The owners registered through this handle and the connection holding their locks.
+    pub(crate) liveness: super::liveness::Liveness,
 }
 
 /// An error of the PostgreSQL driver or server, with the server's message (the source of a
@@ -448,6 +458,12 @@ impl Db {
             config.application_name("effects");
         }
         config.connect_timeout(options.connect_timeout);
+        let liveness = super::liveness::Liveness::new(
+            config.clone(),
+            #[cfg(feature = "postgres-tls")]
+            options.tls.clone(),
+            location.clone(),
+        );
 
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -475,6 +491,7 @@ impl Db {
             retries: options.retries,
             location,
             schema: options.schema.clone(),
+            liveness,
         };
         Ok(db)
     }

@@ -91,7 +91,55 @@
 //!
 //! **Time** is the server's: every lease expiry, retry time, stall and pruning age is computed
 //! with `clock_timestamp()` on the server (the `effects_now_ms()` function of the schema), so
-//! processes whose clocks disagree still agree on who holds a lease.
+//! processes whose clocks disagree still agree on who holds a lease, and a worker's clock, right
+//! or wrong, changes nothing. What a jump of the *server's* clock does: forward, leases expire
+//! early (another claimant takes the rows; fencing refuses the old holder's records, and
+//! receivers dedup on `Idempotency-Key`) and pruning removes records as much earlier — keep the
+//! server's clock on NTP, and retention well beyond any redelivery; backward, leases last
+//! longer and pruning waits. Liveness (below) does not depend on any clock.
+//!
+//! # Liveness: a dead process's leases are freed in about a second
+//!
+//! Every owner registered through the store ([`Store::register_owner`](crate::store::Store::register_owner),
+//! which the executor calls before its first claim) holds a session-level advisory lock on a
+//! connection of the store's own, outside the pool; the relays of every process try those locks
+//! about once a second ([`Store::reap_dead_owners`](crate::store::Store::reap_dead_owners)):
+//!
+//! ```text
+//!  process A (alive)                      server                            schema
+//!  liveness connection ──session──▶       advisory lock 0x3f1c…9a (held)    owners: (A, 0x3f1c…9a)
+//!  pool (8 connections) ─────────▶        ...
+//!
+//!  process B (killed: its kernel          session gone, advisory lock       owners: (B, 0x7d20…41)
+//!  closed its connections)                0x7d20…41 released with it        outbox: rows leased to B
+//!
+//!  any relay's reaper, one short transaction on a pool connection:
+//!    pg_try_advisory_xact_lock(0x7d20…41) ──▶ true: B's session is gone
+//!    pg_try_advisory_xact_lock(0x3f1c…9a) ──▶ false: A is alive, left alone
+//!    DELETE owners (B, 0x7d20…41); free the rows leased to B; COMMIT (the lock goes with it)
+//! ```
+//!
+//! - **What dies with the process:** the liveness connection's session, hence its advisory
+//!   locks. A killed process's kernel closes the connection at once; a machine that vanishes is
+//!   noticed by TCP keepalives set on that connection (by the server in about 25 s). Dropping
+//!   the store handle (its last clone) closes the connection too. A process that is paused or
+//!   stuck keeps its session: never reaped, its rows wait for their leases.
+//! - **Registration** takes the lock of a fresh random key (`pg_try_advisory_lock`, in the
+//!   one-bigint key space, which entity locks do not use) before the owner's row is written, so
+//!   a reaper that sees the row finds the lock held. Keys are random because advisory locks
+//!   span the whole database, across schemas.
+//! - **Reaping** takes each owner's key with `pg_try_advisory_xact_lock` in its transaction, so
+//!   two reapers never reap one owner, and deletes a row only if it still carries the key found
+//!   free: an owner that registered again meanwhile is left alone.
+//! - **A lost liveness connection** (a server restart, `pg_terminate_backend`, a network cut)
+//!   while the process lives: the store notices at once when the server closes it, and within
+//!   about 10 s otherwise (a check every 5 s, 5 s to answer); it logs the loss at error level,
+//!   opens a new connection and registers every owner again with a new lock. **The window:**
+//!   from the session's end to the new registration, other processes take the owner for dead
+//!   and take over its leased rows while it may still be working on them. Nothing is lost or
+//!   applied twice: fencing tokens refuse its records and marks on those rows, and a request it
+//!   sends meanwhile is sent again by the new holder with the same `Idempotency-Key`.
+//!   The supervisor that does this lives as long as the store handle.
 //!
 //! **Retries.** A transaction failing with a serialization failure (`40001`) or a deadlock
 //! (`40P01`) runs again from the start on a fresh transaction, after a random backoff of up to
@@ -146,6 +194,7 @@
 mod commit;
 mod db;
 mod inspect;
+mod liveness;
 mod pipeline;
 mod single;
 mod store;

@@ -15,8 +15,8 @@ use super::db::{
 use crate::datom::{LookupRef, Op};
 use crate::store::{
     Backlog, ClaimOptions, Claimed, Commit, Entity, Finish, HistoryDatom, Lease, Millis,
-    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport, RecordedRequest,
-    RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport, Reaped,
+    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
 };
 
 /// The store on PostgreSQL: see the [module documentation](super) for its concurrency, locking
@@ -765,6 +765,7 @@ async fn record_request_tx(
     id: &str,
     outcome: &RequestOutcome,
     lease: &Lease,
+    recorder: Option<i64>,
 ) -> Result<bool, StoreError> {
     const OP: &str = "recording a response";
     let row = query_opt(
@@ -833,8 +834,8 @@ async fn record_request_tx(
     execute(
         tx,
         OP,
-        "UPDATE effect_runs SET updated_at_ms = $2 WHERE key = $1",
-        &[&row.run_key, &now],
+        "UPDATE effect_runs SET updated_at_ms = $2, recorded_by = $3 WHERE key = $1",
+        &[&row.run_key, &now, &recorder],
     )
     .await?;
     Ok(true)
@@ -1084,7 +1085,9 @@ impl Store for PostgresStore {
                         &format!(
                             "SELECT {RUN_COLUMNS} FROM effect_runs r \
                              WHERE status = 'requests_pending' \
-                             AND updated_at_ms <= effects_now_ms() - $1 \
+                             AND (updated_at_ms <= effects_now_ms() - $1 \
+                                  OR (recorded_by IS NOT NULL AND NOT EXISTS (SELECT 1 \
+                                      FROM owners w WHERE w.lock_key = r.recorded_by))) \
                              AND NOT EXISTS (SELECT 1 FROM outbox o \
                              WHERE o.run_key = r.key AND o.kind = 'request' \
                              AND o.dispatched_at_ms IS NULL AND o.dead_lettered_reason IS NULL) \
@@ -1112,10 +1115,15 @@ impl Store for PostgresStore {
         let id = id.to_owned();
         let lease = lease.clone();
         let outcome = Arc::new(outcome);
+        // Who records, so that the run is stalled at once if that process dies before the
+        // after-requests step.
+        let recorder = self.db.liveness.key_of(&lease.owner);
         async move {
             db.transaction("recording a response", Isolation::Write, |tx| {
                 let (id, lease, outcome) = (id.clone(), lease.clone(), Arc::clone(&outcome));
-                Box::pin(async move { record_request_tx(tx, &id, &outcome, &lease).await })
+                Box::pin(
+                    async move { record_request_tx(tx, &id, &outcome, &lease, recorder).await },
+                )
             })
             .await
         }
@@ -1426,6 +1434,17 @@ impl Store for PostgresStore {
             })
             .await
         }
+    }
+
+    fn register_owner(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        let owner = owner.to_owned();
+        async move { db.liveness.register(&owner).await }
+    }
+
+    fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move { super::liveness::reap(&db).await }
     }
 
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {

@@ -11,7 +11,9 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::store::{Colocation, StoreError, now_millis};
+use super::clock::Clock;
+use super::liveness::Liveness;
+use crate::store::{Colocation, Millis, StoreError, now_millis};
 
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,6 +104,16 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_dead_letter_retries.sql",
         sql: include_str!("../../migrations/sqlite/0004_dead_letter_retries.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_owners.sql",
+        sql: include_str!("../../migrations/sqlite/0005_owners.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "0006_clock.sql",
+        sql: include_str!("../../migrations/sqlite/0006_clock.sql"),
+    },
 ];
 
 pub(crate) struct Db {
@@ -113,6 +125,10 @@ pub(crate) struct Db {
     pub(crate) colocation: Colocation,
     /// Woken when messages are appended to the log, so consumers in this process need not poll.
     pub(crate) appended: Notify,
+    /// The store's clock, as this process reads it.
+    pub(crate) clock: Clock,
+    /// The owners registered through this handle, with their locks (dropped with it).
+    pub(crate) liveness: Liveness,
 }
 
 impl Drop for Db {
@@ -224,6 +240,8 @@ impl Db {
             location,
             colocation: Colocation::new(),
             appended: Notify::new(),
+            clock: Clock::default(),
+            liveness: Liveness::new(path),
         })
     }
 
@@ -241,8 +259,38 @@ impl Db {
         async move { db.blocking(move |db| db.write_blocking(operation, f)).await }
     }
 
+    /// [`Db::write`], with the store's time at the start of the transaction (see
+    /// [`Clock`](super::clock)).
+    pub(crate) fn write_at<T, F>(
+        self: &Arc<Self>,
+        operation: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        F: FnOnce(&Transaction<'_>, Millis) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(self);
+        async move {
+            db.blocking(move |db| db.write_at_blocking(operation, f))
+                .await
+        }
+    }
+
+    /// [`Db::write_at`] on the calling thread.
+    pub(crate) fn write_at_blocking<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Transaction<'_>, Millis) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_blocking(operation, |tx| {
+            let now = self.clock.advance(tx)?;
+            f(tx, now)
+        })
+    }
+
     /// Runs blocking work per [`Blocking`].
-    async fn blocking<T, F>(self: Arc<Self>, f: F) -> Result<T, StoreError>
+    pub(crate) async fn blocking<T, F>(self: Arc<Self>, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
@@ -284,21 +332,47 @@ impl Db {
         T: Send + 'static,
     {
         let db = Arc::clone(self);
+        async move { db.blocking(move |db| db.read_blocking(operation, f)).await }
+    }
+
+    /// [`Db::read`], with the store's time at the start of the transaction.
+    pub(crate) fn read_at<T, F>(
+        self: &Arc<Self>,
+        operation: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        F: FnOnce(&Connection, Millis) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(self);
         async move {
             db.blocking(move |db| {
-                let conn = if db.readers.is_empty() {
-                    lock(&db.writer)
-                } else {
-                    let i = db.next_reader.fetch_add(1, Ordering::Relaxed) % db.readers.len();
-                    lock(&db.readers[i])
-                };
-                let tx = conn.unchecked_transaction().ctx(operation)?;
-                let out = f(&tx)?;
-                tx.finish().ctx(operation)?;
-                Ok(out)
+                db.read_blocking(operation, |conn| {
+                    let now = db.clock.observe(conn)?;
+                    f(conn, now)
+                })
             })
             .await
         }
+    }
+
+    /// [`Db::read`] on the calling thread.
+    pub(crate) fn read_blocking<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = if self.readers.is_empty() {
+            lock(&self.writer)
+        } else {
+            let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+            lock(&self.readers[i])
+        };
+        let tx = conn.unchecked_transaction().ctx(operation)?;
+        let out = f(&tx)?;
+        tx.finish().ctx(operation)?;
+        Ok(out)
     }
 }
 

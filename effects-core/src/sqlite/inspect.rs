@@ -18,7 +18,6 @@ use crate::store::{
     EntityHistory, HistoryDatom, InputDeadLetter, Inspect, Lease, Millis, OutboxEntry, OutboxKind,
     OutboxRow, PruneOlderThan, PruneReport, RecordedOutcome, RetryOutcome, RetryRecord,
     RetryRequest, RunDetail, RunQuery, RunRecord, RunState, RunStatus, RunSummary, StoreError, Tx,
-    now_millis,
 };
 
 impl SqliteStore {
@@ -106,43 +105,44 @@ impl SqliteStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send + 'static {
         let consumer = consumer.to_owned();
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("retrying a dead letter (mutant)", move |tx| {
-            const OP: &str = "retrying a dead letter (mutant)";
-            let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
-            let found: Option<(String, String, String, Vec<u8>)> = tx
-                .prepare_cached(
-                    "SELECT topic, message_id, headers, payload FROM log_dead_letters \
+        let fut = self
+            .db
+            .write_at("retrying a dead letter (mutant)", move |tx, now| {
+                const OP: &str = "retrying a dead letter (mutant)";
+                let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
+                let found: Option<(String, String, String, Vec<u8>)> = tx
+                    .prepare_cached(
+                        "SELECT topic, message_id, headers, payload FROM log_dead_letters \
                      WHERE consumer = ?1 AND seq = ?2",
+                    )
+                    .ctx(OP)?
+                    .query_row(params![consumer, seq], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .optional()
+                    .ctx(OP)?;
+                let Some((topic, message_id, headers, payload)) = found else {
+                    return Ok(false);
+                };
+                tx.prepare_cached(
+                    "INSERT INTO log_messages (topic, message_id, partition_key, headers, payload, \
+                 published_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
                 )
                 .ctx(OP)?
-                .query_row(params![consumer, seq], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .optional()
+                .execute(params![
+                    topic,
+                    format!("{message_id}-retry-{now}"),
+                    headers,
+                    payload,
+                    now
+                ])
                 .ctx(OP)?;
-            let Some((topic, message_id, headers, payload)) = found else {
-                return Ok(false);
-            };
-            let now = now_millis();
-            tx.prepare_cached(
-                "INSERT INTO log_messages (topic, message_id, partition_key, headers, payload, \
-                 published_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
-            )
-            .ctx(OP)?
-            .execute(params![
-                topic,
-                format!("{message_id}-retry-{now}"),
-                headers,
-                payload,
-                now
-            ])
-            .ctx(OP)?;
-            tx.prepare_cached("DELETE FROM log_dead_letters WHERE consumer = ?1 AND seq = ?2")
-                .ctx(OP)?
-                .execute(params![consumer, seq])
-                .ctx(OP)?;
-            Ok(true)
-        });
+                tx.prepare_cached("DELETE FROM log_dead_letters WHERE consumer = ?1 AND seq = ?2")
+                    .ctx(OP)?
+                    .execute(params![consumer, seq])
+                    .ctx(OP)?;
+                Ok(true)
+            });
         async move {
             let done = fut.await?;
             db.appended.notify_waiters();
@@ -1091,7 +1091,7 @@ fn retry_input_tx(
 
 impl Inspect for SqliteStore {
     async fn clock(&self) -> Result<Millis, StoreError> {
-        Ok(now_millis())
+        self.db.read_at("reading the clock", |_, now| Ok(now)).await
     }
 
     fn runs(
@@ -1169,15 +1169,13 @@ impl Inspect for SqliteStore {
         &self,
         older_than: PruneOlderThan,
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send {
-        self.db.read("previewing a prune", move |conn| {
-            prune_preview_tx(conn, older_than, now_millis())
+        self.db.read_at("previewing a prune", move |conn, now| {
+            prune_preview_tx(conn, older_than, now)
         })
     }
 
     fn backlog(&self) -> impl Future<Output = Result<BacklogReport, StoreError>> + Send {
-        self.db.read("measuring the backlog", |conn| {
-            backlog_tx(conn, now_millis())
-        })
+        self.db.read_at("measuring the backlog", backlog_tx)
     }
 
     fn retry_dead_letter(
@@ -1188,15 +1186,14 @@ impl Inspect for SqliteStore {
         let id = id.clone();
         let request = request.clone();
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("retrying a dead letter", move |tx| {
-            let now = now_millis();
-            match &id {
+        let fut = self
+            .db
+            .write_at("retrying a dead letter", move |tx, now| match &id {
                 DeadLetterId::Outbox(row) => retry_outbox_tx(tx, row, &request, now),
                 DeadLetterId::Input { consumer, sequence } => {
                     retry_input_tx(tx, consumer, *sequence, &request, now)
                 }
-            }
-        });
+            });
         async move {
             let outcome = fut.await?;
             if matches!(&outcome, RetryOutcome::Retried(r) if r.kind == DeadLetterKind::Input) {

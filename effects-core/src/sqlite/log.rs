@@ -21,7 +21,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::db::{Ctx, Db, SqliteOptions};
-use crate::store::{Colocation, Millis, StoreError, now_millis};
+use crate::store::{Colocation, Millis, StoreError};
 use crate::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
 
 /// The embedded log. Cheap to clone.
@@ -434,7 +434,7 @@ impl Transport for SqliteLog {
         message: OutgoingMessage,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("publishing to the log", move |tx| {
+        let fut = self.db.write_at("publishing to the log", move |tx, now| {
             append_message(
                 tx,
                 &message.topic,
@@ -442,7 +442,7 @@ impl Transport for SqliteLog {
                 message.partition_key.as_deref(),
                 &message.headers,
                 &message.payload,
-                now_millis(),
+                now,
             )
         });
         async move {
@@ -469,8 +469,8 @@ impl Transport for SqliteLog {
                 notified.as_mut().enable();
                 let req = request.clone();
                 let got = db
-                    .write("fetching from the log", move |tx| {
-                        fetch_tx(tx, &req, now_millis())
+                    .write_at("fetching from the log", move |tx, now| {
+                        fetch_tx(tx, &req, now)
                     })
                     .await?;
                 let now = tokio::time::Instant::now();
@@ -490,7 +490,7 @@ impl Transport for SqliteLog {
         let d = delivery.clone();
         let fut = self
             .db
-            .write("acknowledging", move |tx| ack_tx(tx, &d, now_millis()));
+            .write_at("acknowledging", move |tx, now| ack_tx(tx, &d, now));
         async move { Ok(fut.await?) }
     }
 
@@ -500,7 +500,7 @@ impl Transport for SqliteLog {
         delay: Duration,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let d = delivery.clone();
-        let fut = self.db.write("giving a delivery back", move |tx| {
+        let fut = self.db.write_at("giving a delivery back", move |tx, now| {
             tx.prepare_cached(
                 "UPDATE log_deliveries SET visible_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
                  AND seq = ?3 AND acked_at_ms IS NULL",
@@ -510,7 +510,7 @@ impl Transport for SqliteLog {
                 d.consumer,
                 d.topic,
                 seq_i64(d.sequence),
-                now_millis().saturating_add(millis(delay))
+                now.saturating_add(millis(delay))
             ])
             .ctx("giving a delivery back")?;
             Ok(())
@@ -525,9 +525,8 @@ impl Transport for SqliteLog {
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let d = delivery.clone();
         let reason = reason.to_owned();
-        let fut = self.db.write("dead-lettering a delivery", move |tx| {
+        let fut = self.db.write_at("dead-lettering a delivery", move |tx, now| {
             const OP: &str = "dead-lettering a delivery";
-            let now = now_millis();
             let headers = serde_json::to_string(&d.headers).unwrap_or_else(|_| "{}".to_owned());
             tx.prepare_cached(
                 "INSERT INTO log_dead_letters (consumer, topic, seq, message_id, headers, payload, \

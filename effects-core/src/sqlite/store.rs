@@ -15,8 +15,8 @@ use crate::datom::{LookupRef, Op};
 use crate::store::{
     Backlog, ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom,
     Lease, Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan,
-    PruneReport, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
-    now_millis,
+    PruneReport, Reaped, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError,
+    Tx,
 };
 use crate::transport::message_headers as publish_headers;
 
@@ -76,6 +76,14 @@ impl SqliteStore {
     /// The file path, or `:memory:`.
     pub fn location(&self) -> &str {
         &self.db.location
+    }
+
+    /// Shifts this handle's wall clock by `skew_ms` milliseconds, as if its process's clock
+    /// were wrong by that much (see the store's clock in the [module documentation](super)).
+    /// Testing only: a handle opened on the same file stands for another process.
+    #[doc(hidden)]
+    pub fn skew_clock_for_tests(&self, skew_ms: i64) {
+        self.db.clock.skew(skew_ms);
     }
 
     /// What is left to do: for health checks, and to wait until a process has caught up.
@@ -943,6 +951,7 @@ fn finish_requests_tx(
     key: &str,
     after: &[NewOutboxRow],
     options: &ClaimOptions,
+    now: Millis,
 ) -> Result<Finish, StoreError> {
     const OP: &str = "finishing requests";
     let Some(run) = load_run(tx, key)? else {
@@ -962,7 +971,6 @@ fn finish_requests_tx(
     if unresolved > 0 {
         return Ok(Finish::NotReady);
     }
-    let now = now_millis();
     for (i, row) in after.iter().enumerate() {
         let expected = run
             .outbox_count
@@ -1193,8 +1201,7 @@ impl Store for SqliteStore {
         options: ClaimOptions,
     ) -> impl Future<Output = Result<Vec<Commit>, StoreError>> + Send {
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("committing runs", move |tx| {
-            let now = now_millis();
+        let fut = self.db.write_at("committing runs", move |tx, now| {
             let mut out = Vec::with_capacity(runs.len());
             for run in &runs {
                 out.push(apply_run(tx, run, &options, now)?);
@@ -1228,9 +1235,11 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<Claimed, StoreError>> + Send {
         let key = key.to_owned();
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("claiming a run's outbox rows", move |tx| {
-            claim(tx, Some(&key), usize::MAX, &options, now_millis())
-        });
+        let fut = self
+            .db
+            .write_at("claiming a run's outbox rows", move |tx, now| {
+                claim(tx, Some(&key), usize::MAX, &options, now)
+            });
         async move {
             let claimed = fut.await?;
             if claimed.published_inline > 0 {
@@ -1246,9 +1255,11 @@ impl Store for SqliteStore {
         options: ClaimOptions,
     ) -> impl Future<Output = Result<Claimed, StoreError>> + Send {
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("claiming due outbox rows", move |tx| {
-            claim(tx, None, limit, &options, now_millis())
-        });
+        let fut = self
+            .db
+            .write_at("claiming due outbox rows", move |tx, now| {
+                claim(tx, None, limit, &options, now)
+            });
         async move {
             let claimed = fut.await?;
             if claimed.published_inline > 0 {
@@ -1264,13 +1275,17 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.db.read("finding stalled runs", move |conn| {
+        self.db.read_at("finding stalled runs", move |conn, now| {
             const OP: &str = "finding stalled runs";
-            let idle_since = now_millis().saturating_sub(millis(idle_for));
+            let idle_since = now.saturating_sub(millis(idle_for));
+            // Idle for long enough, or last recorded by an owner that was reaped (its lock key
+            // is no longer in `owners`).
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {RUN_COLUMNS} FROM effect_runs r WHERE status = 'requests_pending' \
-                     AND updated_at_ms <= ?1 AND NOT EXISTS (SELECT 1 FROM outbox o \
+                     AND (updated_at_ms <= ?1 OR (recorded_by IS NOT NULL AND NOT EXISTS \
+                     (SELECT 1 FROM owners w WHERE w.lock_key = r.recorded_by))) \
+                     AND NOT EXISTS (SELECT 1 FROM outbox o \
                      WHERE o.run_key = r.key AND o.kind = 'request' \
                      AND o.dispatched_at_ms IS NULL AND o.dead_lettered_reason IS NULL) \
                      ORDER BY updated_at_ms LIMIT ?2"
@@ -1293,7 +1308,10 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let id = id.to_owned();
         let lease = lease.clone();
-        self.db.write("recording a response", move |tx| {
+        // Who records, so that the run is stalled at once if that process dies before the
+        // after-requests step (looked up outside the transaction: registration writes too).
+        let recorder = self.db.liveness.key_of(&lease.owner);
+        self.db.write_at("recording a response", move |tx, now| {
             const OP: &str = "recording a response";
             let Some(row) = load_outbox_where(tx, OP, "id = ?1", [&id])?.pop() else {
                 return Err(corrupt(
@@ -1311,7 +1329,6 @@ impl Store for SqliteStore {
             if row.lease.as_ref() != Some(&lease) {
                 return Ok(false);
             }
-            let now = now_millis();
             let outcome_json = serde_json::to_string(&outcome)
                 .map_err(|e| corrupt(format!("outbox row `{id}`"), e.to_string()))?;
             let inserted = tx
@@ -1354,10 +1371,12 @@ impl Store for SqliteStore {
                     .execute(params![id, reason])
                     .ctx(OP)?,
             };
-            tx.prepare_cached("UPDATE effect_runs SET updated_at_ms = ?2 WHERE key = ?1")
-                .ctx(OP)?
-                .execute(params![row.run_key, now])
-                .ctx(OP)?;
+            tx.prepare_cached(
+                "UPDATE effect_runs SET updated_at_ms = ?2, recorded_by = ?3 WHERE key = ?1",
+            )
+            .ctx(OP)?
+            .execute(params![row.run_key, now, recorder])
+            .ctx(OP)?;
             Ok(true)
         })
     }
@@ -1412,8 +1431,8 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<Finish, StoreError>> + Send {
         let key = key.to_owned();
         let db = Arc::clone(&self.db);
-        let fut = self.db.write("finishing requests", move |tx| {
-            finish_requests_tx(tx, &key, &after_requests, &options)
+        let fut = self.db.write_at("finishing requests", move |tx, now| {
+            finish_requests_tx(tx, &key, &after_requests, &options, now)
         });
         async move {
             let finish = fut.await?;
@@ -1437,9 +1456,8 @@ impl Store for SqliteStore {
         &self,
         rows: Vec<(String, Lease)>,
     ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
-        self.db.write("marking rows dispatched", move |tx| {
+        self.db.write_at("marking rows dispatched", move |tx, now| {
             const OP: &str = "marking rows dispatched";
-            let now = now_millis();
             let mut marked = Vec::with_capacity(rows.len());
             let mut keys = std::collections::BTreeSet::new();
             for (id, lease) in &rows {
@@ -1473,9 +1491,8 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         let reason = reason.to_owned();
         let lease = lease.cloned();
-        self.db.write("dead-lettering a row", move |tx| {
+        self.db.write_at("dead-lettering a row", move |tx, now| {
             const OP: &str = "dead-lettering a row";
-            let now = now_millis();
             let (token, owner) = lease.map_or((None, None), |l| (Some(l.token), Some(l.owner)));
             let key: Option<String> = tx
                 .prepare_cached(
@@ -1511,8 +1528,8 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let (id, error) = (id.to_owned(), error.to_owned());
         let lease = lease.clone();
-        self.db.write("scheduling a retry", move |tx| {
-            let next = now_millis().saturating_add(millis(delay));
+        self.db.write_at("scheduling a retry", move |tx, now| {
+            let next = now.saturating_add(millis(delay));
             let changed = tx
                 .prepare_cached(
                     "UPDATE outbox SET last_error = ?3, next_attempt_at_ms = ?4, lease_owner = NULL, \
@@ -1533,9 +1550,9 @@ impl Store for SqliteStore {
         duration: Duration,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
         let lease = lease.clone();
-        self.db.write("renewing leases", move |tx| {
+        self.db.write_at("renewing leases", move |tx, now| {
             const OP: &str = "renewing leases";
-            let until = now_millis().saturating_add(millis(duration));
+            let until = now.saturating_add(millis(duration));
             let mut held = Vec::with_capacity(ids.len());
             for id in ids {
                 let renewed = tx
@@ -1589,6 +1606,28 @@ impl Store for SqliteStore {
         })
     }
 
+    fn register_owner(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        let owner = owner.to_owned();
+        async move {
+            if !db.liveness.enabled() || db.liveness.key_of(&owner).is_some() {
+                return Ok(());
+            }
+            db.blocking(move |db| super::liveness::register(db, &owner))
+                .await
+        }
+    }
+
+    fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move {
+            if !db.liveness.enabled() {
+                return Ok(Reaped::default());
+            }
+            db.blocking(super::liveness::reap).await
+        }
+    }
+
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {
         let key = key.to_owned();
         self.db.read("reading the outbox", move |conn| {
@@ -1632,8 +1671,9 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send {
         let db = Arc::clone(&self.db);
         async move {
-            // The cutoffs come from the store's clock, once, so that a chunk loop cannot drift.
-            let now = now_millis();
+            // The cutoffs come from the store's clock (never this process's wall clock alone:
+            // see `clock.rs`), once, so that a chunk loop cannot drift.
+            let now = db.read_at("pruning", |_, now| Ok(now)).await?;
             let cutoff = |age: Option<Duration>| age.map(|a| now.saturating_sub(millis(a)));
             let before = PruneBefore {
                 outbox_dispatched: cutoff(older_than.outbox_dispatched),

@@ -27,6 +27,34 @@
 //!   ordering rules documented on [`Store::claim_due`].
 //! - Pruning never removes undispatched outbox rows or runs that are not [`RunStatus::Done`].
 //!
+//! # Liveness: a dead process's work is taken over in seconds
+//!
+//! A lease is the fallback that frees the rows of a process that is alive but stuck; waiting
+//! for it to expire is too slow for a process that is simply gone (killed, out of memory, its
+//! pod evicted), and owner names change with every process, so nothing else would notice. A
+//! store that can tell keeps each **owner** (an executor's owner name) alive by something that
+//! dies with the process:
+//!
+//! - [`Store::register_owner`] takes that something for the owner and records the owner where
+//!   other processes find it, for as long as the store handle (and its clones) lives. The
+//!   executor registers its owner before its first claim ([`Executor::recover`]).
+//! - [`Store::reap_dead_owners`], called by every relay about once a second
+//!   ([`RelayConfig::reap_every`](crate::relay::RelayConfig::reap_every)), finds the owners
+//!   whose something is gone, frees the rows they held leased (claimable at once; their fencing
+//!   tokens no longer match, so the dead process could not record or mark anything even if it
+//!   were not dead) and forgets them. A run whose last response such an owner recorded is
+//!   stalled at once ([`Store::stalled_runs`]), not after the idle time.
+//! - An owner that is alive, even paused or stuck, is never reaped: its rows wait for its
+//!   lease, as before.
+//!
+//! The PostgreSQL store holds a session-level advisory lock per owner on a connection of its
+//! own; the SQLite store an exclusive lock on a small file per owner. Each module says what
+//! dies with the process and what the window is when the lock is lost while the process lives.
+//! A store without liveness keeps the default methods: nothing is registered, nothing reaped,
+//! and leases alone free a dead process's rows.
+//!
+//! [`Executor::recover`]: crate::executor::Executor::recover
+//!
 //! The embedded implementation is [`SqliteStore`] (feature `sqlite`).
 
 use std::collections::BTreeMap;
@@ -636,7 +664,9 @@ pub struct HistoryDatom {
 }
 
 /// What pruning may remove: everything older than these ages, measured by the store's own
-/// clock (a pruning process whose clock runs ahead cannot shorten them). `None` keeps that kind.
+/// clock (a pruning process whose clock runs ahead cannot shorten them: on PostgreSQL the
+/// server's clock; on SQLite the store's clock, which no process's wall clock can move ahead by
+/// more than 1 % of real time). `None` keeps that kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PruneOlderThan {
     /// Outbox rows dispatched longer ago than this, of runs that are done.
@@ -671,6 +701,15 @@ pub struct PruneReport {
     pub runs: u64,
     /// Log messages.
     pub log_messages: u64,
+}
+
+/// What [`Store::reap_dead_owners`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// The owners found dead, now forgotten.
+    pub owners: Vec<String>,
+    /// The outbox rows they held leased, now claimable.
+    pub rows: u64,
 }
 
 /// A store error.
@@ -784,7 +823,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs stuck in [`RunStatus::RequestsPending`] with every request resolved and no
     /// progress for `idle_for` (by the store's clock): a crash came between the last response and the
-    /// after-requests step.
+    /// after-requests step. A run whose last response was recorded by an owner that
+    /// [`Store::reap_dead_owners`] found dead is stalled at once, whatever `idle_for`.
     fn stalled_runs(
         &self,
         idle_for: Duration,
@@ -880,6 +920,30 @@ pub trait Store: Send + Sync + 'static {
         ids: Vec<String>,
         owner: &str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Registers `owner` as alive for as long as this store handle (or a clone of it) lives:
+    /// the store takes something that dies with the process and records the owner where other
+    /// processes' [`Store::reap_dead_owners`] find it. Registering an owner this handle has
+    /// registered already does nothing. Call it before taking leases under `owner` (the
+    /// executor does, in [`Executor::recover`](crate::executor::Executor::recover)). Owner
+    /// names must be unique among live processes.
+    ///
+    /// The default does nothing: the owner's rows are then freed by their leases only.
+    fn register_owner(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = owner;
+        async { Ok(()) }
+    }
+
+    /// Finds the registered owners whose process is gone, frees the leases they held on
+    /// pending rows (the rows are claimable at once; the old fencing tokens no longer match)
+    /// and forgets them, so that runs whose last response they recorded are stalled at once
+    /// ([`Store::stalled_runs`]). An owner that is alive, even paused, is never reaped. Several
+    /// processes may reap at once: each dead owner is reaped by one of them.
+    ///
+    /// The default finds nothing.
+    fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
+        async { Ok(Reaped::default()) }
+    }
 
     /// Every outbox row of a run, in `seq` order.
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{
     ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Lease, NewOutboxRow, NewRun,
-    OutboxRow, PruneOlderThan, PruneReport, ReadVersion, RecordedRequest, RequestOutcome,
+    OutboxRow, PruneOlderThan, PruneReport, ReadVersion, Reaped, RecordedRequest, RequestOutcome,
     RunRecord, Store, StoreError, Tx,
 };
 use crate::datom::LookupRef;
@@ -212,6 +212,14 @@ impl<S: Store> Store for Tracked<S> {
         owner: &str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
         self.store.release(ids, owner)
+    }
+
+    fn register_owner(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.store.register_owner(owner)
+    }
+
+    fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
+        self.store.reap_dead_owners()
     }
 
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {

@@ -33,6 +33,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A directory of the case's own, for the broker's file.
     fn dir(&self) -> &Path;
 
+    /// The store as `effects-liveness-child --store` takes it: `sqlite:PATH` or
+    /// `postgres:URL`.
+    fn child_store(&self) -> String;
+
     /// One integer from raw SQL (`SELECT COUNT(*) ...`, written to run on both databases).
     fn count(&self, sql: &str) -> impl Future<Output = i64> + Send;
 
@@ -134,6 +138,10 @@ impl Backend for Sqlite {
 
     fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    fn child_store(&self) -> String {
+        format!("sqlite:{}", self.path().display())
     }
 
     fn count(&self, sql: &str) -> impl Future<Output = i64> + Send {

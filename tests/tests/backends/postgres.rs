@@ -151,6 +151,10 @@ impl Backend for Postgres {
         &self.inner.dir
     }
 
+    fn child_store(&self) -> String {
+        format!("postgres:{}", self.url())
+    }
+
     fn count(&self, sql: &str) -> impl Future<Output = i64> + Send {
         let sql = sql.to_owned();
         async move {
