@@ -14,6 +14,7 @@
 //! | `effects_worker_deliveries_total` | counter | `handler`, `outcome` | deliveries a worker settled: `applied`, `duplicate`, `dead_lettered`, `retried` |
 //! | `effects_worker_conflicts_total` | counter | `handler` | runs refused at commit because their input changed after it was read |
 //! | `effects_worker_reruns_total` | counter | `handler` | handler calls made again on fresh inputs after a conflict |
+//! | `effects_worker_blocked_inputs` | gauge | `handler` | inputs a worker holds whose processing has been failing for longer than `WorkerConfig::blocked_after`, each holding up its partition key |
 //! | `effects_dead_letters_total` | counter | `kind` | dead letters: `request` (rejected or failed), `message` (publishing failed too often), `input` (a worker gave up on a message) |
 //! | `effects_http_requests_total` | counter | `endpoint`, `outcome` | requests sent: `success`, `rejected` (4xx), `failed` (cannot succeed), `exhausted` (retried later) |
 //! | `effects_http_request_duration_seconds` | histogram | `endpoint` | time to an outcome, the client's retries included |
@@ -57,6 +58,8 @@ pub const WORKER_DELIVERIES: &str = "effects_worker_deliveries_total";
 pub const WORKER_CONFLICTS: &str = "effects_worker_conflicts_total";
 /// `effects_worker_reruns_total`.
 pub const WORKER_RERUNS: &str = "effects_worker_reruns_total";
+/// `effects_worker_blocked_inputs`.
+pub const WORKER_BLOCKED: &str = "effects_worker_blocked_inputs";
 /// `effects_dead_letters_total`.
 pub const DEAD_LETTERS: &str = "effects_dead_letters_total";
 /// `effects_http_requests_total`.
@@ -175,6 +178,11 @@ pub(crate) fn conflict(handler: &'static str) {
 /// A worker called its handler again after a conflict.
 pub(crate) fn rerun(handler: &'static str) {
     emit::count(WORKER_RERUNS, &[label("handler", handler)], 1);
+}
+
+/// How many inputs a worker holds that have been failing past its threshold.
+pub(crate) fn blocked_inputs(handler: &'static str, count: usize) {
+    emit::gauge(WORKER_BLOCKED, &[label("handler", handler)], count as f64);
 }
 
 /// A relay round claimed rows.

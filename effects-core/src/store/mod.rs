@@ -712,6 +712,24 @@ pub struct Reaped {
     pub rows: u64,
 }
 
+/// An input whose processing keeps failing while later inputs of its partition key wait behind
+/// it: what a worker reports ([`Store::report_blocked`]) so that operators can see which key
+/// is held up, since when and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedInput {
+    /// The partition key it holds up (`None`: a message without one, which holds up nothing
+    /// but itself).
+    pub partition_key: Option<String>,
+    /// The message's id.
+    pub message_id: String,
+    /// How long it has been failing, measured by the worker when it reports.
+    pub failing_for: Duration,
+    /// Attempts made (deliveries by the broker and retries in the worker).
+    pub attempts: u32,
+    /// The last failure.
+    pub reason: String,
+}
+
 /// A store error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -943,6 +961,23 @@ pub trait Store: Send + Sync + 'static {
     /// The default finds nothing.
     fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
         async { Ok(Reaped::default()) }
+    }
+
+    /// Replaces what `owner`'s worker of `consumer` on `topic` reports as blocked: the inputs
+    /// it holds whose processing has been failing for a while, each holding up its partition
+    /// key (an empty list: none any more). A store keeps the report (its clock turns
+    /// `failing_for` into a time) until the next one, or until the owner is reaped as dead.
+    ///
+    /// The default keeps nothing.
+    fn report_blocked(
+        &self,
+        owner: &str,
+        consumer: &str,
+        topic: &str,
+        blocked: Vec<BlockedInput>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (owner, consumer, topic, blocked);
+        async { Ok(()) }
     }
 
     /// Every outbox row of a run, in `seq` order.

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::{
-    ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Lease, NewOutboxRow, NewRun,
-    OutboxRow, PruneOlderThan, PruneReport, ReadVersion, Reaped, RecordedRequest, RequestOutcome,
-    RunRecord, Store, StoreError, Tx,
+    BlockedInput, ClaimOptions, Claimed, Colocation, Commit, Entity, Finish, Lease, NewOutboxRow,
+    NewRun, OutboxRow, PruneOlderThan, PruneReport, ReadVersion, Reaped, RecordedRequest,
+    RequestOutcome, RunRecord, Store, StoreError, Tx,
 };
 use crate::datom::LookupRef;
 
@@ -220,6 +220,23 @@ impl<S: Store> Store for Tracked<S> {
 
     fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
         self.store.reap_dead_owners()
+    }
+
+    fn report_blocked(
+        &self,
+        owner: &str,
+        consumer: &str,
+        topic: &str,
+        blocked: Vec<BlockedInput>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.store.report_blocked(owner, consumer, topic, blocked)
+    }
+
+    fn runs_by_key(
+        &self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<RunRecord>>, StoreError>> + Send {
+        self.store.runs_by_key(keys)
     }
 
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {

@@ -40,7 +40,8 @@ pub enum LoadError {
         /// What is missing.
         reason: String,
     },
-    /// The store failed: the message is retried.
+    /// The store failed: the message is retried, unless the store's error is one no retry can
+    /// fix ([`StoreError::is_permanent`]), which is dead-lettered.
     #[error("the store failed while loading the input: {0}")]
     Store(#[from] StoreError),
 }
@@ -48,7 +49,11 @@ pub enum LoadError {
 impl LoadError {
     /// Whether retrying cannot help (the message is dead-lettered).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, LoadError::Store(_) | LoadError::NotYet { .. })
+        match self {
+            LoadError::Store(e) => e.is_permanent(),
+            LoadError::NotYet { .. } => false,
+            LoadError::Decode(_) | LoadError::NotFound { .. } | LoadError::Invalid { .. } => true,
+        }
     }
 }
 
@@ -56,7 +61,7 @@ impl LoadError {
 ///
 /// The store comes as a [`Tracked`] handle: every entity read through it is recorded with the
 /// version read, and the run commits only if none of them changed since (otherwise the worker
-/// loads again and calls the handler again: see the [module docs](self#concurrency)).
+/// loads again and calls the handler again: see the [worker's docs](super#concurrency)).
 pub trait Inputs<H: Handler, S: Store>: Send + Sync + 'static {
     /// The input for `delivery`.
     fn input(

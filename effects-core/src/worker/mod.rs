@@ -239,9 +239,21 @@ pub struct WorkerConfig {
     /// 500 ms doubling to 60 s.
     pub retry: Backoff,
     /// Attempts (deliveries by the broker plus retries in the worker) after which a message
-    /// that keeps failing is dead-lettered with the last error; `None` retries forever.
-    /// Default `None`.
+    /// that keeps failing for reasons that may pass (a store that is down, a lock timeout) is
+    /// dead-lettered with the last error; `None` retries forever. Default 50: with the default
+    /// [`WorkerConfig::retry`] delays, about 45 minutes of trying — long enough to ride out a
+    /// database restart or fail-over without dead-lettering what was in flight, short enough
+    /// that a message the store keeps refusing for a reason it does not report as permanent
+    /// does not hold its partition key for ever. What a user loses past it: nothing — the
+    /// message is kept as a dead letter with the reason, and `effects dead-letters retry` sends
+    /// it again — but its key's later messages run before it. Errors no retry can fix (invalid
+    /// input, a store refusing the run's values) are dead-lettered at once, whatever this says.
     pub max_deliveries: Option<u32>,
+    /// How long a delivery may keep failing (retried, or told "not yet") before the worker
+    /// reports it as blocking its partition key: in the metric `effects_worker_blocked_inputs`,
+    /// in the log, and to the store ([`Store::report_blocked`]), where `effects inputs blocked`
+    /// lists which key, since when and why. Default 30 s.
+    pub blocked_after: Duration,
     /// A loader's "not yet" ([`LoadError::NotYet`]): the delay before each new attempt, and in
     /// `max_attempts` how many attempts may say "not yet" before the message is dead-lettered
     /// with the reason. Default: 100 ms doubling to 10 s, 20 attempts (about two and a half
@@ -275,7 +287,8 @@ impl Default for WorkerConfig {
                 max: Duration::from_secs(60),
                 max_attempts: None,
             },
-            max_deliveries: None,
+            max_deliveries: Some(50),
+            blocked_after: Duration::from_secs(30),
             not_yet: Backoff {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(10),

@@ -25,7 +25,7 @@ use crate::executor::{Committed, Mutant};
 use crate::handler::{Handler, message_key};
 use crate::http::HttpClient;
 use crate::relay::Relay;
-use crate::store::Store;
+use crate::store::{BlockedInput, Store};
 use crate::transport::{Delivery, Transport, TransportError};
 use crate::worker::Inputs;
 
@@ -88,11 +88,16 @@ struct Job {
     checked: bool,
     /// When it was fetched or last extended.
     extended: Instant,
+    /// When its first attempt failed for now (a retry, a "not yet"), if one did.
+    failing_since: Option<Instant>,
 }
+
+/// What a look-up of keys gives: the jobs looked up, and the run each has (or the error).
+type Found = (Vec<JobId>, Result<Vec<Option<Committed>>, String>);
 
 /// The tasks a stage runs; each returns the jobs it was about.
 struct Tasks {
-    checking: JoinSet<(Vec<JobId>, Result<Vec<Option<Committed>>, String>)>,
+    checking: JoinSet<Found>,
     deciding: JoinSet<(JobId, Decision)>,
     committing: JoinSet<Vec<(JobId, Settled)>>,
     settling: JoinSet<Vec<JobId>>,
@@ -112,6 +117,10 @@ struct Pipeline<S, T, C, H, I> {
     tasks: Tasks,
     next_id: JobId,
     stopping: bool,
+    consumer: String,
+    topic: String,
+    /// How many inputs the last report said were blocked.
+    reported_blocked: usize,
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
@@ -153,7 +162,7 @@ pub(super) async fn run<S, T, C, H, I>(
             )
         });
 
-        let mut p = Pipeline::new(Arc::clone(inner));
+        let mut p = Pipeline::new(Arc::clone(inner), consumer.clone(), topic.clone());
         let mut fetcher = Fetcher::new(consumer, topic);
         type Fetch<'f> =
             Pin<Box<dyn Future<Output = Result<Vec<Delivery>, TransportError>> + Send + 'f>>;
@@ -257,7 +266,7 @@ where
     H: Handler,
     I: Inputs<H, S>,
 {
-    fn new(inner: Arc<Inner<S, T, C, H, I>>) -> Self {
+    fn new(inner: Arc<Inner<S, T, C, H, I>>, consumer: String, topic: String) -> Self {
         Pipeline {
             inner,
             jobs: BTreeMap::new(),
@@ -277,6 +286,9 @@ where
             },
             next_id: 0,
             stopping: false,
+            consumer,
+            topic,
+            reported_blocked: 0,
         }
     }
 
@@ -340,6 +352,7 @@ where
                     not_yet: 0,
                     last_error: None,
                     extended: Instant::now(),
+                    failing_since: None,
                 },
             );
             if stage == Stage::Ready {
@@ -542,6 +555,7 @@ where
             return;
         };
         job.not_yet = job.not_yet.saturating_add(1);
+        job.failing_since.get_or_insert_with(Instant::now);
         let waits = &inner.config.not_yet;
         if waits.max_attempts.is_some_and(|max| job.not_yet >= max) {
             let n = job.not_yet;
@@ -689,6 +703,7 @@ where
         };
         job.retries = job.retries.saturating_add(1);
         job.last_error = Some(error.clone());
+        job.failing_since.get_or_insert_with(Instant::now);
         // A failed commit may have gone through: look for its run first.
         job.checked = false;
         if let Some(Processed::DeadLettered { reason }) =
@@ -840,9 +855,69 @@ where
         self.spawn_give_back(give_back);
     }
 
+    // ---- blocked inputs -----------------------------------------------------------------
+
+    /// Reports the inputs failing for longer than `blocked_after` (and, once, that there are
+    /// none any more): to the metrics, the log and the store.
+    fn report_blocked(&mut self) {
+        let after = self.inner.config.blocked_after;
+        let now = Instant::now();
+        let blocked: Vec<BlockedInput> = self
+            .jobs
+            .values()
+            .filter_map(|job| {
+                let since = job.failing_since?;
+                let failing_for = now.saturating_duration_since(since);
+                (failing_for >= after).then(|| BlockedInput {
+                    partition_key: job.delivery.partition_key.clone(),
+                    message_id: job.delivery.message_id.clone(),
+                    failing_for,
+                    attempts: job
+                        .delivery
+                        .deliveries
+                        .saturating_sub(1)
+                        .saturating_add(job.retries)
+                        .saturating_add(job.not_yet),
+                    reason: job.last_error.clone().unwrap_or_default(),
+                })
+            })
+            .collect();
+        if blocked.is_empty() && self.reported_blocked == 0 {
+            return;
+        }
+        crate::metrics::blocked_inputs(H::DESCRIPTOR.name, blocked.len());
+        if blocked.len() > self.reported_blocked {
+            for b in &blocked {
+                tracing::warn!(
+                    partition_key = ?b.partition_key,
+                    message_id = %b.message_id,
+                    failing_for = ?b.failing_for,
+                    attempts = b.attempts,
+                    reason = %b.reason,
+                    "an input keeps failing and holds up its partition key"
+                );
+            }
+        }
+        self.reported_blocked = blocked.len();
+        let inner = Arc::clone(&self.inner);
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        self.tasks.beating.spawn(async move {
+            let owner = &inner.executor.config().owner;
+            if let Err(e) = inner
+                .executor
+                .store()
+                .report_blocked(owner, &consumer, &topic, blocked)
+                .await
+            {
+                tracing::warn!(error = %e, "could not report the blocked inputs to the store");
+            }
+        });
+    }
+
     // ---- heartbeats ---------------------------------------------------------------------
 
     fn heartbeat(&mut self) {
+        self.report_blocked();
         if self.inner.executor.mutant() == Some(Mutant::NoHeartbeat) {
             return;
         }

@@ -201,16 +201,16 @@ where
                         .await;
                     return processed;
                 }
-                Settled::Conflict(conflict, _) => match {
+                Settled::Conflict(conflict, _) => {
                     inner.conflicted();
-                    inner.rerun_delay(&mut reruns, &conflict)
-                } {
-                    Ok(delay) => {
-                        tokio::time::sleep(delay).await;
-                        check = false;
+                    match inner.rerun_delay(&mut reruns, &conflict) {
+                        Ok(delay) => {
+                            tokio::time::sleep(delay).await;
+                            check = false;
+                        }
+                        Err(reason) => return inner.dead_letter(&delivery, reason).await,
                     }
-                    Err(reason) => return inner.dead_letter(&delivery, reason).await,
-                },
+                }
                 Settled::DeadLetter(reason) => return inner.dead_letter(&delivery, reason).await,
                 Settled::Retry(error) => {
                     tracing::warn!(%error, "failed for now: given back");
