@@ -62,6 +62,8 @@ pub struct NatsStats {
     /// Deliveries dead-lettered (by the caller, or by the transport past
     /// [`NatsConfig::max_deliver`]).
     pub dead_lettered: u64,
+    /// Pull requests sent to the server.
+    pub pull_requests: u64,
 }
 
 #[derive(Default)]
@@ -73,6 +75,7 @@ struct Counters {
     acked: AtomicU64,
     nacked: AtomicU64,
     dead_lettered: AtomicU64,
+    pull_requests: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -328,6 +331,7 @@ impl NatsTransport {
             acked: get(&c.acked),
             nacked: get(&c.nacked),
             dead_lettered: get(&c.dead_lettered),
+            pull_requests: get(&c.pull_requests),
         }
     }
 
@@ -542,6 +546,7 @@ impl NatsTransport {
     ) -> Result<Vec<jetstream::Message>, TransportError> {
         let wait = self.inner.config.busy_partition_wait;
         let what = || format!("pulling from consumer {}", lane.name);
+        bump(&self.inner.counters.pull_requests);
         let mut stream = tokio::time::timeout(
             self.inner.config.request_timeout,
             lane.consumer

@@ -1,0 +1,270 @@
+//! Fetch + acknowledge throughput of the transports, one process, on a backlog of keyed
+//! messages (1 000 keys over 32 partitions), against a hand-written JetStream consumer measured
+//! in the same run.
+//!
+//! - **raw JetStream** (the baseline): one durable pull consumer over every partition's subject
+//!   (no per-key order at all), pulling batches of 256 and acknowledging each batch with
+//!   confirmed acks sent together. What the server and the client library can do.
+//! - **NatsTransport**: [`Transport::fetch`] (at most 256, visibility 60 s) and
+//!   [`Transport::ack_many`] in a loop, per-key order kept; with the pull requests and
+//!   acknowledgements per message it needed (counted by the transport).
+//! - **SqliteLog**: the same loop on the embedded log (its own file, `synchronous = FULL`).
+//!
+//! Each mode runs on a stream (or file) of its own holding the same backlog; the figure is
+//! messages fetched and acknowledged per second, from the first fetch to the last
+//! acknowledgement. Every message is checked to arrive once and in order per key.
+//!
+//! Run: `cargo bench -p effects-core --features nats --bench transport` (add `-- quick` for a
+//! smoke run). Needs NATS with JetStream on 127.0.0.1:4222 (or `EFFECTS_NATS_URL`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use effects_core::nats::async_nats::jetstream::consumer::{AckPolicy, pull};
+use effects_core::nats::{NatsConfig, NatsTransport};
+use effects_core::transport::{Delivery, FetchRequest, OutgoingMessage, SqliteLog, Transport};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+
+const TOPIC: &str = "postings";
+const PARTITIONS: u16 = 32;
+const KEYS: usize = 1_000;
+const BATCH: usize = 256;
+
+fn nats_url() -> String {
+    std::env::var("EFFECTS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn unique(name: &str) -> (String, String) {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() % 1_000_000_000_000)
+        .unwrap_or(0);
+    let id = format!("{name}_{}_{nanos}", std::process::id());
+    (
+        format!("BENCH_{id}"),
+        format!("bench{}", id.to_ascii_lowercase()),
+    )
+}
+
+fn message(i: usize) -> OutgoingMessage {
+    let key = format!("account-{}", i % KEYS);
+    OutgoingMessage {
+        id: format!("post:{i}#0"),
+        topic: TOPIC.to_owned(),
+        partition_key: Some(key),
+        headers: BTreeMap::new(),
+        payload: format!("{{\"n\":{i}}}").into_bytes(),
+    }
+}
+
+fn index_of(payload: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(payload);
+    text.trim_start_matches("{\"n\":")
+        .trim_end_matches('}')
+        .parse()
+        .expect("a payload written by this bench")
+}
+
+async fn connect(name: &str) -> (NatsTransport, NatsConfig) {
+    let (stream, prefix) = unique(name);
+    let mut config = NatsConfig::new(nats_url()).with_stream(stream, prefix);
+    config.partitions = PARTITIONS;
+    config.poll_interval = Duration::from_millis(5);
+    let transport = NatsTransport::connect(config.clone())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "this bench needs NATS with JetStream at {}: {e}",
+                nats_url()
+            )
+        });
+    (transport, config)
+}
+
+async fn publish_backlog(t: &NatsTransport, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(512) {
+        let sent = join_all(chunk.iter().map(|&i| t.publish(message(i)))).await;
+        for r in sent {
+            r.expect("publish");
+        }
+    }
+}
+
+/// Checks that every message arrived once and each key's in publish order.
+fn check(seen: &[usize], n: usize) {
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    let mut count = vec![0_u32; n];
+    for &i in seen {
+        count[i] += 1;
+        let key = i % KEYS;
+        if let Some(&before) = last.get(&key) {
+            assert!(before < i, "key {key}: {i} after {before}");
+        }
+        last.insert(key, i);
+    }
+    assert!(count.iter().all(|&c| c == 1), "every message exactly once");
+}
+
+struct Figure {
+    per_second: f64,
+    pulls_per_message: Option<f64>,
+    acks_per_message: Option<f64>,
+    fetches: usize,
+}
+
+async fn raw_jetstream(n: usize) -> Figure {
+    let (t, config) = connect("raw").await;
+    publish_backlog(&t, n).await;
+    let js = t.jetstream().clone();
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("raw".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 4096,
+                filter_subject: format!("{}.msg.>", config.subject_prefix),
+                ..pull::Config::default()
+            },
+            config.stream.as_str(),
+        )
+        .await
+        .expect("a raw consumer");
+    let started = Instant::now();
+    let mut seen = Vec::with_capacity(n);
+    let mut pulls = 0_usize;
+    while seen.len() < n && started.elapsed() < Duration::from_secs(300) {
+        pulls += 1;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(BATCH)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .expect("pull");
+        let mut messages = Vec::new();
+        while let Some(m) = batch.next().await {
+            messages.push(m.expect("a message"));
+        }
+        for m in &messages {
+            seen.push(index_of(&m.message.payload));
+        }
+        let confirmed = join_all(messages.iter().map(|m| {
+            let reply = m.message.reply.clone().expect("a reply subject");
+            let client = t.client().clone();
+            async move { client.request(reply, "+ACK".into()).await }
+        }))
+        .await;
+        for r in confirmed {
+            r.expect("confirmed ack");
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = js.delete_stream(&config.stream).await;
+    assert_eq!(seen.len(), n, "the raw consumer read the backlog");
+    Figure {
+        per_second: n as f64 / elapsed.as_secs_f64(),
+        pulls_per_message: Some(pulls as f64 / n as f64),
+        acks_per_message: None,
+        fetches: pulls,
+    }
+}
+
+async fn fetch_and_ack<T: Transport>(t: &T, n: usize) -> (Duration, usize) {
+    let started = Instant::now();
+    let mut seen = Vec::with_capacity(n);
+    let mut fetches = 0;
+    while seen.len() < n && started.elapsed() < Duration::from_secs(300) {
+        let batch: Vec<Delivery> = t
+            .fetch(FetchRequest {
+                consumer: "bench".into(),
+                topic: TOPIC.into(),
+                max: BATCH,
+                visibility: Duration::from_secs(60),
+                wait: Duration::from_secs(1),
+            })
+            .await
+            .expect("fetch");
+        fetches += 1;
+        seen.extend(batch.iter().map(|d| index_of(&d.payload)));
+        for r in t.ack_many(&batch).await {
+            r.expect("ack");
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(seen.len(), n, "the transport handed out the backlog");
+    check(&seen, n);
+    (elapsed, fetches)
+}
+
+async fn nats_transport(n: usize) -> Figure {
+    let (t, config) = connect("transport").await;
+    publish_backlog(&t, n).await;
+    let (elapsed, fetches) = fetch_and_ack(&t, n).await;
+    let stats = t.stats();
+    let _ = t.jetstream().delete_stream(&config.stream).await;
+    Figure {
+        per_second: n as f64 / elapsed.as_secs_f64(),
+        pulls_per_message: Some(stats.pull_requests as f64 / n as f64),
+        acks_per_message: Some(stats.acked as f64 / n as f64),
+        fetches,
+    }
+}
+
+async fn sqlite_log(n: usize) -> Figure {
+    let dir = std::env::temp_dir().join(unique("sqlite").1);
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let log = SqliteLog::open(dir.join("log.db")).expect("open the log");
+    for i in 0..n {
+        log.publish(message(i)).await.expect("publish");
+    }
+    let (elapsed, fetches) = fetch_and_ack(&log, n).await;
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+    Figure {
+        per_second: n as f64 / elapsed.as_secs_f64(),
+        pulls_per_message: None,
+        acks_per_message: None,
+        fetches,
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let n = if quick { 2_000 } else { 20_000 };
+    let sqlite_n = if quick { 1_000 } else { 5_000 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let raw = raw_jetstream(n).await;
+        let nats = nats_transport(n).await;
+        let sqlite = sqlite_log(sqlite_n).await;
+        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+        println!(
+            "\n{n} keyed messages ({KEYS} keys, {PARTITIONS} partitions), fetch {BATCH} + ack, one process\n"
+        );
+        println!("| mode | messages | msg/s | fetches | pull requests / msg | acks / msg |");
+        println!("|---|---|---|---|---|---|");
+        for (name, count, f) in [
+            ("raw JetStream (baseline, unordered)", n, &raw),
+            ("NatsTransport", n, &nats),
+            ("SqliteLog", sqlite_n, &sqlite),
+        ] {
+            println!(
+                "| {name} | {count} | {:.0} | {} | {} | {} |",
+                f.per_second,
+                f.fetches,
+                opt(f.pulls_per_message),
+                opt(f.acks_per_message)
+            );
+        }
+        println!(
+            "\nNatsTransport / raw JetStream: {:.2}x",
+            nats.per_second / raw.per_second
+        );
+    });
+}
