@@ -59,7 +59,6 @@ fn now_us() -> u64 {
 fn nats_config(stream: &str, prefix: &str) -> NatsConfig {
     let mut config = NatsConfig::new(nats_url()).with_stream(stream, prefix);
     config.partitions = PARTITIONS;
-    config.poll_interval = Duration::from_millis(5);
     config
 }
 

@@ -70,7 +70,6 @@ async fn connect(name: &str) -> (NatsTransport, NatsConfig) {
     let (stream, prefix) = unique(name);
     let mut config = NatsConfig::new(nats_url()).with_stream(stream, prefix);
     config.partitions = PARTITIONS;
-    config.poll_interval = Duration::from_millis(5);
     let transport = NatsTransport::connect(config.clone())
         .await
         .unwrap_or_else(|e| {

@@ -87,7 +87,6 @@ fn open_events(db: &Path) -> rusqlite::Connection {
 async fn child_main(spec: ChildSpec) {
     let mut config = NatsConfig::new(&spec.url).with_stream(&spec.stream, &spec.prefix);
     config.partitions = spec.partitions;
-    config.poll_interval = Duration::from_millis(20);
     let t = connect_or_explain(config).await;
     let events = Arc::new(Mutex::new(open_events(Path::new(&spec.db))));
     let started = Arc::new(Mutex::new(0_usize));

@@ -124,11 +124,15 @@ pub use async_nats;
 
 mod config;
 mod error;
+mod group;
+mod holds;
 mod names;
+mod setup;
 mod transport;
 
-pub use self::config::{Auth, NatsConfig, Reconnect, Storage, TlsConfig};
+pub use self::config::{Auth, NatsConfig, NatsMutant, Reconnect, Storage, TlsConfig};
 pub use self::error::NatsError;
+pub use self::group::ConsumerSettings;
 pub use self::transport::{
     HEADER_DEAD_LETTER_CONSUMER, HEADER_DEAD_LETTER_DELIVERIES, HEADER_DEAD_LETTER_MESSAGE_ID,
     HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SEQUENCE, HEADER_DEAD_LETTER_TOPIC,

@@ -102,6 +102,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_dead_letter_retries.sql",
         sql: include_str!("../../migrations/sqlite/0004_dead_letter_retries.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_log_given_back.sql",
+        sql: include_str!("../../migrations/sqlite/0005_log_given_back.sql"),
+    },
 ];
 
 pub(crate) struct Db {
