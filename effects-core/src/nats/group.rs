@@ -34,13 +34,17 @@ use super::names;
 use super::transport::{Shared, bump, lock, read_headers, refused, unavailable};
 use crate::transport::TransportError;
 
-/// How long one pull request of a held lane waits at the server (bounded by the hold).
-const LONG_PULL: Duration = Duration::from_secs(5);
+/// How long one pull request waits at the server at most (also bounded by the hold and by half
+/// the ack wait, see [`Group::plan`]); a lane is let go of cleanly only once its request ended,
+/// so this bounds how long a release takes.
+const LONG_PULL: Duration = Duration::from_secs(1);
 /// How many messages one pull request of a keyed lane asks for; the consumer's
 /// `max_ack_pending` is what bounds the read-ahead.
 const KEYED_BATCH: usize = 1024;
 /// How long after a pull request's expiry its messages may still be on their way.
 const PULL_MARGIN: Duration = Duration::from_millis(500);
+/// The next pull request is sent when the newest one has this long left.
+const OVERLAP: Duration = Duration::from_millis(250);
 /// A pull request is not sent with less time than this before the hold would need renewing.
 const MIN_PULL: Duration = Duration::from_millis(100);
 /// How long a fetch's demand for messages without a key outlives the fetch, so a caller polling
@@ -109,6 +113,14 @@ struct GivenBack {
     touched: Instant,
 }
 
+/// A delivery handed out and not settled.
+struct Leased {
+    deliveries: u32,
+    key: Option<String>,
+    /// Until when the server keeps it invisible (receipt or last heartbeat + ack wait).
+    until: Instant,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
     /// Acquired; waiting for a previous holder's messages to come back before pulling.
@@ -143,8 +155,11 @@ struct LaneState {
     /// to is no longer this process's.
     epoch: u64,
     buffer: BTreeMap<u64, Buffered>,
-    /// Handed out, not settled: sequence → delivery count.
-    leased: HashMap<u64, u32>,
+    /// Handed out, not settled.
+    leased: HashMap<u64, Leased>,
+    /// The highest sequence that arrived as a first delivery in this epoch (first deliveries
+    /// come in sequence order; see [`Group::receive`]).
+    highest_new: u64,
     given_back: BTreeMap<u64, GivenBack>,
     reader: Option<Reader>,
     releasing: bool,
@@ -416,7 +431,14 @@ impl Group {
                     // Given back to the server by a release meanwhile: the rest of the lane waits.
                     break;
                 };
-                st.leased.insert(seq, message.deliveries);
+                st.leased.insert(
+                    seq,
+                    Leased {
+                        deliveries: message.deliveries,
+                        key: message.partition_key.clone(),
+                        until: message.touched + ack_wait,
+                    },
+                );
                 out.push(Taken {
                     lane: index,
                     epoch: st.epoch,
@@ -440,7 +462,7 @@ impl Group {
     ) -> Result<(), String> {
         let l = &self.lanes[lane];
         let st = lock(&l.state);
-        if st.epoch != epoch || st.leased.get(&sequence) != Some(&deliveries) {
+        if st.epoch != epoch || st.leased.get(&sequence).map(|l| l.deliveries) != Some(deliveries) {
             return Err(
                 "this process no longer holds it (its lane was let go or lost, or it \
                         came back from the server after its visibility passed)"
@@ -463,11 +485,64 @@ impl Group {
     }
 
     /// Bookkeeping after the server confirmed a settlement of a delivery handed out in `epoch`.
-    pub(super) fn settled(&self, lane: usize, epoch: u64, sequence: u64) {
+    /// `gone`: acknowledged or terminated, so it never comes back (a copy that came back after
+    /// its visibility passed is dropped, and its key no longer waits for it).
+    pub(super) fn settled(&self, lane: usize, epoch: u64, sequence: u64, gone: bool) {
         let mut st = lock(&self.lanes[lane].state);
         if st.epoch == epoch {
             st.leased.remove(&sequence);
+            if gone {
+                st.given_back.remove(&sequence);
+                st.buffer.remove(&sequence);
+            }
         }
+        drop(st);
+        if gone {
+            self.ready.notify_waiters();
+        }
+    }
+
+    /// A heartbeat went through: the server keeps the delivery invisible until `until`.
+    pub(super) fn extended(&self, (lane, epoch): (usize, u64), sequence: u64, until: Instant) {
+        let mut st = lock(&self.lanes[lane].state);
+        if st.epoch == epoch {
+            if let Some(l) = st.leased.get_mut(&sequence) {
+                l.until = until;
+            }
+        }
+    }
+
+    /// A keyed delivery given back while its lane is being released: it goes back into the
+    /// buffer (the release gives the buffer back to the server, in order) instead of to the
+    /// server now, when no pull request may be live to take it. `false` when the lane is not
+    /// being released by this process.
+    pub(super) fn give_back_while_draining(
+        &self,
+        (lane, epoch): (usize, u64),
+        reply: Subject,
+        d: &crate::transport::Delivery,
+    ) -> bool {
+        let l = &self.lanes[lane];
+        let mut st = lock(&l.state);
+        let draining = st.held.as_ref().is_some_and(|h| h.phase == Phase::Draining);
+        if !l.keyed || st.epoch != epoch || !draining {
+            return false;
+        }
+        st.leased.remove(&d.sequence);
+        st.buffer.insert(
+            d.sequence,
+            Buffered {
+                reply,
+                sequence: d.sequence,
+                deliveries: d.deliveries,
+                message_id: d.message_id.clone(),
+                partition_key: d.partition_key.clone(),
+                headers: d.headers.clone(),
+                payload: Bytes::from(d.payload.clone()),
+                touched: Instant::now(),
+            },
+        );
+        true
     }
 
     /// Before a keyed delivery is given back with no delay: it is expected back, and its key's
@@ -551,7 +626,10 @@ impl Group {
         let now = Instant::now();
         let due: Vec<(u64, Subject)> = {
             let st = lock(&l.state);
-            if st.epoch != epoch {
+            // While the lane is released, the release gives them back (once no pull request
+            // of this process is live).
+            let open = st.held.as_ref().is_some_and(|h| h.phase != Phase::Draining);
+            if st.epoch != epoch || !open {
                 return;
             }
             st.given_back
@@ -607,6 +685,18 @@ impl Group {
                 // Not this process's any more: it stays pending and goes to the lane's next
                 // holder once its ack wait passes.
                 return;
+            }
+            if deliveries == 1 {
+                if sequence <= st.highest_new
+                    && (st.leased.contains_key(&sequence) || st.buffer.contains_key(&sequence))
+                {
+                    // A second first delivery of a message this process has: JetStream 2.9
+                    // sends one after dropping a redelivery (see the module docs). The copy
+                    // here stands.
+                    tracing::debug!(lane = %l.id, sequence, "dropped a repeated first delivery");
+                    return;
+                }
+                st.highest_new = st.highest_new.max(sequence);
             }
             let expected = st.given_back.remove(&sequence).is_some();
             if st.leased.remove(&sequence).is_some() && !expected {
@@ -674,7 +764,7 @@ impl Group {
             let demand = *lock(&self.demand);
             return match demand {
                 Some(d) if d.until > now && st.buffer.len() < d.want => {
-                    let left = d.until - now;
+                    let left = (d.until - now).min(self.settings().ack_wait / 2);
                     Plan::Pull {
                         batch: d.want - st.buffer.len(),
                         expires: left.clamp(Duration::from_millis(10), LONG_PULL),
@@ -698,7 +788,10 @@ impl Group {
             // The hold is renewed meanwhile, or lost (then the reader is stopped).
             return Plan::Wait(MIN_PULL);
         }
-        let room = left - MIN_PULL;
+        // A request ends before the hold would run out, and before any message it hands over
+        // could expire: a request left behind by a holder that died or lost its hold is gone
+        // from the server before that holder's messages are due again.
+        let room = (left - MIN_PULL).min(self.settings().ack_wait / 2);
         if catch_up > 0 {
             Plan::Pull {
                 batch: usize::try_from(catch_up).unwrap_or(usize::MAX),
@@ -1065,10 +1158,15 @@ impl Group {
                 .map(|b| (b.sequence, b.reply))
                 .collect()
         };
+        // Given back, they stay pending (in the consumer's redelivery queue) for the next holder.
+        let mut returned = 0;
         for (seq, reply) in buffered {
-            if let Err(e) = shared.confirm(reply, AckKind::Nak(None)).await {
-                tracing::warn!(error = %e, sequence = seq, "could not give back a message read ahead");
-                dirty = true;
+            match shared.confirm(reply, AckKind::Nak(None)).await {
+                Ok(()) => returned += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, sequence = seq, "could not give back a message read ahead");
+                    dirty = true;
+                }
             }
         }
         // Wait for what was handed out (bounded by the deadline, if any; without one, for as
@@ -1127,7 +1225,7 @@ impl Group {
         // the ack wait.
         let ours = {
             let st = lock(&l.state);
-            st.leased.len() + st.given_back.len()
+            st.leased.len() + st.given_back.len() + returned
         };
         match shared.pending(&l.consumer).await {
             Some(server) if server <= ours => {}
@@ -1187,6 +1285,30 @@ impl Group {
                 if now.saturating_duration_since(b.touched) >= ack_wait / 3 {
                     b.touched = now;
                     beats.push(b.reply.clone());
+                }
+            }
+            // A delivery whose visibility passed without a heartbeat comes back from the server:
+            // its key waits for it (unless it is acknowledged first).
+            let expired: Vec<u64> = st
+                .leased
+                .iter()
+                .filter(|(_, leased)| leased.until <= now)
+                .map(|(&seq, _)| seq)
+                .collect();
+            for seq in expired {
+                let Some(Leased { key, .. }) = st.leased.remove(&seq) else {
+                    continue;
+                };
+                if l.keyed {
+                    st.given_back.insert(
+                        seq,
+                        GivenBack {
+                            key,
+                            reply: Subject::from(""),
+                            due: None,
+                            touched: now,
+                        },
+                    );
                 }
             }
             let mut any_due = false;
@@ -1343,7 +1465,7 @@ async fn stop_reader(mut reader: Reader) -> bool {
     if let Some(stop) = reader.stop.take() {
         let _ = stop.send(());
     }
-    match tokio::time::timeout(Duration::from_secs(2), &mut reader.task).await {
+    match tokio::time::timeout(LONG_PULL + PULL_MARGIN * 2, &mut reader.task).await {
         Ok(_) => true,
         Err(_) => {
             reader.task.abort();
@@ -1352,14 +1474,26 @@ async fn stop_reader(mut reader: Reader) -> bool {
     }
 }
 
-/// A lane's reader: one pull request at a time on an inbox of its own, each message into the
-/// lane's buffer. See [`Group::plan`] for what it asks for.
+/// A pull request sent and not known to have ended.
+struct Outstanding {
+    /// When it expires (by this process's clock, from when it was sent).
+    expires_at: Instant,
+    /// How many messages it may still bring.
+    remaining: usize,
+}
+
+/// A lane's reader: pull requests on an inbox of its own, each message into the lane's buffer.
+/// See [`Group::plan`] for what it asks for. Before a request expires the next one is sent, so
+/// that the server always has a live request behind one that is expiring: JetStream 2.9 drops a
+/// redelivery it tries to hand to an expired request when no live one follows (see the module
+/// docs). Asked to stop, it sends no more requests, reads the outstanding ones to their end, then
+/// unsubscribes.
 async fn read_lane(
     shared: Arc<Shared>,
     group: Arc<Group>,
     lane: usize,
     epoch: u64,
-    mut catch_up: u64,
+    catch_up: u64,
     mut stop: oneshot::Receiver<()>,
 ) {
     let l = &group.lanes[lane];
@@ -1375,86 +1509,114 @@ async fn read_lane(
         "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
         shared.config.stream, l.consumer
     );
-    let mut stopping = false;
-    if l.keyed && catch_up == 0 {
+    let mut catching_up = catch_up > 0;
+    if l.keyed && !catching_up {
         group.open_lane(lane, epoch);
     }
+    let mut outstanding: std::collections::VecDeque<Outstanding> = Default::default();
+    let mut stopping = false;
+    let mut finished = false;
     // Bounded: every round waits (on the server, a timer or a signal) before the next.
-    'requests: loop {
-        let (batch, expires) = match group.plan(&shared, lane, epoch, catch_up) {
-            Plan::Stop => break,
-            Plan::Wait(d) => {
-                tokio::select! {
-                    _ = &mut stop => { stopping = true; break 'requests; }
-                    () = tokio::time::sleep(d) => continue,
-                }
-            }
-            Plan::WaitDemand => {
-                let changed = group.demand_changed.notified();
-                tokio::select! {
-                    _ = &mut stop => { stopping = true; break 'requests; }
-                    () = changed => continue,
-                    () = tokio::time::sleep(Duration::from_millis(250)) => continue,
-                }
-            }
-            Plan::Pull { batch, expires } => (batch, expires),
-        };
-        let request = BatchConfig {
-            batch,
-            expires: Some(expires),
-            ..BatchConfig::default()
-        };
-        let payload = serde_json::to_vec(&request).unwrap_or_default();
-        bump(&shared.counters.pull_requests);
-        if let Err(e) = shared
-            .client
-            .publish_with_reply(subject.clone(), inbox.clone(), payload.into())
-            .await
+    loop {
+        let now = Instant::now();
+        // A request whose end-of-request status did not come is over once it expired (the
+        // server delivers nothing to an expired request).
+        while outstanding
+            .front()
+            .is_some_and(|r| r.expires_at + PULL_MARGIN <= now)
         {
-            tracing::warn!(error = %e, lane = %l.id, "could not send a pull request");
-            tokio::select! {
-                _ = &mut stop => { stopping = true; break 'requests; }
-                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-            }
+            outstanding.pop_front();
         }
-        let deadline = Instant::now() + expires + PULL_MARGIN;
-        let mut got = 0;
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stop => { stopping = true; break 'requests; }
-                next = tokio::time::timeout_at(deadline, subscription.next()) => match next {
-                    // The server delivers nothing to an expired request; its end-of-request
-                    // status may not come (a reconnect in between).
-                    Err(_) => break,
-                    Ok(None) => return,
-                    Ok(Some(message)) => match message.status {
-                        Some(StatusCode::IDLE_HEARTBEAT) => {}
-                        Some(status) if status != StatusCode::OK => break,
-                        _ => {
-                            group.receive(&shared, lane, epoch, message);
-                            got += 1;
-                            if got >= batch {
-                                break;
-                            }
-                        }
-                    },
-                },
-            }
-        }
-        if catch_up > 0 {
-            catch_up = 0;
+        if catching_up && outstanding.is_empty() && finished {
+            catching_up = false;
             group.open_lane(lane, epoch);
         }
-    }
-    if stopping {
-        // Nothing more is delivered here once the server has the unsubscription; what came
-        // before it goes into the buffer.
-        let _ = subscription.unsubscribe().await;
-        while let Some(message) = subscription.next().await {
-            if message.status.is_none() {
-                group.receive(&shared, lane, epoch, message);
+        let mut wake_at = outstanding.front().map(|r| r.expires_at + PULL_MARGIN);
+        let mut wait_demand = false;
+        let wants_next = !stopping
+            && outstanding.len() < if catching_up { 1 } else { 2 }
+            && outstanding
+                .back()
+                .is_none_or(|r| r.expires_at.saturating_duration_since(now) <= OVERLAP);
+        if wants_next {
+            let pending_catch_up = if catching_up { catch_up } else { 0 };
+            match group.plan(&shared, lane, epoch, pending_catch_up) {
+                Plan::Stop => stopping = true,
+                Plan::Wait(d) => wake_at = Some(wake_at.map_or(now + d, |w| w.min(now + d))),
+                Plan::WaitDemand => wait_demand = true,
+                Plan::Pull { batch, expires } => {
+                    let request = BatchConfig {
+                        batch,
+                        expires: Some(expires),
+                        ..BatchConfig::default()
+                    };
+                    let payload = serde_json::to_vec(&request).unwrap_or_default();
+                    bump(&shared.counters.pull_requests);
+                    match shared
+                        .client
+                        .publish_with_reply(subject.clone(), inbox.clone(), payload.into())
+                        .await
+                    {
+                        Ok(()) => {
+                            outstanding.push_back(Outstanding {
+                                expires_at: now + expires,
+                                remaining: batch,
+                            });
+                            finished = catching_up;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, lane = %l.id, "could not send a pull request");
+                            let retry = now + Duration::from_millis(200);
+                            wake_at = Some(wake_at.map_or(retry, |w| w.min(retry)));
+                        }
+                    }
+                }
             }
+        } else if !stopping {
+            // The next request goes out when the newest one is about to expire.
+            if let Some(back) = outstanding.back() {
+                let next = back.expires_at.checked_sub(OVERLAP).unwrap_or(now);
+                wake_at = Some(wake_at.map_or(next, |w| w.min(next)));
+            }
+        }
+        if stopping && outstanding.is_empty() {
+            break;
+        }
+        let wake_at = wake_at.unwrap_or(now + Duration::from_millis(250));
+        let demand = group.demand_changed.notified();
+        tokio::select! {
+            biased;
+            _ = &mut stop, if !stopping => stopping = true,
+            () = demand, if wait_demand => {}
+            next = tokio::time::timeout_at(wake_at, subscription.next()) => match next {
+                Err(_) => {}
+                Ok(None) => return,
+                Ok(Some(message)) => match message.status {
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // The end of a request (timeout, or the server ended it): the oldest one,
+                    // since the server serves requests in order.
+                    Some(status) if status != StatusCode::OK => {
+                        outstanding.pop_front();
+                    }
+                    _ => {
+                        group.receive(&shared, lane, epoch, message);
+                        if let Some(front) = outstanding.front_mut() {
+                            front.remaining = front.remaining.saturating_sub(1);
+                            if front.remaining == 0 {
+                                outstanding.pop_front();
+                            }
+                        }
+                    }
+                },
+            },
+        }
+    }
+    // No request is outstanding now; what is still on its way goes into the buffer.
+    let _ = subscription.unsubscribe().await;
+    while let Some(message) = subscription.next().await {
+        if message.status.is_none() {
+            group.receive(&shared, lane, epoch, message);
         }
     }
 }

@@ -449,6 +449,17 @@ impl NatsTransport {
         names::holds_stream(&self.inner.shared.config.stream)
     }
 
+    /// The subject of the hold of one partition of `topic` for the group `consumer` on the holds
+    /// stream (see the module docs).
+    pub fn hold_subject(&self, consumer: &str, topic: &str, partition: u16) -> String {
+        names::hold_subject(
+            &self.inner.shared.config.subject_prefix,
+            consumer,
+            topic,
+            &format!("p{partition}"),
+        )
+    }
+
     /// The partitions of `topic` this transport holds for the group `consumer` (see the module
     /// docs), in order.
     pub async fn held_partitions(&self, consumer: &str, topic: &str) -> Vec<u16> {
@@ -652,6 +663,7 @@ impl NatsTransport {
         let lease = self.lease(d)?;
         let shared = &self.inner.shared;
         let place = (lease.lane, lease.epoch);
+        let gone = matches!(kind, AckKind::Ack | AckKind::Term);
         if given_back {
             lease.group.expect_back(
                 place,
@@ -667,7 +679,9 @@ impl NatsTransport {
             return Err(e);
         }
         lock(&shared.leases).remove(&LeaseKey::of(d));
-        lease.group.settled(lease.lane, lease.epoch, d.sequence);
+        lease
+            .group
+            .settled(lease.lane, lease.epoch, d.sequence, gone);
         Ok(())
     }
 
@@ -990,10 +1004,13 @@ impl Transport for NatsTransport {
                 .confirm(lease.reply.clone(), AckKind::Progress)
                 .await?;
             bump(&shared.counters.heartbeats);
-            let ack_wait = lease.group.settings().ack_wait;
+            let until = sent + lease.group.settings().ack_wait;
             if let Some(l) = lock(&shared.leases).get_mut(&LeaseKey::of(&d)) {
-                l.until = sent + ack_wait;
+                l.until = until;
             }
+            lease
+                .group
+                .extended((lease.lane, lease.epoch), d.sequence, until);
             Ok(())
         }
     }
@@ -1008,7 +1025,16 @@ impl Transport for NatsTransport {
         async move {
             let shared = &this.inner.shared;
             if delay.is_zero() {
-                this.settle(&d, AckKind::Nak(None), true).await?;
+                let lease = this.lease(&d)?;
+                if lease.group.give_back_while_draining(
+                    (lease.lane, lease.epoch),
+                    lease.reply.clone(),
+                    &d,
+                ) {
+                    lock(&shared.leases).remove(&LeaseKey::of(&d));
+                } else {
+                    this.settle(&d, AckKind::Nak(None), true).await?;
+                }
             } else {
                 let lease = this.lease(&d)?;
                 // A keyed delivery of a lane held here waits out its delay here, heartbeated,
