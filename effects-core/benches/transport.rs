@@ -66,10 +66,13 @@ fn index_of(payload: &[u8]) -> usize {
         .expect("a payload written by this bench")
 }
 
-async fn connect(name: &str) -> (NatsTransport, NatsConfig) {
+async fn connect(name: &str, in_flight: Option<u32>) -> (NatsTransport, NatsConfig) {
     let (stream, prefix) = unique(name);
     let mut config = NatsConfig::new(nats_url()).with_stream(stream, prefix);
     config.partitions = PARTITIONS;
+    if let Some(n) = in_flight {
+        config.partition_in_flight = n;
+    }
     let transport = NatsTransport::connect(config.clone())
         .await
         .unwrap_or_else(|e| {
@@ -113,7 +116,7 @@ struct Figure {
 }
 
 async fn raw_jetstream(n: usize) -> Figure {
-    let (t, config) = connect("raw").await;
+    let (t, config) = connect("raw", None).await;
     publish_backlog(&t, n).await;
     let js = t.jetstream().clone();
     let consumer = js
@@ -170,10 +173,15 @@ async fn raw_jetstream(n: usize) -> Figure {
     }
 }
 
-async fn fetch_and_ack<T: Transport>(t: &T, n: usize) -> (Duration, usize) {
+async fn fetch_and_ack<T: Transport + Clone>(
+    t: &T,
+    n: usize,
+    ack_after: Duration,
+) -> (Duration, usize) {
     let started = Instant::now();
     let mut seen = Vec::with_capacity(n);
     let mut fetches = 0;
+    let mut acks = tokio::task::JoinSet::new();
     while seen.len() < n && started.elapsed() < Duration::from_secs(300) {
         let batch: Vec<Delivery> = t
             .fetch(FetchRequest {
@@ -187,9 +195,24 @@ async fn fetch_and_ack<T: Transport>(t: &T, n: usize) -> (Duration, usize) {
             .expect("fetch");
         fetches += 1;
         seen.extend(batch.iter().map(|d| index_of(&d.payload)));
-        for r in t.ack_many(&batch).await {
-            r.expect("ack");
+        if ack_after.is_zero() {
+            for r in t.ack_many(&batch).await {
+                r.expect("ack");
+            }
+        } else {
+            // As a worker committing batches does: the deliveries stay in flight while the
+            // next fetches go on.
+            let t = t.clone();
+            acks.spawn(async move {
+                tokio::time::sleep(ack_after).await;
+                for r in t.ack_many(&batch).await {
+                    r.expect("ack");
+                }
+            });
         }
+    }
+    while let Some(done) = acks.join_next().await {
+        done.expect("an ack task");
     }
     let elapsed = started.elapsed();
     assert_eq!(seen.len(), n, "the transport handed out the backlog");
@@ -197,10 +220,10 @@ async fn fetch_and_ack<T: Transport>(t: &T, n: usize) -> (Duration, usize) {
     (elapsed, fetches)
 }
 
-async fn nats_transport(n: usize) -> Figure {
-    let (t, config) = connect("transport").await;
+async fn nats_transport(n: usize, in_flight: Option<u32>, ack_after: Duration) -> Figure {
+    let (t, config) = connect("transport", in_flight).await;
     publish_backlog(&t, n).await;
-    let (elapsed, fetches) = fetch_and_ack(&t, n).await;
+    let (elapsed, fetches) = fetch_and_ack(&t, n, ack_after).await;
     let stats = t.stats();
     let _ = t.jetstream().delete_stream(&config.stream).await;
     Figure {
@@ -218,7 +241,7 @@ async fn sqlite_log(n: usize) -> Figure {
     for i in 0..n {
         log.publish(message(i)).await.expect("publish");
     }
-    let (elapsed, fetches) = fetch_and_ack(&log, n).await;
+    let (elapsed, fetches) = fetch_and_ack(&log, n, Duration::ZERO).await;
     drop(log);
     let _ = std::fs::remove_dir_all(&dir);
     Figure {
@@ -231,6 +254,20 @@ async fn sqlite_log(n: usize) -> Figure {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    // `in-flight=N`: NatsConfig::partition_in_flight for the NatsTransport runs (several allowed).
+    let mut in_flight: Vec<Option<u32>> = std::env::args()
+        .filter_map(|a| a.strip_prefix("in-flight=").and_then(|n| n.parse().ok()))
+        .map(Some)
+        .collect();
+    if in_flight.is_empty() {
+        in_flight.push(None);
+    }
+    // `ack-after=MS`: the NatsTransport runs also acknowledge each batch this long after its
+    // fetch, fetching on meanwhile (a worker's commit latency).
+    let ack_after: Option<Duration> = std::env::args()
+        .filter_map(|a| a.strip_prefix("ack-after=").and_then(|n| n.parse().ok()))
+        .map(Duration::from_millis)
+        .next();
     let n = if quick { 2_000 } else { 20_000 };
     let sqlite_n = if quick { 1_000 } else { 5_000 };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -240,7 +277,13 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let raw = raw_jetstream(n).await;
-        let nats = nats_transport(n).await;
+        let mut nats = Vec::new();
+        for &f in &in_flight {
+            nats.push((f, Duration::ZERO, nats_transport(n, f, Duration::ZERO).await));
+            if let Some(after) = ack_after {
+                nats.push((f, after, nats_transport(n, f, after).await));
+            }
+        }
         let sqlite = sqlite_log(sqlite_n).await;
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
         println!(
@@ -248,11 +291,22 @@ fn main() {
         );
         println!("| mode | messages | msg/s | fetches | pull requests / msg | acks / msg |");
         println!("|---|---|---|---|---|---|");
-        for (name, count, f) in [
-            ("raw JetStream (baseline, unordered)", n, &raw),
-            ("NatsTransport", n, &nats),
-            ("SqliteLog", sqlite_n, &sqlite),
-        ] {
+        let mut rows = vec![("raw JetStream (baseline, unordered)".to_owned(), n, &raw)];
+        let name = |f: &Option<u32>, after: &Duration| {
+            let mut name = match f {
+                Some(f) => format!("NatsTransport, partition_in_flight {f}"),
+                None => "NatsTransport".to_owned(),
+            };
+            if !after.is_zero() {
+                name.push_str(&format!(", acks {after:?} after the fetch"));
+            }
+            name
+        };
+        for (f, after, figure) in &nats {
+            rows.push((name(f, after), n, figure));
+        }
+        rows.push(("SqliteLog".to_owned(), sqlite_n, &sqlite));
+        for (name, count, f) in rows {
             println!(
                 "| {name} | {count} | {:.0} | {} | {} | {} |",
                 f.per_second,
@@ -261,9 +315,13 @@ fn main() {
                 opt(f.acks_per_message)
             );
         }
-        println!(
-            "\nNatsTransport / raw JetStream: {:.2}x",
-            nats.per_second / raw.per_second
-        );
+        println!();
+        for (f, after, figure) in &nats {
+            println!(
+                "{} / raw JetStream: {:.2}x",
+                name(f, after),
+                figure.per_second / raw.per_second
+            );
+        }
     });
 }

@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::config::NatsConfig;
+use super::consumers::{ConsumerSettings, ensure_consumers, lane_ids};
 use super::error::NatsError;
-use super::group::{ConsumerSettings, Group, Taken, ensure_consumers, lane_ids};
+use super::group::{Group, Taken};
 use super::names;
 use super::setup::{Check, connect_client, ensure_holds_stream, ensure_stream};
 use crate::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
@@ -414,7 +415,7 @@ impl NatsTransport {
             return Err(refused("in-flight limits must be at least 1".into()));
         }
         let settings = ConsumerSettings::new(
-            super::group::ack_wait_for(settings.ack_wait),
+            super::consumers::ack_wait_for(settings.ack_wait),
             settings.partition_in_flight,
             settings.unordered_in_flight,
         );
