@@ -226,7 +226,8 @@ async fn migrations_are_recorded_and_checked() {
             (1, "0001_store.sql".to_owned()),
             (2, "0002_log.sql".to_owned()),
             (3, "0003_fencing.sql".to_owned()),
-            (4, "0004_dead_letter_retries.sql".to_owned())
+            (4, "0004_dead_letter_retries.sql".to_owned()),
+            (5, "0005_log_given_back.sql".to_owned())
         ]
     );
     drop(store);
@@ -237,7 +238,7 @@ async fn migrations_are_recorded_and_checked() {
     assert_eq!(mode, "wal");
     // Reopening applies nothing twice.
     let store = SqliteStore::open(&db).unwrap();
-    assert_eq!(store.schema_versions().await.unwrap().len(), 4);
+    assert_eq!(store.schema_versions().await.unwrap().len(), 5);
     drop(store);
 
     // A migration edited after it was applied is refused.
