@@ -164,6 +164,7 @@ async fn raw_jetstream(n: usize) -> Figure {
     }
     let elapsed = started.elapsed();
     let _ = js.delete_stream(&config.stream).await;
+    let _ = js.delete_stream(t.holds_stream_name()).await;
     assert_eq!(seen.len(), n, "the raw consumer read the backlog");
     Figure {
         per_second: n as f64 / elapsed.as_secs_f64(),
@@ -225,13 +226,41 @@ async fn nats_transport(n: usize, in_flight: Option<u32>, ack_after: Duration) -
     publish_backlog(&t, n).await;
     let (elapsed, fetches) = fetch_and_ack(&t, n, ack_after).await;
     let stats = t.stats();
+    t.close().await;
     let _ = t.jetstream().delete_stream(&config.stream).await;
+    let _ = t.jetstream().delete_stream(t.holds_stream_name()).await;
     Figure {
         per_second: n as f64 / elapsed.as_secs_f64(),
         pulls_per_message: Some(stats.pull_requests as f64 / n as f64),
         acks_per_message: Some(stats.acked as f64 / n as f64),
         fetches,
     }
+}
+
+/// Pull requests per second sent by one process fetching (wait 1 s) from a group on an empty
+/// topic, holding all 32 partitions.
+async fn nats_idle() -> f64 {
+    let (t, config) = connect("idle", None).await;
+    let request = FetchRequest {
+        consumer: "bench".into(),
+        topic: TOPIC.into(),
+        max: BATCH,
+        visibility: Duration::from_secs(60),
+        wait: Duration::from_secs(1),
+    };
+    // Let the group open and its readers start.
+    t.fetch(request.clone()).await.expect("fetch");
+    let before = t.stats().pull_requests;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let got = t.fetch(request.clone()).await.expect("fetch");
+        assert!(got.is_empty());
+    }
+    let per_second = (t.stats().pull_requests - before) as f64 / started.elapsed().as_secs_f64();
+    t.close().await;
+    let _ = t.jetstream().delete_stream(&config.stream).await;
+    let _ = t.jetstream().delete_stream(t.holds_stream_name()).await;
+    per_second
 }
 
 async fn sqlite_log(n: usize) -> Figure {
@@ -285,6 +314,7 @@ fn main() {
             }
         }
         let sqlite = sqlite_log(sqlite_n).await;
+        let idle = nats_idle().await;
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
         println!(
             "\n{n} keyed messages ({KEYS} keys, {PARTITIONS} partitions), fetch {BATCH} + ack, one process\n"
@@ -315,6 +345,10 @@ fn main() {
                 opt(f.acks_per_message)
             );
         }
+        println!(
+            "\nNatsTransport idle (32 partitions held, fetching with a 1 s wait): {idle:.1} pull \
+             requests/s"
+        );
         println!();
         for (f, after, figure) in &nats {
             println!(

@@ -116,6 +116,21 @@ impl Group {
                     );
                 }
             }
+            // A message given back comes back within an ack wait (two, when JetStream 2.9
+            // dropped its redelivery); one that did not come back after three is gone from
+            // the stream (its age limit, a purge): its key stops waiting for it.
+            let gone: Vec<u64> = st
+                .given_back
+                .iter()
+                .filter(|(_, gb)| {
+                    gb.due.is_none() && now.saturating_duration_since(gb.touched) >= ack_wait * 3
+                })
+                .map(|(&seq, _)| seq)
+                .collect();
+            for seq in gone {
+                st.given_back.remove(&seq);
+                tracing::warn!(lane = %l.id, sequence = seq, "a message given back did not come back: its key goes on without it");
+            }
             let mut any_due = false;
             for gb in st.given_back.values_mut() {
                 if let Some(due) = gb.due {
@@ -167,6 +182,7 @@ impl Group {
                     if st.epoch == epoch {
                         if let Some(gb) = st.given_back.get_mut(&seq) {
                             gb.due = None;
+                            gb.touched = Instant::now();
                         }
                     }
                 }

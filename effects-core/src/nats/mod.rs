@@ -113,7 +113,10 @@
 //! partition's messages and heartbeats them only while its hold is valid **by its own monotonic
 //! clock**: a renewal sent at `t` makes the hold valid until `t + TTL − TTL/5`, one fifth before
 //! the record can expire on the server. A renewal that finds another record (someone else took
-//! the partition after the hold expired) ends the hold at once.
+//! the partition after the hold expired) ends the hold at once. (The fence is this process's
+//! clock; the expiry of records is the server's: a jump of the server's wall clock forward
+//! shortens holds, and another process may then take a partition while its holder still hands
+//! it out, until the holder's next renewal finds out, within a third of the TTL.)
 //!
 //! ```text
 //!  process A   take(0)→#41   renew(#41)→#57   renew(#57)→#63   ✝ dies
