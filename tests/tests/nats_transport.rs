@@ -1,7 +1,8 @@
 //! What only the NATS transport has (feature `nats`): per-key order across worker *processes*
 //! with one of them dying mid-message (and the partitions it held taken over), the partition
 //! holds (takeover after a crash, release at close, sharing between processes, a lost hold
-//! refusing heartbeats), how JetStream 2.9 redelivers what expired, `max_deliver`, one
+//! refusing heartbeats), how JetStream 2.9 redelivers what expired (and what it drops),
+//! `max_deliver`, one
 //! configuration per stream and per group, refused headers, and the subject mapping.
 //!
 //! The order tests run this test binary again as child processes (`order_child`, which does
@@ -852,6 +853,95 @@ async fn jetstream_redelivers_expired_messages_first() {
         seqs(&again),
         [4, 3, 2, 1],
         "in the order they expired, not in sequence order"
+    );
+}
+
+/// JetStream 2.9 drops a redelivery it takes from the redelivery queue for a pull request that
+/// turns out to be gone (its inbox unsubscribed) when no live request follows, and hands the
+/// consumer's last new message out a second time as new (here the same message: delivery count
+/// 1 after a give-back). Why the transport keeps a live request behind an expiring one, lets
+/// its requests run out before it gives anything back, and drops a repeated first delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_drops_a_redelivery_meant_for_a_gone_request() {
+    use effects_core::nats::async_nats::jetstream::consumer::pull::BatchConfig;
+    let stream = TestStream::new("stale-request", |_| {}).await;
+    let client = stream.transport.client().clone();
+    let js = stream.transport.jetstream().clone();
+    let subject = format!("{}.msg.raw.x", stream.config.subject_prefix);
+    js.publish(subject.clone(), "1".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let consumer: PullConsumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("stale".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                filter_subject: subject,
+                ..pull::Config::default()
+            },
+            stream.config.stream.as_str(),
+        )
+        .await
+        .expect("consumer");
+    let request = |batch: usize, expires: Duration| BatchConfig {
+        batch,
+        expires: Some(expires),
+        ..BatchConfig::default()
+    };
+    let first_inbox = client.new_inbox();
+    let mut first = client
+        .subscribe(first_inbox.clone())
+        .await
+        .expect("subscribe");
+    consumer
+        .request_batch(request(10, Duration::from_secs(10)), first_inbox.into())
+        .await
+        .expect("a pull request");
+    let m = tokio::time::timeout(Duration::from_secs(5), first.next())
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    let info = |m: &effects_core::nats::async_nats::Message| {
+        let m = jetstream::Message {
+            message: m.clone(),
+            context: js.clone(),
+        };
+        let i = m.info().expect("metadata");
+        (i.stream_sequence, i.delivered)
+    };
+    assert_eq!(info(&m), (1, 1));
+    // The request's inbox goes away; the request stays at the server until it expires.
+    first.unsubscribe().await.expect("unsubscribe");
+    client.flush().await.expect("flush");
+    client
+        .request(m.reply.clone().expect("a reply subject"), "-NAK".into())
+        .await
+        .expect("the give-back confirmed");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second_inbox = client.new_inbox();
+    let mut second = client
+        .subscribe(second_inbox.clone())
+        .await
+        .expect("subscribe");
+    consumer
+        .request_batch(request(1, Duration::from_secs(2)), second_inbox.into())
+        .await
+        .expect("a pull request");
+    let again = tokio::time::timeout(Duration::from_secs(5), second.next())
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    println!(
+        "FIGURE jetstream_stale_request: after a give-back, delivered again as {:?} (sequence, count)",
+        info(&again)
+    );
+    assert_eq!(
+        info(&again),
+        (1, 1),
+        "the redelivery (count 2) was dropped and the message handed out again as new"
     );
 }
 
