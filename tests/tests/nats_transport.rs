@@ -2,8 +2,8 @@
 //! with one of them dying mid-message (and the partitions it held taken over), the partition
 //! holds (takeover after a crash, release at close, sharing between processes, a lost hold
 //! refusing heartbeats), how JetStream 2.9 redelivers what expired (and what it drops),
-//! `max_deliver`, one
-//! configuration per stream and per group, refused headers, and the subject mapping.
+//! `max_deliver`, one configuration per stream and per group, refused headers, and the subject
+//! mapping.
 //!
 //! The order tests run this test binary again as child processes (`order_child`, which does
 //! nothing unless started that way), each with its own connection; they record when they start
