@@ -164,7 +164,6 @@ fn load_average() -> String {
 fn nats_config(stream: &str, prefix: &str) -> NatsConfig {
     let mut config = NatsConfig::new(nats_url()).with_stream(stream, prefix);
     config.partitions = PARTITIONS;
-    config.poll_interval = Duration::from_millis(5);
     config
 }
 

@@ -228,7 +228,8 @@ async fn migrations_are_recorded_and_checked() {
             (3, "0003_fencing.sql".to_owned()),
             (4, "0004_dead_letter_retries.sql".to_owned()),
             (5, "0005_owners.sql".to_owned()),
-            (6, "0006_clock.sql".to_owned())
+            (6, "0006_clock.sql".to_owned()),
+            (7, "0007_log_given_back.sql".to_owned())
         ]
     );
     drop(store);
@@ -239,7 +240,7 @@ async fn migrations_are_recorded_and_checked() {
     assert_eq!(mode, "wal");
     // Reopening applies nothing twice.
     let store = SqliteStore::open(&db).unwrap();
-    assert_eq!(store.schema_versions().await.unwrap().len(), 6);
+    assert_eq!(store.schema_versions().await.unwrap().len(), 7);
     drop(store);
 
     // A migration edited after it was applied is refused.

@@ -78,7 +78,6 @@ fn nats_config_with_window(url: &str, stream: &str, window: Option<Duration>) ->
         initial_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(250),
     };
-    config.poll_interval = Duration::from_millis(20);
     if let Some(window) = window {
         config.duplicate_window = window;
     }

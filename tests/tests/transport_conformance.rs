@@ -253,9 +253,9 @@ async fn fetch_n<T: Transport>(
     got
 }
 
-async fn nothing_more<T: Transport>(t: &T, consumer: &str, wait: Duration) {
+async fn nothing_more<T: Transport>(t: &T, consumer: &str, visibility: Duration, wait: Duration) {
     let extra = t
-        .fetch(request(consumer, 10, LONG, wait))
+        .fetch(request(consumer, 10, visibility, wait))
         .await
         .expect("fetch");
     let ids: Vec<&str> = extra.iter().map(|d| d.message_id.as_str()).collect();
@@ -298,7 +298,7 @@ async fn publish_fetch_ack<H: Harness>(h: &H) {
     for d in &got {
         t.ack(d).await.expect("ack");
     }
-    nothing_more(&t, "g", Duration::from_millis(300)).await;
+    nothing_more(&t, "g", LONG, Duration::from_millis(300)).await;
 }
 
 /// Partition keys and header values that are awkward on the wire come back unchanged.
@@ -401,7 +401,7 @@ async fn visibility_timeout_redelivers<H: Harness>(h: &H) {
     assert_eq!(again[0].deliveries, 2);
     assert_eq!(again[0].sequence, first[0].sequence);
     t.ack(&again[0]).await.expect("ack");
-    nothing_more(&t, "g", Duration::from_millis(300)).await;
+    nothing_more(&t, "g", visibility, Duration::from_millis(300)).await;
 }
 
 /// A message given back with a delay comes back after the delay; with no delay, at once.
@@ -434,26 +434,258 @@ async fn nack_with_delay<H: Harness>(h: &H) {
     t.ack(&third[0]).await.expect("ack");
 }
 
-/// A keyed message given back keeps its place: the next message of its key waits for it.
+/// Opens the group (the first fetch of a group may find nothing yet), publishes, and lets the
+/// broker's read-ahead settle, so that the next fetch sees everything published.
+async fn publish_settled<T: Transport>(
+    t: &T,
+    visibility: Duration,
+    messages: impl IntoIterator<Item = OutgoingMessage>,
+) {
+    let warm = t
+        .fetch(request("g", 10, visibility, Duration::from_millis(50)))
+        .await
+        .expect("fetch");
+    assert!(warm.is_empty(), "nothing was published yet");
+    publish_all(t, messages).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// A keyed message given back keeps its place. Given back with its key's later messages (in
+/// order, as the contract asks of callers), they come back from it, in order. Given back with a
+/// delay, nothing of its key is handed out before the delay passed, even what was given back
+/// without one; then all of them, in order.
 async fn nack_keeps_the_place_of_a_keyed_message<H: Harness>(h: &H) {
     let t = h.transport();
-    publish_all(
+    publish_settled(
         &t,
+        LONG,
         [
             message("a#0", Some("a"), "0"),
             message("a#1", Some("a"), "1"),
+            message("a#2", Some("a"), "2"),
         ],
     )
     .await;
-    let first = fetch_n(&t, "g", 2, LONG, Duration::from_secs(1)).await;
-    assert_eq!(ids(&first), ["a#0"], "one message of a key at a time");
-    t.nack(&first[0], Duration::ZERO).await.expect("nack");
-    let again = fetch_n(&t, "g", 2, LONG, Duration::from_secs(1)).await;
-    assert_eq!(ids(&again), ["a#0"], "the given-back message comes first");
-    t.ack(&again[0]).await.expect("ack");
-    let next = fetch_n(&t, "g", 2, LONG, Duration::from_secs(2)).await;
-    assert_eq!(ids(&next), ["a#1"]);
-    t.ack(&next[0]).await.expect("ack");
+    let first = t
+        .fetch(request("g", 10, LONG, Duration::from_secs(2)))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        ids(&first),
+        ["a#0", "a#1", "a#2"],
+        "one fetch takes several messages of a key, in order"
+    );
+    for d in &first {
+        t.nack(d, Duration::ZERO).await.expect("nack");
+    }
+    let again = fetch_n(&t, "g", 3, LONG, Duration::from_secs(5)).await;
+    assert_eq!(
+        ids(&again),
+        ["a#0", "a#1", "a#2"],
+        "given back, they come back in order"
+    );
+    assert!(again.iter().all(|d| d.deliveries == 2), "{again:?}");
+
+    t.nack(&again[0], Duration::from_secs(1))
+        .await
+        .expect("nack with a delay");
+    let nacked_at = Instant::now();
+    for d in &again[1..] {
+        t.nack(d, Duration::ZERO).await.expect("nack");
+    }
+    let early = t
+        .fetch(request("g", 10, LONG, Duration::from_millis(600)))
+        .await
+        .expect("fetch");
+    assert!(
+        early.is_empty(),
+        "nothing of the key during the first one's delay, got {:?}",
+        ids(&early)
+    );
+    let last = fetch_n(&t, "g", 3, LONG, Duration::from_secs(5)).await;
+    assert_eq!(
+        ids(&last),
+        ["a#0", "a#1", "a#2"],
+        "after the delay, in order"
+    );
+    assert!(
+        nacked_at.elapsed() >= Duration::from_millis(800),
+        "not before the delay ({:?})",
+        nacked_at.elapsed()
+    );
+    assert!(last.iter().all(|d| d.deliveries == 3), "{last:?}");
+    for d in &last {
+        t.ack(d).await.expect("ack");
+    }
+    nothing_more(&t, "g", LONG, Duration::from_millis(300)).await;
+}
+
+/// Several messages of a key go to one fetch, in order; while they are leased another
+/// connection gets none of that key (on NATS none of its partition), and nothing of the key is
+/// lost or handed out twice after they are acknowledged.
+async fn a_key_has_one_holder<H: Harness>(h: &H) {
+    let t = h.transport();
+    let other = h.another_connection().await;
+    let a = "key-a";
+    publish_settled(
+        &t,
+        LONG,
+        (0..4).map(|i| message(&format!("a#{i}"), Some(a), &i.to_string())),
+    )
+    .await;
+    let got = t
+        .fetch(request("g", 10, LONG, Duration::from_secs(2)))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        ids(&got),
+        ["a#0", "a#1", "a#2", "a#3"],
+        "in one fetch, in order"
+    );
+    let same = (0..1000)
+        .map(|i| format!("key-{i}"))
+        .find(|k| k != a && h.same_lane(a, k));
+    t.publish(message("a#4", Some(a), "4"))
+        .await
+        .expect("publish");
+    if let Some(same) = &same {
+        t.publish(message("same#0", Some(same), "0"))
+            .await
+            .expect("publish");
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let elsewhere = other
+            .fetch(request("g", 10, LONG, Duration::from_millis(200)))
+            .await
+            .expect("fetch");
+        assert!(
+            elsewhere.iter().all(|d| d
+                .partition_key
+                .as_deref()
+                .is_none_or(|k| !h.same_lane(a, k))),
+            "another connection got {:?} while a's messages are leased (a key sharing a's lane: \
+             {same:?})",
+            ids(&elsewhere)
+        );
+        for d in &elsewhere {
+            other.ack(d).await.expect("ack");
+        }
+    }
+    for r in t.ack_many(&got).await {
+        r.expect("ack");
+    }
+    let mut rest = Vec::new();
+    let expected = 1 + usize::from(same.is_some());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rest.len() < expected && Instant::now() < deadline {
+        for c in [&t, &other] {
+            let batch = c
+                .fetch(request("g", 10, LONG, Duration::from_millis(200)))
+                .await
+                .expect("fetch");
+            for d in &batch {
+                c.ack(d).await.expect("ack");
+            }
+            rest.extend(batch);
+        }
+    }
+    let mut rest_ids = ids(&rest);
+    rest_ids.sort();
+    let mut want = vec!["a#4".to_owned()];
+    if same.is_some() {
+        want.push("same#0".to_owned());
+    }
+    assert_eq!(
+        rest_ids, want,
+        "each handed out once after the others were acknowledged"
+    );
+}
+
+/// A heartbeat keeps a delivery invisible past its visibility, to every connection; once the
+/// delivery is acknowledged or given back, a heartbeat is refused.
+async fn extend_keeps_a_delivery_invisible<H: Harness>(h: &H) {
+    let t = h.transport();
+    let other = h.another_connection().await;
+    let visibility = Duration::from_secs(1);
+    t.publish(message("e#0", None, "e")).await.expect("publish");
+    let got = fetch_n(&t, "g", 1, visibility, Duration::from_secs(10)).await;
+    assert_eq!(ids(&got), ["e#0"]);
+    let leased_at = Instant::now();
+    let mut beats = 0;
+    while leased_at.elapsed() < visibility * 5 / 2 {
+        t.extend(&got[0], visibility).await.expect("a heartbeat");
+        beats += 1;
+        for c in [&t, &other] {
+            let extra = c
+                .fetch(request("g", 10, visibility, Duration::from_millis(100)))
+                .await
+                .expect("fetch");
+            assert!(
+                extra.is_empty(),
+                "heartbeated, it stays invisible ({:?} after the fetch): got {:?}",
+                leased_at.elapsed(),
+                ids(&extra)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(beats >= 4, "{beats} heartbeats");
+    t.ack(&got[0]).await.expect("ack");
+    let late = t.extend(&got[0], visibility).await;
+    assert!(
+        matches!(late, Err(TransportError::Refused { .. })),
+        "a heartbeat after the acknowledgement is refused: {late:?}"
+    );
+
+    // A keyed one (on NATS its partition may be with either connection by now).
+    t.publish(message("e#1", Some("k"), "e"))
+        .await
+        .expect("publish");
+    let mut holder = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder.is_none() && Instant::now() < deadline {
+        for c in [&t, &other] {
+            let mut batch = c
+                .fetch(request("g", 10, visibility, Duration::from_millis(200)))
+                .await
+                .expect("fetch");
+            if let Some(d) = batch.pop() {
+                holder = Some((c.clone(), d));
+                break;
+            }
+        }
+    }
+    let (c, d) = holder.expect("e#1 was handed out");
+    assert_eq!(d.message_id, "e#1");
+    c.nack(&d, Duration::from_secs(5)).await.expect("nack");
+    let after_nack = c.extend(&d, visibility).await;
+    assert!(
+        matches!(after_nack, Err(TransportError::Refused { .. })),
+        "a heartbeat after a give-back is refused: {after_nack:?}"
+    );
+}
+
+/// `ack_many` acknowledges a batch: one result per delivery, and nothing comes back.
+async fn ack_many_acknowledges_a_batch<H: Harness>(h: &H) {
+    let t = h.transport();
+    publish_all(
+        &t,
+        (0..6).map(|i| {
+            let key = format!("key-{}", i % 3);
+            message(&format!("m{i}"), Some(&key), &i.to_string())
+        }),
+    )
+    .await;
+    let got = fetch_n(&t, "g", 6, LONG, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 6);
+    let results = t.ack_many(&got).await;
+    assert_eq!(results.len(), 6);
+    for r in results {
+        r.expect("ack");
+    }
+    assert!(t.ack_many(&[]).await.is_empty());
+    nothing_more(&t, "g", LONG, Duration::from_millis(500)).await;
 }
 
 /// A dead-lettered message is recorded with its reason and delivery count and never delivered
@@ -470,7 +702,7 @@ async fn dead_letter_with_reason<H: Harness>(h: &H) {
     let reason = "cannot decode `Card`: EOF while parsing an object at line 1 column 1";
     t.dead_letter(&got[0], reason).await.expect("dead-letter");
     t.ack(&got[1]).await.expect("ack");
-    nothing_more(&t, "g", Duration::from_millis(300)).await;
+    nothing_more(&t, "g", LONG, Duration::from_millis(300)).await;
     assert_eq!(
         h.dead_letters(&t, "g").await,
         [("bad#0".to_owned(), reason.to_owned(), 1)]
@@ -484,52 +716,9 @@ async fn dead_letter_with_reason<H: Harness>(h: &H) {
     );
 }
 
-/// Keys in different lanes are in flight together; keys in one lane wait for each other. On
-/// the SQLite log only equal keys share a lane; on NATS keys in the same partition do.
-async fn lanes_limit_parallelism<H: Harness>(h: &H) {
-    let t = h.transport();
-    let a = "key-a";
-    let other = (0..1000)
-        .map(|i| format!("key-{i}"))
-        .find(|k| !h.same_lane(a, k))
-        .expect("a key in another lane");
-    let same = (0..1000)
-        .map(|i| format!("key-{i}"))
-        .find(|k| k != a && h.same_lane(a, k));
-    publish_all(
-        &t,
-        [
-            message("a#0", Some(a), "0"),
-            message("other#0", Some(&other), "0"),
-        ],
-    )
-    .await;
-    if let Some(same) = &same {
-        t.publish(message("same#0", Some(same), "0"))
-            .await
-            .expect("publish");
-    }
-    let got = fetch_n(&t, "g", 3, LONG, Duration::from_secs(1)).await;
-    let mut got_ids = ids(&got);
-    got_ids.sort();
-    assert_eq!(
-        got_ids,
-        ["a#0", "other#0"],
-        "different lanes together; a key sharing a's lane ({same:?}) waits"
-    );
-    for d in &got {
-        t.ack(d).await.expect("ack");
-    }
-    if same.is_some() {
-        let rest = fetch_n(&t, "g", 1, LONG, Duration::from_secs(5)).await;
-        assert_eq!(ids(&rest), ["same#0"]);
-        t.ack(&rest[0]).await.expect("ack");
-    }
-}
-
-/// One key's messages, handled by three consumers on three connections, each handling several
-/// deliveries at once: per key, each message starts only after the previous one finished, in
-/// publish order.
+/// One key's messages, handled by three consumers on three connections, each handling the keys
+/// it fetched at once (one key's deliveries one after another, in the order handed out): per
+/// key, each message starts only after the previous one finished, in publish order.
 async fn partition_key_order_across_consumers<H: Harness>(h: &H) {
     const KEYS: usize = 6;
     const PER_KEY: usize = 12;
@@ -650,7 +839,7 @@ async fn settling_through_another_connection<H: Harness>(h: &H) {
             .await
             .expect("ack through the fetching connection");
     }
-    nothing_more(&t, "g", Duration::from_millis(300)).await;
+    nothing_more(&t, "g", LONG, Duration::from_millis(300)).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -695,8 +884,9 @@ fn handle_all_at_once(deliveries: &[Delivery], key: &str) -> Vec<Event> {
 }
 
 /// `consumers` tasks, each on its own connection, fetching up to `max` and handling what it
-/// fetched concurrently (5 to 8 ms each), recording start and end; until `total` messages have
-/// ended (bounded by 60 s).
+/// fetched (5 to 8 ms each) as the order contract asks: different keys at once, one key's
+/// deliveries one after another in the order handed out, each fetch's before the next fetch;
+/// recording start and end; until `total` messages have ended (bounded by 60 s).
 async fn run_consumers<H: Harness>(
     h: &H,
     group: &str,
@@ -730,15 +920,28 @@ async fn run_consumers<H: Harness>(
                     .fetch(request(&group, max, LONG, Duration::from_millis(100)))
                     .await
                     .expect("fetch");
-                let handled = batch.into_iter().map(|d| {
+                // Per key, in the order handed out; without a key, each on its own.
+                let mut queues: Vec<(Option<String>, Vec<Delivery>)> = Vec::new();
+                for d in batch {
+                    match queues
+                        .iter_mut()
+                        .find(|(k, _)| k.is_some() && *k == d.partition_key)
+                    {
+                        Some((_, queue)) => queue.push(d),
+                        None => queues.push((d.partition_key.clone(), vec![d])),
+                    }
+                }
+                let handled = queues.into_iter().map(|(_, queue)| {
                     let t = t.clone();
                     let events = Arc::clone(&events);
                     async move {
-                        events.lock().expect("events").push(event(c, &d, false));
-                        let ms = 5 + (d.sequence % 4);
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                        events.lock().expect("events").push(event(c, &d, true));
-                        t.ack(&d).await.expect("ack");
+                        for d in queue {
+                            events.lock().expect("events").push(event(c, &d, false));
+                            let ms = 5 + (d.sequence % 4);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            events.lock().expect("events").push(event(c, &d, true));
+                            t.ack(&d).await.expect("ack");
+                        }
                     }
                 });
                 futures_join_all(handled).await;
@@ -840,8 +1043,18 @@ macro_rules! conformance {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn lanes_limit_parallelism() {
-                super::lanes_limit_parallelism(&$harness).await;
+            async fn a_key_has_one_holder() {
+                super::a_key_has_one_holder(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn extend_keeps_a_delivery_invisible() {
+                super::extend_keeps_a_delivery_invisible(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ack_many_acknowledges_a_batch() {
+                super::ack_many_acknowledges_a_batch(&$harness).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

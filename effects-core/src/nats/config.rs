@@ -154,17 +154,41 @@ pub struct NatsConfig {
     pub storage: Storage,
     /// Copies of the stream in a cluster. Default 1.
     pub replicas: usize,
-    /// How many messages without a partition key one group may have in flight. Default 1024.
+    /// How many messages without a partition key one group may have in flight (the `u`
+    /// consumer's `max_ack_pending`). A consumer setting of the group: see
+    /// [`NatsTransport::set_consumer_settings`](super::NatsTransport::set_consumer_settings).
+    /// Default 1024.
     pub unordered_in_flight: u32,
+    /// How many messages of one partition may be in flight at once, all with the one process
+    /// holding the partition (each partition consumer's `max_ack_pending`): the most a holder
+    /// has fetched and not yet settled, plus what it has read ahead. A consumer setting of the
+    /// group, like [`NatsConfig::unordered_in_flight`]. Default 128 (see the module docs).
+    pub partition_in_flight: u32,
+    /// How long a lane hold lasts without renewal (the holds stream's age limit; see the module
+    /// docs). A holder renews every third of it and stops handing out a lane's messages one
+    /// fifth of it before it would run out; a process that dies leaves its lanes to others
+    /// after about this long (plus the ack wait when it died holding messages). Every process
+    /// of a stream must use the same value. Default 10 s.
+    pub hold_ttl: Duration,
     /// Deliveries after which a message that keeps coming back is dead-lettered by the
     /// transport with the reason; `None` (default) leaves the decision to the worker.
     pub max_deliver: Option<u32>,
-    /// How often a waiting fetch looks again for messages published by other processes.
-    /// Publishes and settled deliveries through this transport wake it at once. Default 100 ms.
-    pub poll_interval: Duration,
-    /// How long the server holds a pull request on a partition whose message is in flight
-    /// elsewhere before answering "nothing". Default 2 ms.
-    pub busy_partition_wait: Duration,
+    /// A deliberately broken build, for showing that a test can fail. Testing only.
+    #[doc(hidden)]
+    pub mutant: Option<NatsMutant>,
+}
+
+/// Deliberately broken transports, for showing that the order checks can fail. Testing only.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NatsMutant {
+    /// Every process pulls every partition without holding it: a partition's messages are
+    /// spread over the processes of a group.
+    NoHolds,
+    /// A lane taken over is pulled at once: no waiting for a dead holder's messages to come
+    /// back first, no catching up on them before handing out.
+    NoTakeoverWait,
 }
 
 impl NatsConfig {
@@ -186,9 +210,10 @@ impl NatsConfig {
             storage: Storage::File,
             replicas: 1,
             unordered_in_flight: 1024,
+            partition_in_flight: 128,
+            hold_ttl: Duration::from_secs(10),
             max_deliver: None,
-            poll_interval: Duration::from_millis(100),
-            busy_partition_wait: Duration::from_millis(2),
+            mutant: None,
         }
     }
 
@@ -252,14 +277,11 @@ impl NatsConfig {
         if self.max_deliver == Some(0) {
             return invalid("max_deliver", "must be at least 1 (or None)".into());
         }
-        if self.poll_interval.is_zero() {
-            return invalid("poll_interval", "must be above zero".into());
+        if self.partition_in_flight == 0 {
+            return invalid("partition_in_flight", "must be at least 1".into());
         }
-        if self.busy_partition_wait.is_zero() {
-            return invalid(
-                "busy_partition_wait",
-                "must be above zero (a pull request without expiry would linger)".into(),
-            );
+        if self.hold_ttl < Duration::from_millis(500) {
+            return invalid("hold_ttl", "must be at least 500 ms".into());
         }
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("request_timeout", "timeouts must be above zero".into());

@@ -29,6 +29,25 @@ pub enum NatsError {
         /// Why.
         reason: String,
     },
+    /// A setting of the stream on the server differs from this transport's configuration. Every
+    /// process of a stream uses the same settings: change this configuration, or change the
+    /// server's explicitly with
+    /// [`NatsTransport::update_stream_settings`](super::NatsTransport::update_stream_settings).
+    #[error(
+        "stream {stream}: its {setting} is {server} on the server and {configured} in this \
+         transport's configuration; every process of a stream uses the same settings (use the \
+         server's, or change them for everyone with NatsTransport::update_stream_settings)"
+    )]
+    Settings {
+        /// The stream's name.
+        stream: String,
+        /// Which setting.
+        setting: &'static str,
+        /// Its value on the server.
+        server: String,
+        /// Its value in this configuration.
+        configured: String,
+    },
     /// The stream could not be created, or exists with a layout this transport cannot use.
     #[error("stream {stream}: {reason}")]
     Stream {
@@ -47,7 +66,9 @@ impl From<NatsError> for TransportError {
                     reason: e.to_string(),
                 }
             }
-            NatsError::InvalidConfig { .. } | NatsError::Stream { .. } => TransportError::Refused {
+            NatsError::InvalidConfig { .. }
+            | NatsError::Stream { .. }
+            | NatsError::Settings { .. } => TransportError::Refused {
                 reason: e.to_string(),
             },
         }

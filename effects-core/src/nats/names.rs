@@ -68,6 +68,60 @@ pub(crate) fn consumer_name(group: &str, topic: &str, lane: &str) -> String {
     )
 }
 
+/// The stream that holds the lane holds and the group members of the stream `stream`:
+/// `<stream>_HOLDS`.
+pub(crate) fn holds_stream(stream: &str) -> String {
+    format!("{stream}_HOLDS")
+}
+
+/// The subject of the hold of one keyed lane of a group on a topic:
+/// `<prefix>.hold.<group>.<topic>.<lane>` (group and topic as [`subject_token`]s).
+pub(crate) fn hold_subject(prefix: &str, group: &str, topic: &str, lane: &str) -> String {
+    format!(
+        "{prefix}.hold.{}.{}.{lane}",
+        subject_token(group),
+        subject_token(topic)
+    )
+}
+
+/// The subject of one member's presence in a group on a topic:
+/// `<prefix>.member.<group>.<topic>.<member>`.
+pub(crate) fn member_subject(prefix: &str, group: &str, topic: &str, member: &str) -> String {
+    format!("{}.{member}", members_filter_base(prefix, group, topic))
+}
+
+/// The filter matching every member of a group on a topic.
+pub(crate) fn members_filter(prefix: &str, group: &str, topic: &str) -> String {
+    format!("{}.*", members_filter_base(prefix, group, topic))
+}
+
+fn members_filter_base(prefix: &str, group: &str, topic: &str) -> String {
+    format!(
+        "{prefix}.member.{}.{}",
+        subject_token(group),
+        subject_token(topic)
+    )
+}
+
+/// A name for this connection among a group's members, different for every transport ever
+/// connected (process id, time and a counter, hashed): 16 hex digits.
+pub(crate) fn member_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut hasher = Sha256::new();
+    hasher.update(std::process::id().to_be_bytes());
+    hasher.update(nanos.to_be_bytes());
+    hasher.update(NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    // The address of a stack value adds what the clock and the pid may share across hosts.
+    let here = 0_u8;
+    hasher.update((std::ptr::addr_of!(here) as usize).to_be_bytes());
+    let digest = hasher.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 fn readable(text: &str, max: usize) -> String {
     let kept: String = text
         .chars()
@@ -210,6 +264,23 @@ mod tests {
         assert_ne!(a, c);
         assert!(a.starts_with("block_cardsx_") && a.ends_with("_p3"), "{a}");
         assert!(valid_stream_name(&consumer_name("", "", "u")));
+    }
+
+    #[test]
+    fn hold_and_member_subjects() {
+        assert_eq!(
+            hold_subject("effects", "block", "cards.x", "p3"),
+            "effects.hold.block.cards~2Ex.p3"
+        );
+        assert_eq!(
+            member_subject("effects", "block", "t", "ab12"),
+            "effects.member.block.t.ab12"
+        );
+        assert_eq!(members_filter("effects", "g", "t"), "effects.member.g.t.*");
+        let (a, b) = (member_id(), member_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(valid_subject_token(&a));
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! [`NatsTransport`]: the [`Transport`] operations on JetStream.
+//! [`NatsTransport`]: the [`Transport`] operations on JetStream. What is shared by the clones
+//! of one transport (the connection, the groups it fetches from, its leases) is [`Shared`];
+//! the groups, their lanes and holds are in [`super::group`], connecting and the streams in
+//! [`super::setup`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, ReplayPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, stream};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -15,9 +18,12 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::config::{Auth, NatsConfig, Storage};
+use super::config::NatsConfig;
+use super::consumers::{ConsumerSettings, ensure_consumers, lane_ids};
 use super::error::NatsError;
+use super::group::{Group, Taken};
 use super::names;
+use super::setup::{Check, connect_client, ensure_holds_stream, ensure_stream};
 use crate::transport::{Delivery, FetchRequest, OutgoingMessage, Transport, TransportError};
 
 /// The header that carries a message's partition key (encoded like every value, see the module
@@ -38,13 +44,13 @@ pub const HEADER_DEAD_LETTER_MESSAGE_ID: &str = "effects-dead-letter-message-id"
 
 const MSG_ID: &str = "Nats-Msg-Id";
 const DEAD_PREFIX: &str = "effects-dead-letter-";
+/// How long a lease nobody settled is remembered after its visibility passed.
 const LEASE_GRACE: Duration = Duration::from_secs(60);
-/// How long after a pull request's expiry its messages may still be on their way.
-const PULL_MARGIN: Duration = Duration::from_millis(500);
 
 /// What the transport has done since it connected (counted at the source: each counter moves
-/// when the server answered).
+/// when the server answered, or when the request was sent for those that have no answer).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NatsStats {
     /// Publishes the stream stored as new messages.
     pub published: u64,
@@ -62,10 +68,24 @@ pub struct NatsStats {
     /// Deliveries dead-lettered (by the caller, or by the transport past
     /// [`NatsConfig::max_deliver`]).
     pub dead_lettered: u64,
+    /// Pull requests sent to the server.
+    pub pull_requests: u64,
+    /// In-progress acknowledgements sent: [`Transport::extend`], and the transport's own for
+    /// messages waiting in its read-ahead.
+    pub heartbeats: u64,
+    /// Partition lanes this transport took.
+    pub holds_acquired: u64,
+    /// Partition lanes it let go of cleanly.
+    pub holds_released: u64,
+    /// Partition lanes it lost (a renewal that did not get through in time, or another
+    /// holder).
+    pub holds_lost: u64,
+    /// Lanes taken over with messages of a previous holder pending, that waited for them.
+    pub takeovers_waited: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     published: AtomicU64,
     duplicates: AtomicU64,
     publish_failures: AtomicU64,
@@ -73,9 +93,15 @@ struct Counters {
     acked: AtomicU64,
     nacked: AtomicU64,
     dead_lettered: AtomicU64,
+    pub(super) pull_requests: AtomicU64,
+    pub(super) heartbeats: AtomicU64,
+    pub(super) holds_acquired: AtomicU64,
+    pub(super) holds_released: AtomicU64,
+    pub(super) holds_lost: AtomicU64,
+    pub(super) takeovers_waited: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+pub(super) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -104,35 +130,6 @@ pub struct NatsDeadLetter {
     pub dead_letter_sequence: u64,
 }
 
-/// One pull consumer of a group on a topic: a partition (`p<i>`, one message in flight) or the
-/// lane of messages without a key (`u`).
-struct Lane {
-    name: String,
-    keyed: bool,
-    consumer: PullConsumer,
-    /// Until when this process holds this partition's one message (no use asking for another).
-    busy_until: Mutex<Option<Instant>>,
-}
-
-impl Lane {
-    fn busy(&self, now: Instant) -> bool {
-        lock(&self.busy_until).is_some_and(|until| until > now)
-    }
-
-    fn set_busy(&self, until: Option<Instant>) {
-        if self.keyed {
-            *lock(&self.busy_until) = until;
-        }
-    }
-}
-
-/// The lanes of one (group, topic).
-struct Lanes {
-    lanes: Vec<Lane>,
-    ack_wait: Mutex<Duration>,
-    rotation: AtomicUsize,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct LeaseKey {
     consumer: String,
@@ -152,173 +149,364 @@ impl LeaseKey {
     }
 }
 
+/// A delivery handed out through this connection and not settled yet.
 #[derive(Clone)]
 struct Lease {
     reply: Subject,
-    lanes: Arc<Lanes>,
+    group: Arc<Group>,
     lane: usize,
+    epoch: u64,
+    partition_key: Option<String>,
+    /// Until when the server keeps it invisible (by this process's clock).
     until: Instant,
 }
 
-struct Inner {
-    config: NatsConfig,
-    client: async_nats::Client,
-    js: jetstream::Context,
-    lanes: tokio::sync::Mutex<HashMap<(String, String), Arc<Lanes>>>,
+/// What the clones of one transport share.
+pub(super) struct Shared {
+    pub(super) config: NatsConfig,
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    /// The message stream.
+    pub(super) stream: stream::Stream,
+    /// The holds stream.
+    pub(super) holds: stream::Stream,
+    /// This connection's name among the members of a group.
+    pub(super) member: String,
+    groups: tokio::sync::Mutex<HashMap<(String, String), Arc<Group>>>,
     leases: Mutex<HashMap<LeaseKey, Lease>>,
-    counters: Counters,
-    /// Wakes waiting fetches: a publish or a settled delivery (which frees a partition).
-    wake: tokio::sync::Notify,
+    pub(super) counters: Counters,
+    /// Set when the transport closes: the groups' drivers stop.
+    pub(super) closing: tokio::sync::watch::Sender<bool>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these mutexes stays consistent when a holder panics (plain inserts and
+    // removals), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(super) fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Unavailable {
+        reason: format!("{what}: {e}"),
+    }
+}
+
+pub(super) fn refused(reason: String) -> TransportError {
+    TransportError::Refused { reason }
+}
+
+impl Shared {
+    /// Sends an acknowledgement of some kind to a delivery's reply subject and waits for the
+    /// server's confirmation.
+    pub(super) async fn confirm(
+        &self,
+        reply: Subject,
+        kind: AckKind,
+    ) -> Result<(), TransportError> {
+        let payload: Bytes = kind.into();
+        match tokio::time::timeout(
+            self.config.request_timeout,
+            self.client.request(reply, payload),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable("settling a delivery", e)),
+            Err(_) => Err(unavailable(
+                "settling a delivery",
+                format!("no confirmation within {:?}", self.config.request_timeout),
+            )),
+        }
+    }
+
+    /// How many messages a consumer has delivered and not had acknowledged (`None` when the
+    /// server does not say).
+    pub(super) async fn pending(&self, consumer: &str) -> Option<usize> {
+        match self.stream.consumer_info(consumer).await {
+            Ok(info) => Some(info.num_ack_pending),
+            Err(e) => {
+                tracing::warn!(error = %e, consumer, "could not read a consumer's pending count");
+                None
+            }
+        }
+    }
+
+    /// The group for (name, topic), opened on first use; refuses a visibility other than the
+    /// group's.
+    async fn group(
+        self: &Arc<Self>,
+        name: &str,
+        topic: &str,
+        visibility: Duration,
+    ) -> Result<Arc<Group>, TransportError> {
+        if *self.closing.borrow() {
+            return Err(refused("this NATS transport was closed".into()));
+        }
+        let key = (name.to_owned(), topic.to_owned());
+        let mut groups = self.groups.lock().await;
+        if let Some(group) = groups.get(&key) {
+            if !group.is_stopped() {
+                group.check_visibility(visibility)?;
+                return Ok(Arc::clone(group));
+            }
+        }
+        let group = Group::open(self, name, topic, visibility).await?;
+        groups.insert(key, Arc::clone(&group));
+        Ok(group)
+    }
+
+    /// Forgets a group (it stopped); the next fetch opens it again.
+    pub(super) async fn forget_group(&self, group: &Arc<Group>) {
+        let mut groups = self.groups.lock().await;
+        let key = (group.name.clone(), group.topic.clone());
+        if groups.get(&key).is_some_and(|g| Arc::ptr_eq(g, group)) {
+            groups.remove(&key);
+        }
+    }
+
+    /// Lets go of everything: every group's lanes released, presence withdrawn.
+    async fn close(self: &Arc<Self>) {
+        self.closing.send_replace(true);
+        let groups: Vec<Arc<Group>> = self.groups.lock().await.drain().map(|(_, g)| g).collect();
+        let deadline = Instant::now() + self.config.request_timeout;
+        join_all(groups.iter().map(|g| g.shutdown(self, deadline))).await;
+        if let Err(e) = self.client.flush().await {
+            tracing::debug!(error = %e, "could not flush the connection at close");
+        }
+    }
+
+    fn prune_leases(&self) {
+        let now = Instant::now();
+        lock(&self.leases).retain(|_, lease| lease.until + LEASE_GRACE > now);
+    }
+}
+
+/// Closes the transport when its last clone is dropped (on the runtime it is dropped in; see
+/// [`NatsTransport::close`]).
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if *self.shared.closing.borrow() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shared = Arc::clone(&self.shared);
+            runtime.spawn(async move { shared.close().await });
+        } else {
+            self.shared.closing.send_replace(true);
+        }
+    }
 }
 
 /// The NATS JetStream transport (feature `nats`). Cheap to clone: clones share one connection.
 /// See the [module docs](super) for the layout on the server.
 #[derive(Clone)]
 pub struct NatsTransport {
-    inner: Arc<Inner>,
+    inner: Arc<Handle>,
 }
 
 impl std::fmt::Debug for NatsTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config = &self.inner.shared.config;
         f.debug_struct("NatsTransport")
-            .field("url", &self.inner.config.url)
-            .field("stream", &self.inner.config.stream)
-            .field("subject_prefix", &self.inner.config.subject_prefix)
-            .field("partitions", &self.inner.config.partitions)
+            .field("url", &config.url)
+            .field("stream", &config.stream)
+            .field("subject_prefix", &config.subject_prefix)
+            .field("partitions", &config.partitions)
+            .field("member", &self.inner.shared.member)
             .finish_non_exhaustive()
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these mutexes stays consistent when a holder panics (plain inserts and
-    // removals), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
-    TransportError::Unavailable {
-        reason: format!("{what}: {e}"),
-    }
-}
-
-fn refused(reason: String) -> TransportError {
-    TransportError::Refused { reason }
-}
-
-fn description(config: &NatsConfig) -> String {
-    format!(
-        "effects transport: messages on {p}.msg.<topic>.<p0..p{last}|u>, dead letters on \
-         {p}.dead.<consumer>.<topic>; partitions={n}",
-        p = config.subject_prefix,
-        last = config.partitions.saturating_sub(1),
-        n = config.partitions
-    )
-}
-
-fn recorded_partitions(description: Option<&str>) -> Option<u16> {
-    let text = description?;
-    let at = text.find("partitions=")? + "partitions=".len();
-    let digits: String = text[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-/// The consumers' ack wait for a fetch's visibility (NATS reads zero as "the default", 30 s).
-fn ack_wait_for(visibility: Duration) -> Duration {
-    visibility.max(Duration::from_millis(10))
-}
-
 impl NatsTransport {
-    /// Connects, then creates the stream (or checks and updates an existing one: its subjects,
-    /// partition count and retention must match; its duplicate window and age limit are set to
-    /// the configured ones).
+    /// Connects, then creates the message stream and the holds stream (or checks existing
+    /// ones: their layout must match, and their settings — duplicate window, age limit, hold
+    /// TTL — must be this configuration's, or the connection is refused naming both values;
+    /// see [`NatsTransport::update_stream_settings`]).
     pub async fn connect(config: NatsConfig) -> Result<NatsTransport, NatsError> {
         config.validate()?;
-        let url = config.url.clone();
-        let connect_error = |reason: String| NatsError::Connect {
-            url: url.clone(),
-            reason,
-        };
-        let reconnect = config.reconnect;
-        let mut options = async_nats::ConnectOptions::new()
-            .connection_timeout(config.connect_timeout)
-            .request_timeout(Some(config.request_timeout))
-            .reconnect_delay_callback(move |attempt| reconnect.delay(attempt))
-            .event_callback(|event| async move {
-                tracing::info!(%event, "NATS connection event");
-            });
-        options = match reconnect.max_attempts {
-            // async-nats reads 0 as "forever": at least one attempt.
-            Some(n) => options.max_reconnects(n.max(1)),
-            None => options.max_reconnects(None),
-        };
-        if let Some(name) = &config.connection_name {
-            options = options.name(name);
-        }
-        match &config.auth {
-            Some(Auth::Token(token)) => options = options.token(token.clone()),
-            Some(Auth::UserPassword { user, password }) => {
-                options = options.user_and_password(user.clone(), password.clone());
-            }
-            None => {}
-        }
-        if let Some(tls) = &config.tls {
-            options = options.require_tls(tls.required);
-            if let Some(roots) = &tls.root_certificates {
-                options = options.add_root_certificates(roots.clone());
-            }
-            if let Some((cert, key)) = &tls.client_certificate {
-                options = options.add_client_certificate(cert.clone(), key.clone());
-            }
-        }
-        let servers: Vec<String> = config
-            .url
-            .split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|e| connect_error(e.to_string()))?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.request_timeout)
-            .ack_timeout(config.request_timeout)
-            .build(client.clone());
-        ensure_stream(&js, &config).await?;
+        let (client, js) = connect_client(&config).await?;
+        let stream = ensure_stream(&js, &config, Check::Refuse).await?;
+        let holds = ensure_holds_stream(&js, &config, Check::Refuse).await?;
+        let (closing, _) = tokio::sync::watch::channel(false);
         Ok(NatsTransport {
-            inner: Arc::new(Inner {
-                config,
-                client,
-                js,
-                lanes: tokio::sync::Mutex::new(HashMap::new()),
-                leases: Mutex::new(HashMap::new()),
-                counters: Counters::default(),
-                wake: tokio::sync::Notify::new(),
+            inner: Arc::new(Handle {
+                shared: Arc::new(Shared {
+                    config,
+                    client,
+                    js,
+                    stream,
+                    holds,
+                    member: names::member_id(),
+                    groups: tokio::sync::Mutex::new(HashMap::new()),
+                    leases: Mutex::new(HashMap::new()),
+                    counters: Counters::default(),
+                    closing,
+                }),
             }),
         })
     }
 
+    /// Sets the streams' settings on the server to this configuration's (the message stream's
+    /// duplicate window and age limit, the holds stream's hold TTL), creating the streams if
+    /// they do not exist, then disconnects. This is how those settings change: every process
+    /// of a stream uses the same, and a transport connecting with others is refused. Processes
+    /// already connected keep working; restart them with the new configuration.
+    pub async fn update_stream_settings(config: NatsConfig) -> Result<(), NatsError> {
+        config.validate()?;
+        let (client, js) = connect_client(&config).await?;
+        ensure_stream(&js, &config, Check::Update).await?;
+        ensure_holds_stream(&js, &config, Check::Update).await?;
+        if let Err(e) = client.flush().await {
+            tracing::debug!(error = %e, "could not flush after updating the streams");
+        }
+        Ok(())
+    }
+
+    /// The consumer settings of a group on a topic as the server has them, `None` when the group
+    /// has never fetched from the topic.
+    pub async fn consumer_settings(
+        &self,
+        consumer: &str,
+        topic: &str,
+    ) -> Result<Option<ConsumerSettings>, TransportError> {
+        let shared = &self.inner.shared;
+        let keyed = names::consumer_name(consumer, topic, "p0");
+        let unkeyed = names::consumer_name(consumer, topic, "u");
+        let (k, u) = tokio::join!(
+            shared.stream.consumer_info(&keyed),
+            shared.stream.consumer_info(&unkeyed)
+        );
+        match (k, u) {
+            (Ok(k), Ok(u)) => Ok(Some(ConsumerSettings::new(
+                k.config.ack_wait,
+                u32::try_from(k.config.max_ack_pending).unwrap_or(0),
+                u32::try_from(u.config.max_ack_pending).unwrap_or(0),
+            ))),
+            (Err(e), _) | (_, Err(e))
+                if matches!(
+                    e.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(unavailable("reading a group's consumers", e)),
+        }
+    }
+
+    /// Sets the consumer settings of a group on a topic (creating its consumers if needed).
+    /// This is how a group's visibility (ack wait) and in-flight limits change: every process
+    /// of a group uses the same, and a fetch asking for another visibility, or a transport
+    /// configured with other limits, is refused naming both values. Processes with the old
+    /// values are refused from their next fetch (within a third of the hold TTL) until they use
+    /// the new ones.
+    pub async fn set_consumer_settings(
+        &self,
+        consumer: &str,
+        topic: &str,
+        settings: ConsumerSettings,
+    ) -> Result<(), TransportError> {
+        let shared = &self.inner.shared;
+        if settings.partition_in_flight == 0 || settings.unordered_in_flight == 0 {
+            return Err(refused("in-flight limits must be at least 1".into()));
+        }
+        let settings = ConsumerSettings::new(
+            super::consumers::ack_wait_for(settings.ack_wait),
+            settings.partition_in_flight,
+            settings.unordered_in_flight,
+        );
+        ensure_consumers(shared, consumer, topic, settings, true).await?;
+        if let Some(group) = shared
+            .groups
+            .lock()
+            .await
+            .get(&(consumer.to_owned(), topic.to_owned()))
+        {
+            group.set_settings(settings);
+        }
+        Ok(())
+    }
+
+    /// Stops as a crashed process would: background work ends, nothing is released or given
+    /// back (holds run out, pending messages wait for their ack wait). Testing only.
+    #[doc(hidden)]
+    pub async fn abandon(&self) {
+        let shared = &self.inner.shared;
+        shared.closing.send_replace(true);
+        let groups: Vec<Arc<Group>> = shared.groups.lock().await.drain().map(|(_, g)| g).collect();
+        for group in groups {
+            group.abandon();
+        }
+        lock(&shared.leases).clear();
+    }
+
+    /// The name of the stream that keeps the lane holds and group members (`<stream>_HOLDS`;
+    /// see the module docs).
+    pub fn holds_stream_name(&self) -> String {
+        names::holds_stream(&self.inner.shared.config.stream)
+    }
+
+    /// The subject of the hold of one partition of `topic` for the group `consumer` on the holds
+    /// stream (see the module docs).
+    pub fn hold_subject(&self, consumer: &str, topic: &str, partition: u16) -> String {
+        names::hold_subject(
+            &self.inner.shared.config.subject_prefix,
+            consumer,
+            topic,
+            &format!("p{partition}"),
+        )
+    }
+
+    /// The partitions of `topic` this transport holds for the group `consumer` (see the module
+    /// docs), in order.
+    pub async fn held_partitions(&self, consumer: &str, topic: &str) -> Vec<u16> {
+        let groups = self.inner.shared.groups.lock().await;
+        let Some(group) = groups.get(&(consumer.to_owned(), topic.to_owned())) else {
+            return Vec::new();
+        };
+        let mut held: Vec<u16> = group
+            .held_lanes()
+            .iter()
+            .filter_map(|lane| lane.strip_prefix('p')?.parse().ok())
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
+    /// Lets go of everything this transport holds and stops its background work: the
+    /// partitions it holds are released (what it read ahead is given back in order, and what it
+    /// handed out is waited for up to [`NatsConfig::request_timeout`]; a partition with
+    /// deliveries still out after that is released with a note telling the next holder to wait
+    /// the ack wait), and it withdraws from its groups. Another process takes the partitions
+    /// over at once. Dropping the last clone does the same in the background on the runtime
+    /// it is dropped in; call this to know it is done (before the process exits). Fetching
+    /// after it is refused; publishing still works.
+    pub async fn close(&self) {
+        self.inner.shared.close().await;
+    }
+
     /// The settings it connected with.
     pub fn config(&self) -> &NatsConfig {
-        &self.inner.config
+        &self.inner.shared.config
     }
 
     /// The connection (for what this transport does not do itself).
     pub fn client(&self) -> &async_nats::Client {
-        &self.inner.client
+        &self.inner.shared.client
     }
 
     /// The JetStream context (for inspection and administration).
     pub fn jetstream(&self) -> &jetstream::Context {
-        &self.inner.js
+        &self.inner.shared.js
     }
 
     /// What the transport has done so far.
     pub fn stats(&self) -> NatsStats {
-        let c = &self.inner.counters;
+        let c = &self.inner.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NatsStats {
             published: get(&c.published),
@@ -328,17 +516,23 @@ impl NatsTransport {
             acked: get(&c.acked),
             nacked: get(&c.nacked),
             dead_lettered: get(&c.dead_lettered),
+            pull_requests: get(&c.pull_requests),
+            heartbeats: get(&c.heartbeats),
+            holds_acquired: get(&c.holds_acquired),
+            holds_released: get(&c.holds_released),
+            holds_lost: get(&c.holds_lost),
+            takeovers_waited: get(&c.takeovers_waited),
         }
     }
 
     /// The partition of a partition key (see the module docs).
     pub fn partition_of(&self, partition_key: &str) -> u16 {
-        names::partition_of(partition_key, self.inner.config.partitions)
+        names::partition_of(partition_key, self.inner.shared.config.partitions)
     }
 
     /// The subject a message of `topic` with this partition key is published on.
     pub fn subject_for(&self, topic: &str, partition_key: Option<&str>) -> String {
-        let prefix = &self.inner.config.subject_prefix;
+        let prefix = &self.inner.shared.config.subject_prefix;
         let topic = names::subject_token(topic);
         match partition_key {
             Some(key) => format!("{prefix}.msg.{topic}.p{}", self.partition_of(key)),
@@ -350,7 +544,7 @@ impl NatsTransport {
     pub fn dead_letter_subject(&self, consumer: &str, topic: &str) -> String {
         format!(
             "{}.dead.{}.{}",
-            self.inner.config.subject_prefix,
+            self.inner.shared.config.subject_prefix,
             names::subject_token(consumer),
             names::subject_token(topic)
         )
@@ -358,7 +552,7 @@ impl NatsTransport {
 
     /// The names of the durable consumers a group uses for a topic: `p0..p<n-1>`, then `u`.
     pub fn consumer_names(&self, consumer: &str, topic: &str) -> Vec<String> {
-        lane_ids(self.inner.config.partitions)
+        lane_ids(self.inner.shared.config.partitions)
             .map(|lane| names::consumer_name(consumer, topic, &lane))
             .collect()
     }
@@ -368,7 +562,7 @@ impl NatsTransport {
         &self,
         consumer: &str,
     ) -> Result<Vec<NatsDeadLetter>, TransportError> {
-        let inner = &self.inner;
+        let inner = &self.inner.shared;
         let filter = format!(
             "{}.dead.{}.>",
             inner.config.subject_prefix,
@@ -445,277 +639,8 @@ impl NatsTransport {
         Ok(headers)
     }
 
-    /// The lanes of (group, topic), creating their consumers on first use and updating their
-    /// ack wait when the visibility asked for changed.
-    async fn lanes(
-        &self,
-        group: &str,
-        topic: &str,
-        visibility: Duration,
-    ) -> Result<Arc<Lanes>, TransportError> {
-        let ack_wait = ack_wait_for(visibility);
-        let key = (group.to_owned(), topic.to_owned());
-        let mut cache = self.inner.lanes.lock().await;
-        if let Some(lanes) = cache.get(&key) {
-            if *lock(&lanes.ack_wait) == ack_wait {
-                return Ok(Arc::clone(lanes));
-            }
-        }
-        let consumers = self.create_lanes(group, topic, ack_wait).await?;
-        let lanes = Arc::new(Lanes {
-            lanes: consumers,
-            ack_wait: Mutex::new(ack_wait),
-            rotation: AtomicUsize::new(0),
-        });
-        cache.insert(key, Arc::clone(&lanes));
-        Ok(lanes)
-    }
-
-    async fn create_lanes(
-        &self,
-        group: &str,
-        topic: &str,
-        ack_wait: Duration,
-    ) -> Result<Vec<Lane>, TransportError> {
-        let inner = &self.inner;
-        let config = &inner.config;
-        let token = names::subject_token(topic);
-        let specs: Vec<(String, bool)> = lane_ids(config.partitions)
-            .map(|lane| {
-                let keyed = lane != "u";
-                (lane, keyed)
-            })
-            .collect();
-        let created = join_all(specs.iter().map(|(lane, keyed)| {
-            let name = names::consumer_name(group, topic, lane);
-            let consumer_config = pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!(
-                    "effects: consumer {group:?} of topic {topic:?}, lane {lane}"
-                )),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                filter_subject: format!("{}.msg.{token}.{lane}", config.subject_prefix),
-                replay_policy: ReplayPolicy::Instant,
-                max_ack_pending: if *keyed {
-                    1
-                } else {
-                    i64::from(config.unordered_in_flight)
-                },
-                ..pull::Config::default()
-            };
-            async move {
-                inner
-                    .js
-                    .create_consumer_on_stream(consumer_config, config.stream.as_str())
-                    .await
-                    .map(|consumer| (name, consumer))
-            }
-        }))
-        .await;
-        let mut lanes = Vec::with_capacity(created.len());
-        for ((lane, keyed), result) in specs.into_iter().zip(created) {
-            let (name, consumer) = result.map_err(|e| {
-                unavailable(
-                    &format!("creating the consumer of {group:?} on {topic:?}, lane {lane}"),
-                    e,
-                )
-            })?;
-            lanes.push(Lane {
-                name,
-                keyed,
-                consumer,
-                busy_until: Mutex::new(None),
-            });
-        }
-        Ok(lanes)
-    }
-
-    /// One pull request on a lane: whatever is there now, holding the request at most
-    /// `busy_partition_wait` (the server answers at once when the lane is empty). The request is
-    /// read to its end, so no message is ever sent to an abandoned request.
-    async fn pull(
-        &self,
-        lane: &Lane,
-        batch: usize,
-    ) -> Result<Vec<jetstream::Message>, TransportError> {
-        let wait = self.inner.config.busy_partition_wait;
-        let what = || format!("pulling from consumer {}", lane.name);
-        let mut stream = tokio::time::timeout(
-            self.inner.config.request_timeout,
-            lane.consumer
-                .fetch()
-                .max_messages(batch)
-                .expires(wait)
-                .messages(),
-        )
-        .await
-        .map_err(|_| unavailable(&what(), "the request could not be sent in time"))?
-        .map_err(|e| unavailable(&what(), e))?;
-        // The server delivers nothing to a request past its expiry. It normally closes the
-        // request with a status at once; when that status does not come, the request is given
-        // up shortly after its expiry, and whatever was delivered before is kept.
-        let deadline = Instant::now() + wait + PULL_MARGIN;
-        let mut got = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(Ok(m))) => got.push(m),
-                Ok(None) => break,
-                Ok(Some(Err(e))) if got.is_empty() => return Err(unavailable(&what(), e)),
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, consumer = %lane.name, "a pull request ended early");
-                    break;
-                }
-                Err(_) => {
-                    if got.is_empty()
-                        && self.inner.client.connection_state()
-                            != async_nats::connection::State::Connected
-                    {
-                        return Err(unavailable(&what(), "not connected to the server"));
-                    }
-                    tracing::debug!(consumer = %lane.name, "no end-of-request status: given up after the expiry");
-                    break;
-                }
-            }
-        }
-        Ok(got)
-    }
-
-    /// One pass over the lanes, starting at a rotating lane, skipping partitions this process
-    /// holds, asking each for no more than what is still wanted (so never more than `max`).
-    async fn sweep(
-        &self,
-        lanes: &Arc<Lanes>,
-        request: &FetchRequest,
-    ) -> Result<Vec<Delivery>, TransportError> {
-        let n = lanes.lanes.len();
-        let start = lanes.rotation.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        let now = Instant::now();
-        let candidates: Vec<usize> = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|&i| !lanes.lanes[i].busy(now))
-            .collect();
-        let mut out = Vec::new();
-        let mut error = None;
-        let mut next = 0;
-        while out.len() < request.max && next < candidates.len() {
-            let mut budget = request.max - out.len();
-            let mut chunk = Vec::new();
-            while budget > 0 && next < candidates.len() {
-                let index = candidates[next];
-                next += 1;
-                let batch = if lanes.lanes[index].keyed { 1 } else { budget };
-                budget -= batch;
-                chunk.push((index, batch));
-            }
-            let results = join_all(
-                chunk
-                    .iter()
-                    .map(|&(index, batch)| self.pull(&lanes.lanes[index], batch)),
-            )
-            .await;
-            for (&(index, _), result) in chunk.iter().zip(results) {
-                match result {
-                    Ok(messages) => {
-                        for message in messages {
-                            if let Some(d) = self.admit(request, lanes, index, message).await {
-                                out.push(d);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        error.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        match error {
-            Some(e) if out.is_empty() => {
-                // The consumers may have been deleted or the stream re-created: look them up
-                // again next time.
-                self.inner
-                    .lanes
-                    .lock()
-                    .await
-                    .remove(&(request.consumer.clone(), request.topic.clone()));
-                Err(e)
-            }
-            Some(e) => {
-                tracing::warn!(error = %e, "some lanes could not be read");
-                Ok(out)
-            }
-            None => Ok(out),
-        }
-    }
-
-    /// Turns a pulled message into a leased delivery, or dead-letters it past `max_deliver`.
-    async fn admit(
-        &self,
-        request: &FetchRequest,
-        lanes: &Arc<Lanes>,
-        lane: usize,
-        message: jetstream::Message,
-    ) -> Option<Delivery> {
-        let inner = &self.inner;
-        let Some(reply) = message.message.reply.clone() else {
-            tracing::error!(subject = %message.message.subject, "a pulled message has no reply subject: skipped");
-            return None;
-        };
-        let (sequence, deliveries) = match message.info() {
-            Ok(info) => (
-                info.stream_sequence,
-                u32::try_from(info.delivered).unwrap_or(u32::MAX),
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "a pulled message has no JetStream metadata: skipped");
-                return None;
-            }
-        };
-        let (message_id, partition_key, headers) = read_headers(
-            message.message.headers.as_ref(),
-            &inner.config.stream,
-            sequence,
-        );
-        let delivery = Delivery {
-            consumer: request.consumer.clone(),
-            topic: request.topic.clone(),
-            sequence,
-            message_id,
-            partition_key,
-            headers,
-            payload: message.message.payload.to_vec(),
-            deliveries,
-        };
-        let ack_wait = *lock(&lanes.ack_wait);
-        let until = Instant::now() + ack_wait;
-        lock(&inner.leases).insert(
-            LeaseKey::of(&delivery),
-            Lease {
-                reply,
-                lanes: Arc::clone(lanes),
-                lane,
-                until,
-            },
-        );
-        lanes.lanes[lane].set_busy(Some(until));
-        if let Some(max) = inner.config.max_deliver {
-            if deliveries > max {
-                let reason = format!(
-                    "delivered {deliveries} times without being acknowledged (max_deliver {max})"
-                );
-                if let Err(e) = self.dead_letter_now(&delivery, &reason).await {
-                    tracing::error!(error = %e, sequence, "could not dead-letter past max_deliver: it comes back");
-                }
-                return None;
-            }
-        }
-        bump(&inner.counters.fetched);
-        Some(delivery)
-    }
-
     fn lease(&self, d: &Delivery) -> Result<Lease, TransportError> {
-        lock(&self.inner.leases)
+        lock(&self.inner.shared.leases)
             .get(&LeaseKey::of(d))
             .cloned()
             .ok_or_else(|| {
@@ -727,39 +652,93 @@ impl NatsTransport {
             })
     }
 
-    /// Sends an acknowledgement of some kind and waits for the server's confirmation.
+    /// Sends an acknowledgement of some kind and waits for the server's confirmation; then the
+    /// delivery is no longer leased. `given_back`: a keyed delivery given back with no delay,
+    /// which its key's later messages wait for.
     async fn settle(
         &self,
         d: &Delivery,
         kind: AckKind,
-        busy_for: Option<Duration>,
+        given_back: bool,
     ) -> Result<(), TransportError> {
         let lease = self.lease(d)?;
-        let inner = &self.inner;
-        let payload: Bytes = kind.into();
-        let answer = tokio::time::timeout(
-            inner.config.request_timeout,
-            inner.client.request(lease.reply.clone(), payload),
-        )
-        .await;
-        match answer {
-            Ok(Ok(_)) => {
-                lock(&inner.leases).remove(&LeaseKey::of(d));
-                let lane = &lease.lanes.lanes[lease.lane];
-                lane.set_busy(busy_for.map(|delay| Instant::now() + delay));
-                inner.wake.notify_waiters();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(unavailable("settling a delivery", e)),
-            Err(_) => Err(unavailable(
-                "settling a delivery",
-                format!("no confirmation within {:?}", inner.config.request_timeout),
-            )),
+        let shared = &self.inner.shared;
+        let place = (lease.lane, lease.epoch);
+        let gone = matches!(kind, AckKind::Ack | AckKind::Term);
+        if given_back {
+            lease.group.expect_back(
+                place,
+                d.sequence,
+                lease.partition_key.clone(),
+                lease.reply.clone(),
+            );
         }
+        if let Err(e) = shared.confirm(lease.reply.clone(), kind).await {
+            if given_back {
+                lease.group.not_back(place, d.sequence);
+            }
+            return Err(e);
+        }
+        lock(&shared.leases).remove(&LeaseKey::of(d));
+        lease
+            .group
+            .settled(lease.lane, lease.epoch, d.sequence, gone);
+        Ok(())
+    }
+
+    /// Leases a message taken from a lane, or dead-letters it past `max_deliver`.
+    async fn admit(
+        &self,
+        request: &FetchRequest,
+        group: &Arc<Group>,
+        taken: Taken,
+    ) -> Option<Delivery> {
+        let shared = &self.inner.shared;
+        let Taken {
+            lane,
+            epoch,
+            message,
+            until,
+        } = taken;
+        let delivery = Delivery {
+            consumer: request.consumer.clone(),
+            topic: request.topic.clone(),
+            sequence: message.sequence,
+            message_id: message.message_id,
+            partition_key: message.partition_key.clone(),
+            headers: message.headers,
+            payload: message.payload.to_vec(),
+            deliveries: message.deliveries,
+        };
+        lock(&shared.leases).insert(
+            LeaseKey::of(&delivery),
+            Lease {
+                reply: message.reply,
+                group: Arc::clone(group),
+                lane,
+                epoch,
+                partition_key: message.partition_key,
+                until,
+            },
+        );
+        if let Some(max) = shared.config.max_deliver {
+            if delivery.deliveries > max {
+                let reason = format!(
+                    "delivered {} times without being acknowledged (max_deliver {max})",
+                    delivery.deliveries
+                );
+                if let Err(e) = self.dead_letter_now(&delivery, &reason).await {
+                    tracing::error!(error = %e, sequence = delivery.sequence, "could not dead-letter past max_deliver: it comes back");
+                }
+                return None;
+            }
+        }
+        bump(&shared.counters.fetched);
+        Some(delivery)
     }
 
     async fn dead_letter_now(&self, d: &Delivery, reason: &str) -> Result<(), TransportError> {
-        let inner = &self.inner;
+        let inner = &self.inner.shared;
         let mut headers = HeaderMap::new();
         for (name, value) in &d.headers {
             if names::valid_header_name(name) && !reserved_header(name) {
@@ -802,21 +781,10 @@ impl NatsTransport {
         published
             .await
             .map_err(|e| unavailable("publishing a dead letter", e))?;
-        self.settle(d, AckKind::Term, None).await?;
+        self.settle(d, AckKind::Term, false).await?;
         bump(&inner.counters.dead_lettered);
         Ok(())
     }
-
-    fn prune_leases(&self) {
-        let now = Instant::now();
-        lock(&self.inner.leases).retain(|_, lease| lease.until + LEASE_GRACE > now);
-    }
-}
-
-fn lane_ids(partitions: u16) -> impl Iterator<Item = String> {
-    (0..partitions)
-        .map(|i| format!("p{i}"))
-        .chain(std::iter::once("u".to_owned()))
 }
 
 fn reserved_header(name: &str) -> bool {
@@ -825,7 +793,7 @@ fn reserved_header(name: &str) -> bool {
 }
 
 /// The message id, the partition key and the application's headers of a received message.
-fn read_headers(
+pub(super) fn read_headers(
     headers: Option<&HeaderMap>,
     stream: &str,
     sequence: u64,
@@ -895,126 +863,6 @@ fn dead_letter_of(message: &jetstream::Message) -> NatsDeadLetter {
     }
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> Result<(), NatsError> {
-    let stream_error = |reason: String| NatsError::Stream {
-        stream: config.stream.clone(),
-        reason,
-    };
-    let subjects = vec![
-        format!("{}.msg.>", config.subject_prefix),
-        format!("{}.dead.>", config.subject_prefix),
-    ];
-    let wanted = stream::Config {
-        name: config.stream.clone(),
-        description: Some(description(config)),
-        subjects: subjects.clone(),
-        retention: stream::RetentionPolicy::Limits,
-        duplicate_window: config.duplicate_window,
-        max_age: config.max_age.unwrap_or(Duration::ZERO),
-        storage: match config.storage {
-            Storage::File => stream::StorageType::File,
-            Storage::Memory => stream::StorageType::Memory,
-        },
-        num_replicas: config.replicas,
-        ..stream::Config::default()
-    };
-    // Bounded: a lost creation race is retried once.
-    for _ in 0..2 {
-        match js.get_stream(&config.stream).await {
-            Ok(stream) => {
-                let existing = stream.cached_info().config.clone();
-                return check_and_update(js, config, existing, wanted).await;
-            }
-            Err(e) => {
-                let not_found = matches!(
-                    e.kind(),
-                    jetstream::context::GetStreamErrorKind::JetStream(ref err)
-                        if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-                );
-                if !not_found {
-                    return Err(no_jetstream(config, e.to_string()));
-                }
-            }
-        }
-        match js.create_stream(wanted.clone()).await {
-            Ok(_) => {
-                tracing::info!(stream = %config.stream, "created the stream");
-                return Ok(());
-            }
-            Err(e) => {
-                let exists = matches!(
-                    e.kind(),
-                    jetstream::context::CreateStreamErrorKind::JetStream(ref err)
-                        if err.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
-                );
-                if !exists {
-                    return Err(stream_error(format!("cannot create it: {e}")));
-                }
-            }
-        }
-    }
-    Err(stream_error("created and deleted concurrently".into()))
-}
-
-fn no_jetstream(config: &NatsConfig, reason: String) -> NatsError {
-    NatsError::NoJetStream {
-        url: config.url.clone(),
-        reason,
-    }
-}
-
-async fn check_and_update(
-    js: &jetstream::Context,
-    config: &NatsConfig,
-    existing: stream::Config,
-    wanted: stream::Config,
-) -> Result<(), NatsError> {
-    let stream_error = |reason: String| NatsError::Stream {
-        stream: config.stream.clone(),
-        reason,
-    };
-    if let Some(recorded) = recorded_partitions(existing.description.as_deref()) {
-        if recorded != config.partitions {
-            return Err(stream_error(format!(
-                "it was created with {recorded} partitions and this transport is configured with \
-                 {}: every publisher and consumer of a stream must use the same count",
-                config.partitions
-            )));
-        }
-    } else {
-        return Err(stream_error(
-            "it exists but was not created by this transport (no partition count in its \
-             description): use another stream name"
-                .into(),
-        ));
-    }
-    for subject in &wanted.subjects {
-        if !existing.subjects.contains(subject) {
-            return Err(stream_error(format!(
-                "it does not hold the subject {subject} (it has {:?}): another subject prefix?",
-                existing.subjects
-            )));
-        }
-    }
-    if existing.retention != stream::RetentionPolicy::Limits {
-        return Err(stream_error(
-            "its retention is not `limits`: several consumer groups need every message kept".into(),
-        ));
-    }
-    if existing.duplicate_window != wanted.duplicate_window || existing.max_age != wanted.max_age {
-        let updated = stream::Config {
-            duplicate_window: wanted.duplicate_window,
-            max_age: wanted.max_age,
-            ..existing
-        };
-        js.update_stream(&updated)
-            .await
-            .map_err(|e| stream_error(format!("cannot set its duplicate window and age: {e}")))?;
-        tracing::info!(stream = %config.stream, "updated the stream's duplicate window and age");
-    }
-    Ok(())
-}
-
 impl Transport for NatsTransport {
     fn publish(
         &self,
@@ -1024,7 +872,7 @@ impl Transport for NatsTransport {
         let span =
             tracing::debug_span!("effects.nats.publish", id = %message.id, topic = %message.topic);
         async move {
-            let inner = &this.inner;
+            let inner = &this.inner.shared;
             let headers = this.outgoing_headers(&message)?;
             let subject = this.subject_for(&message.topic, message.partition_key.as_deref());
             let sent = async {
@@ -1044,7 +892,6 @@ impl Transport for NatsTransport {
                         );
                     } else {
                         bump(&inner.counters.published);
-                        inner.wake.notify_waiters();
                     }
                     Ok(())
                 }
@@ -1072,26 +919,30 @@ impl Transport for NatsTransport {
             if request.max == 0 {
                 return Ok(Vec::new());
             }
-            this.prune_leases();
+            let shared = &this.inner.shared;
+            shared.prune_leases();
             let deadline = Instant::now() + request.wait;
-            let poll = this.inner.config.poll_interval;
-            // Bounded: every round returns or sleeps toward the deadline.
+            let group = shared
+                .group(&request.consumer, &request.topic, request.visibility)
+                .await?;
+            let _fetching = group.fetching(request.max, deadline);
+            let mut out = Vec::new();
+            // Bounded: every round returns or waits toward the deadline.
             loop {
-                let notified = this.inner.wake.notified();
+                let notified = group.ready.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let lanes = this
-                    .lanes(&request.consumer, &request.topic, request.visibility)
-                    .await?;
-                let got = this.sweep(&lanes, &request).await?;
-                let now = Instant::now();
-                if !got.is_empty() || now >= deadline {
-                    return Ok(got);
+                for taken in group.take(shared, request.max - out.len()) {
+                    if let Some(d) = this.admit(&request, &group, taken).await {
+                        out.push(d);
+                    }
                 }
-                let nap = poll.min(deadline - now);
+                if !out.is_empty() || Instant::now() >= deadline || group.is_stopped() {
+                    return Ok(out);
+                }
                 tokio::select! {
                     () = &mut notified => {}
-                    () = tokio::time::sleep(nap) => {}
+                    () = tokio::time::sleep_until(deadline) => {}
                 }
             }
         }
@@ -1101,8 +952,66 @@ impl Transport for NatsTransport {
         let this = self.clone();
         let d = delivery.clone();
         async move {
-            this.settle(&d, AckKind::Ack, None).await?;
-            bump(&this.inner.counters.acked);
+            this.settle(&d, AckKind::Ack, false).await?;
+            bump(&this.inner.shared.counters.acked);
+            Ok(())
+        }
+    }
+
+    fn ack_many(
+        &self,
+        deliveries: &[Delivery],
+    ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
+        // Each acknowledgement is a confirmed request; all are sent before the first answer is
+        // awaited, so the batch takes one round trip.
+        let acks: Vec<_> = deliveries.iter().map(|d| self.ack(d)).collect();
+        join_all(acks)
+    }
+
+    fn extend(
+        &self,
+        delivery: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let this = self.clone();
+        let d = delivery.clone();
+        async move {
+            let lease = this.lease(&d)?;
+            let shared = &this.inner.shared;
+            lease.group.check_visibility(visibility)?;
+            let now = Instant::now();
+            if lease.until <= now {
+                return Err(refused(format!(
+                    "{} #{} (delivery {}) of consumer {:?}: its visibility passed {:?} ago, and \
+                     the server may already be delivering it again",
+                    d.topic,
+                    d.sequence,
+                    d.deliveries,
+                    d.consumer,
+                    now - lease.until
+                )));
+            }
+            lease
+                .group
+                .still_leased(shared, lease.lane, lease.epoch, d.sequence, d.deliveries)
+                .map_err(|why| {
+                    refused(format!(
+                        "{} #{} (delivery {}) of consumer {:?}: {why}",
+                        d.topic, d.sequence, d.deliveries, d.consumer
+                    ))
+                })?;
+            let sent = Instant::now();
+            shared
+                .confirm(lease.reply.clone(), AckKind::Progress)
+                .await?;
+            bump(&shared.counters.heartbeats);
+            let until = sent + lease.group.settings().ack_wait;
+            if let Some(l) = lock(&shared.leases).get_mut(&LeaseKey::of(&d)) {
+                l.until = until;
+            }
+            lease
+                .group
+                .extended((lease.lane, lease.epoch), d.sequence, until);
             Ok(())
         }
     }
@@ -1115,13 +1024,38 @@ impl Transport for NatsTransport {
         let this = self.clone();
         let d = delivery.clone();
         async move {
-            let kind = if delay.is_zero() {
-                AckKind::Nak(None)
+            let shared = &this.inner.shared;
+            if delay.is_zero() {
+                let lease = this.lease(&d)?;
+                if lease.group.give_back_while_draining(
+                    (lease.lane, lease.epoch),
+                    lease.reply.clone(),
+                    &d,
+                ) {
+                    lock(&shared.leases).remove(&LeaseKey::of(&d));
+                } else {
+                    this.settle(&d, AckKind::Nak(None), true).await?;
+                }
             } else {
-                AckKind::Nak(Some(delay))
-            };
-            this.settle(&d, kind, Some(delay)).await?;
-            bump(&this.inner.counters.nacked);
+                let lease = this.lease(&d)?;
+                // A keyed delivery of a lane held here waits out its delay here, heartbeated,
+                // so its key's later messages wait for it whatever happens (see the module
+                // docs); anything else is given back to the server with the delay.
+                let kept = lease.group.give_back_later(
+                    shared,
+                    (lease.lane, lease.epoch),
+                    d.sequence,
+                    lease.partition_key.clone(),
+                    lease.reply.clone(),
+                    delay,
+                );
+                if kept {
+                    lock(&shared.leases).remove(&LeaseKey::of(&d));
+                } else {
+                    this.settle(&d, AckKind::Nak(Some(delay)), false).await?;
+                }
+            }
+            bump(&shared.counters.nacked);
             Ok(())
         }
     }
@@ -1144,14 +1078,6 @@ impl Transport for NatsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_stream_records_its_partition_count() {
-        let config = NatsConfig::new("nats://127.0.0.1:4222");
-        assert_eq!(recorded_partitions(Some(&description(&config))), Some(16));
-        assert_eq!(recorded_partitions(Some("made by hand")), None);
-        assert_eq!(recorded_partitions(None), None);
-    }
 
     #[test]
     fn reserved_headers() {

@@ -114,6 +114,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0006_clock.sql",
         sql: include_str!("../../migrations/sqlite/0006_clock.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_log_given_back.sql",
+        sql: include_str!("../../migrations/sqlite/0007_log_given_back.sql"),
+    },
 ];
 
 pub(crate) struct Db {

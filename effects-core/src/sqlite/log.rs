@@ -4,9 +4,37 @@
 //! Messages are appended to `log_messages`, deduplicated by `(topic, message id)`. Each consumer
 //! (group) has a watermark (`log_consumers.acked_through`: everything at or below it is
 //! acknowledged) and, above it, one `log_deliveries` row per message it has been handed: how many
-//! times, until when it is invisible, and whether it was acknowledged. Acknowledgements move the
-//! watermark up over the acknowledged prefix and drop the rows below it, so the table stays as
-//! small as the work in flight.
+//! times, until when it is invisible (`visible_at_ms`), whether it was given back, and whether it
+//! was acknowledged. Acknowledgements move the watermark up over the acknowledged prefix and
+//! drop the rows below it, so the table stays as small as the work in flight.
+//!
+//! # Fetching, and the order of one key's messages
+//!
+//! A fetch is one write transaction. It hands out, in publish order, the group's messages that
+//! are visible now (never handed out, or their visibility or their give-back delay passed),
+//! skipping every message of a partition key that has a message invisible now (leased and not
+//! expired, or given back with a delay still running). So for each key a fetch takes the
+//! first unacknowledged messages, several at once, only when none of that key is with anyone;
+//! and no other caller gets a message of that key until all of them are acknowledged, given
+//! back, or past their visibility. A later fetch does not add to a key that is still in flight,
+//! even for the same caller (the [order contract](crate::transport) allows it, the log does not
+//! need it). Messages without a key are handed out as they come.
+//!
+//! A keyed message given back ([`Transport::nack`]) keeps its place: while its delay runs, its
+//! key is invisible and its later messages wait; then it is handed out first, with the later
+//! ones after it in the same fetch if there is room. Exact keys are ordered (no partitions).
+//!
+//! # Heartbeats, acknowledgements
+//!
+//! [`Transport::extend`] moves a delivery's `visible_at_ms` to now + the given visibility if it is
+//! still the caller's: not acknowledged, not given back, and not handed out again since (the
+//! same delivery count). A heartbeat that comes after the visibility passed is still taken when
+//! nobody fetched the message meanwhile (one transaction decides both, so that is safe here);
+//! otherwise it is refused ([`TransportError::Refused`]). [`Transport::ack_many`]
+//! acknowledges a batch in one write transaction (all or none). The log's clock is the store's
+//! (see the module docs of [`crate::sqlite`] on clocks): the newest time recorded in the
+//! database, advanced by the real time that passed, so a process whose wall clock jumps can
+//! neither end leases early nor hold them for hours.
 //!
 //! Obtain it from the store ([`SqliteStore::log`](super::SqliteStore::log)) so that runs
 //! publish inside their own transaction, or open it on a separate file
@@ -143,49 +171,64 @@ fn fetch_tx(
         .ctx(OP)?
         .query_row(params![request.consumer, request.topic], |r| r.get(0))
         .ctx(OP)?;
-    let scan = i64::try_from(request.max.saturating_mul(16).max(512)).unwrap_or(i64::MAX);
-    type Candidate = (i64, Option<String>, Option<i64>, Option<i64>, Option<i64>);
-    let candidates: Vec<Candidate> = {
+    // Keys with a message that is invisible now (leased and not expired, or given back with a
+    // delay that has not passed): none of their messages is handed out, so a key is only ever
+    // with one holder and a given-back message keeps its place.
+    let blocked: HashSet<String> = {
         let mut stmt = tx
             .prepare_cached(
-                "SELECT m.seq, m.partition_key, d.deliveries, d.visible_at_ms, d.acked_at_ms \
-                 FROM log_messages m LEFT JOIN log_deliveries d \
-                 ON d.consumer = ?1 AND d.topic = m.topic AND d.seq = m.seq \
-                 WHERE m.topic = ?2 AND m.seq > ?3 ORDER BY m.seq LIMIT ?4",
+                "SELECT DISTINCT m.partition_key FROM log_deliveries d \
+                 JOIN log_messages m ON m.seq = d.seq \
+                 WHERE d.consumer = ?1 AND d.topic = ?2 AND d.seq > ?3 \
+                 AND d.acked_at_ms IS NULL AND d.visible_at_ms > ?4 \
+                 AND m.partition_key IS NOT NULL",
             )
             .ctx(OP)?;
         stmt.query_map(
-            params![request.consumer, request.topic, watermark, scan],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            params![request.consumer, request.topic, watermark, now],
+            |r| r.get(0),
         )
         .ctx(OP)?
         .collect::<rusqlite::Result<_>>()
         .ctx(OP)?
     };
-    let mut busy: HashSet<String> = HashSet::new();
+    // The messages that are visible (never handed out, or their visibility or delay passed), in
+    // order; those of blocked keys are skipped below.
+    let scan = i64::try_from(request.max.saturating_mul(16).max(512)).unwrap_or(i64::MAX);
+    type Candidate = (i64, Option<String>, Option<i64>);
+    let candidates: Vec<Candidate> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT m.seq, m.partition_key, d.deliveries \
+                 FROM log_messages m LEFT JOIN log_deliveries d \
+                 ON d.consumer = ?1 AND d.topic = m.topic AND d.seq = m.seq \
+                 WHERE m.topic = ?2 AND m.seq > ?3 \
+                 AND (d.seq IS NULL OR (d.acked_at_ms IS NULL AND d.visible_at_ms <= ?5)) \
+                 ORDER BY m.seq LIMIT ?4",
+            )
+            .ctx(OP)?;
+        stmt.query_map(
+            params![request.consumer, request.topic, watermark, scan, now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ctx(OP)?
+        .collect::<rusqlite::Result<_>>()
+        .ctx(OP)?
+    };
     let mut taken: Vec<(i64, u32)> = Vec::new();
-    for (seq, partition_key, deliveries, visible_at, acked_at) in candidates {
+    for (seq, partition_key, deliveries) in candidates {
         if taken.len() >= request.max {
             break;
         }
-        if acked_at.is_some() {
-            continue;
-        }
-        let in_flight = visible_at.is_some_and(|v| v > now);
-        if let Some(pk) = &partition_key {
-            // One message per partition key at a time, in order.
-            if !busy.insert(pk.clone()) {
-                continue;
-            }
-        }
-        if in_flight {
+        if partition_key.as_ref().is_some_and(|k| blocked.contains(k)) {
             continue;
         }
         let count = deliveries.unwrap_or(0).saturating_add(1);
         tx.prepare_cached(
             "INSERT INTO log_deliveries (consumer, topic, seq, deliveries, visible_at_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (consumer, topic, seq) \
-             DO UPDATE SET deliveries = excluded.deliveries, visible_at_ms = excluded.visible_at_ms",
+             DO UPDATE SET deliveries = excluded.deliveries, \
+             visible_at_ms = excluded.visible_at_ms, given_back = 0",
         )
         .ctx(OP)?
         .execute(params![
@@ -277,6 +320,32 @@ fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreEr
         .ctx(OP)?;
     }
     Ok(())
+}
+
+/// Moves a delivery's visibility to `now + visibility` if it is still this caller's: not
+/// acknowledged, not given back, and not handed out again since (same delivery count).
+fn extend_tx(
+    tx: &Transaction<'_>,
+    d: &Delivery,
+    visibility: Duration,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    const OP: &str = "extending a lease";
+    let updated = tx
+        .prepare_cached(
+            "UPDATE log_deliveries SET visible_at_ms = ?5 WHERE consumer = ?1 AND topic = ?2 \
+             AND seq = ?3 AND deliveries = ?4 AND acked_at_ms IS NULL AND given_back = 0",
+        )
+        .ctx(OP)?
+        .execute(params![
+            d.consumer,
+            d.topic,
+            seq_i64(d.sequence),
+            d.deliveries,
+            now.saturating_add(millis(visibility))
+        ])
+        .ctx(OP)?;
+    Ok(updated > 0)
 }
 
 impl SqliteLog {
@@ -494,6 +563,68 @@ impl Transport for SqliteLog {
         async move { Ok(fut.await?) }
     }
 
+    fn ack_many(
+        &self,
+        deliveries: &[Delivery],
+    ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
+        let ds = deliveries.to_vec();
+        let n = ds.len();
+        let fut = self.db.write_at("acknowledging", move |tx, now| {
+            for d in &ds {
+                ack_tx(tx, d, now)?;
+            }
+            Ok(())
+        });
+        async move {
+            if n == 0 {
+                return Vec::new();
+            }
+            match fut.await {
+                Ok(()) => (0..n).map(|_| Ok(())).collect(),
+                // One transaction: all or none. The error is the same for every delivery.
+                Err(e) => {
+                    let reason = e.to_string();
+                    let mut out = Vec::with_capacity(n);
+                    out.push(Err(TransportError::Log(e)));
+                    out.extend((1..n).map(|_| {
+                        Err(TransportError::Log(StoreError::Database {
+                            operation: "acknowledging",
+                            source: reason.clone().into(),
+                        }))
+                    }));
+                    out
+                }
+            }
+        }
+    }
+
+    fn extend(
+        &self,
+        delivery: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let d = delivery.clone();
+        let what = format!(
+            "{} #{} (delivery {}) of consumer {:?}",
+            d.topic, d.sequence, d.deliveries, d.consumer
+        );
+        let fut = self.db.write_at("extending a lease", move |tx, now| {
+            extend_tx(tx, &d, visibility, now)
+        });
+        async move {
+            if fut.await? {
+                Ok(())
+            } else {
+                Err(TransportError::Refused {
+                    reason: format!(
+                        "{what} is no longer leased: it was acknowledged, given back or \
+                         dead-lettered, or handed out again after its visibility passed"
+                    ),
+                })
+            }
+        }
+    }
+
     fn nack(
         &self,
         delivery: &Delivery,
@@ -502,8 +633,8 @@ impl Transport for SqliteLog {
         let d = delivery.clone();
         let fut = self.db.write_at("giving a delivery back", move |tx, now| {
             tx.prepare_cached(
-                "UPDATE log_deliveries SET visible_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
-                 AND seq = ?3 AND acked_at_ms IS NULL",
+                "UPDATE log_deliveries SET visible_at_ms = ?4, given_back = 1 \
+                 WHERE consumer = ?1 AND topic = ?2 AND seq = ?3 AND acked_at_ms IS NULL",
             )
             .ctx("giving a delivery back")?
             .execute(params![

@@ -10,18 +10,27 @@
 //!   several workers with one consumer name share the work). A leased message is invisible to
 //!   the group until [`FetchRequest::visibility`] passes; then it is delivered again.
 //!   [`Transport::extend`] pushes that back while the message is being worked on (a heartbeat).
+//!   (A broker may fix the visibility per group: NATS refuses a fetch or heartbeat asking for
+//!   another one than the group's.)
 //! - **Order.** Messages with the same partition key are handed out in publish order, and only
 //!   to one holder at a time: a fetch may hand several messages of one key to its caller (in
 //!   order), and no other caller gets a message of that key while any of them is leased. A
 //!   later fetch through the same transport may hand out more of a key whose earlier messages
 //!   are still leased to it — always later ones — so the caller handles each key's deliveries
 //!   in the order they were handed out, across fetches, one after the other. A caller that
-//!   gives a keyed delivery back gives back the later ones of its key that it holds as well.
-//!   (Brokers may group keys: on NATS every key of a partition shares one holder.)
+//!   gives a keyed delivery back gives back the later ones of its key that it holds as well,
+//!   in order. A keyed delivery given back keeps its place: nothing later of its key is handed
+//!   out before it, whatever its delay. The same holds for a delivery whose visibility passed
+//!   without a heartbeat. (Brokers may group keys: on NATS every key of a partition shares one
+//!   holder.) Order holds as long as the caller heartbeats what it works on within the
+//!   visibility; a holder that misses that may find its key handed to someone else.
 //! - [`Transport::ack`] ends a delivery ([`Transport::ack_many`] several, in as few round trips
 //!   as the broker allows); [`Transport::nack`] makes it visible again after a delay;
 //!   [`Transport::dead_letter`] records why it can never be processed and acknowledges it,
 //!   atomically where the broker allows.
+//! - [`Delivery::deliveries`] counts deliveries to the group, this one included; a broker that
+//!   reads ahead may count deliveries that the caller never saw (NATS, when a holder lets go of a
+//!   partition with messages read ahead), so it is an upper bound on the caller's attempts.
 //!
 //! The methods return `impl Future + Send` (see [`crate::store`] for why). The embedded
 //! implementation is [`SqliteLog`]; a NATS JetStream transport maps onto the
@@ -181,11 +190,13 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// Keeps a delivery leased while it is still being worked on (a heartbeat): it stays
-    /// invisible to the group for `visibility` from now. Refused when the delivery is no
-    /// longer leased to this caller (settled already, or its visibility passed and it was
-    /// handed to someone else); a caller that is refused stops working on it where it can.
-    /// The default does nothing: a transport without heartbeats relies on the fetch's
-    /// visibility alone.
+    /// invisible to the group for `visibility` from now. Refused
+    /// ([`TransportError::Refused`]) when the delivery is no longer leased to this caller:
+    /// settled already (acknowledged, given back, dead-lettered), handed to someone else after
+    /// its visibility passed, or — on a broker that cannot tell — its visibility passed at all
+    /// (NATS refuses any late heartbeat; the SQLite log takes one while nobody fetched the
+    /// message again). A caller that is refused stops working on it where it can. The default
+    /// does nothing: a transport without heartbeats relies on the fetch's visibility alone.
     fn extend(
         &self,
         delivery: &Delivery,
@@ -195,7 +206,8 @@ pub trait Transport: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Gives a delivery back: it becomes visible again after `delay`.
+    /// Gives a delivery back: it becomes visible again after `delay`. A keyed one keeps its
+    /// place (see the module documentation): its key's later messages wait for it.
     fn nack(
         &self,
         delivery: &Delivery,

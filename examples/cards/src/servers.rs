@@ -105,7 +105,6 @@ pub async fn connect(
     .await?;
     let mut config = NatsConfig::new(nats_url).with_stream(namespace, namespace);
     config.connection_name = Some(format!("cards {namespace}"));
-    config.poll_interval = Duration::from_millis(20);
     let nats = NatsTransport::connect(config)
         .await
         .map_err(|e| format!("cannot use NATS at {nats_url}: {e}"))?;

@@ -38,7 +38,6 @@ fn setup(what: &str, e: impl std::fmt::Display) -> Error {
 pub fn nats_config(url: &str, namespace: &Namespace) -> NatsConfig {
     let mut config = NatsConfig::new(url).with_stream(namespace.as_str(), namespace.as_str());
     config.connection_name = Some(format!("transfers {namespace}"));
-    config.poll_interval = Duration::from_millis(20);
     config
 }
 

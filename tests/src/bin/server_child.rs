@@ -320,7 +320,6 @@ pub fn nats_config(url: &str, stream: &str) -> NatsConfig {
         initial_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(250),
     };
-    config.poll_interval = Duration::from_millis(20);
     config
 }
 

@@ -47,7 +47,6 @@ pub fn test_config(url: &str, name: &str) -> NatsConfig {
         initial_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(250),
     };
-    config.poll_interval = Duration::from_millis(20);
     config
 }
 
@@ -64,7 +63,7 @@ pub async fn connect_or_explain(config: NatsConfig) -> NatsTransport {
     }
 }
 
-/// A uniquely named stream on the test server, deleted when dropped.
+/// A uniquely named stream (and its holds stream) on the test server, deleted when dropped.
 pub struct TestStream {
     pub config: NatsConfig,
     pub transport: NatsTransport,
@@ -98,11 +97,13 @@ impl Drop for TestStream {
                 return;
             };
             rt.block_on(async {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    transport.jetstream().delete_stream(&stream),
-                )
-                .await;
+                for name in [stream.clone(), transport.holds_stream_name()] {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        transport.jetstream().delete_stream(&name),
+                    )
+                    .await;
+                }
             });
         })
         .join();
