@@ -39,6 +39,7 @@ async fn commit_request_run(store: &SqliteStore, key: &str) {
         reads: Vec::new(),
         datoms: Vec::new(),
         outbox: vec![NewOutboxRow {
+            ack: None,
             seq: 0,
             kind: OutboxKind::Request,
             destination: "notify".to_owned(),

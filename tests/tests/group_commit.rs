@@ -475,8 +475,10 @@ async fn a_slow_handler_is_not_redelivered_while_its_worker_lives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heartbeat_check_fails_without_heartbeats() {
     let (loads, report) = slow_loads(Some(Mutant::NoHeartbeat), Duration::from_millis(1_200)).await;
+    // The copies queue behind their originals (same partition key) and find their runs: they
+    // are delivered again, not loaded again.
     assert!(
-        loads > 3 && report.deliveries > 3,
+        report.deliveries > 3,
         "without heartbeats the inputs come back while they are loaded: {loads} loads, {report:?}"
     );
 }

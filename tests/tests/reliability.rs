@@ -137,10 +137,15 @@ impl Storm {
 /// delivery until the redelivery was acknowledged (at most 2 at once; a stall that finds no
 /// slot loses its first ack instead): 20 % are redelivered by the log once their 2 s
 /// visibility passes.
+///
+/// The log is a file of its own, like an external broker: a log in the store's file is
+/// acknowledged inside the run's commit, where no acknowledgement can be lost.
 async fn storm(name: &str, n: u64, mutant: Option<Mutant>) -> Storm {
     let dir = PrivateDir::new(name);
     let db = dir.join("store.db");
+    let broker = dir.join("broker.db");
     let store = SqliteStore::open_with(&db, &normal()).unwrap();
+    let broker_store = SqliteStore::open_with(&broker, &normal()).unwrap();
     let server = http_server().await;
     let tally = Tally::in_memory();
     let plan = Arc::new(Redeliveries::new(
@@ -148,10 +153,10 @@ async fn storm(name: &str, n: u64, mutant: Option<Mutant>) -> Storm {
         10,
         2,
         Duration::from_secs(30),
-        db.clone(),
+        broker.clone(),
         tally.clone(),
     ));
-    let transport = CountingTransport::new(store.log(), Arc::clone(&plan));
+    let transport = CountingTransport::new(broker_store.log(), Arc::clone(&plan));
     let mut builder =
         Executor::builder(store.clone(), transport.clone()).http(http_client(&server.uri(), 3));
     if let Some(m) = mutant {
@@ -222,7 +227,7 @@ async fn storm(name: &str, n: u64, mutant: Option<Mutant>) -> Storm {
         .collect();
     let txs = figures::transactions_per_key(&db).unwrap();
     let http = HttpAttempts::of(&server.received_requests().await.unwrap());
-    let booked = sizes(figures::message_ids_by_transfer(&db, BOOKED).unwrap());
+    let booked = sizes(figures::message_ids_by_transfer(&broker, BOOKED).unwrap());
 
     let mut diffs = BTreeMap::new();
     diffs.insert(

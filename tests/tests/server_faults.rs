@@ -316,9 +316,6 @@ async fn storm(name: &str, messages: u64, mutant: Option<Mutant>) -> Storm {
     let servers = Servers::start(name).await;
     let store = servers.store().await;
     let nats = servers.transport().await;
-    book::seed(&nats, 0..messages, false)
-        .await
-        .expect("publish the inputs");
     let mut extra = vec![
         "--lose-acks".to_owned(),
         LOSE_PERCENT.to_string(),
@@ -330,8 +327,15 @@ async fn storm(name: &str, messages: u64, mutant: Option<Mutant>) -> Storm {
     if let Some(m) = mutant {
         extra.extend(["--mutant".to_owned(), m.name().to_owned()]);
     }
-    let started = Instant::now();
     let children: Vec<ChildProcess> = (1..=4).map(|n| servers.child(n, "book", &extra)).collect();
+    // The four join the group and share its partitions (each process announces itself and
+    // takes its share on the transport's hold ticks) before the inputs arrive: a backlog
+    // published first would be drained by the first process before the others are counted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let started = Instant::now();
+    book::seed(&nats, 0..messages, false)
+        .await
+        .expect("publish the inputs");
     let limit = Duration::from_secs(120 + messages / 200);
     wait_until_done(&nats, &store, HANDLER_NAME, INPUTS, messages, limit).await;
     let elapsed = started.elapsed();

@@ -58,7 +58,7 @@ fn soak_ci_size() {
         "soak",
         &[
             "--messages",
-            "2000",
+            "6000",
             "--workers",
             "2",
             "--kill-every-ms",

@@ -84,8 +84,8 @@ use crate::http::{HttpClient, HttpError, HttpResponse};
 use crate::message::MessageEffect;
 use crate::request::RequestEffect;
 use crate::store::{
-    ClaimOptions, Commit, Conflict, NewRun, OutboxKind, OutboxRow, ReadVersion, RecordedRequest,
-    RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
+    ClaimOptions, Commit, Conflict, InputAck, NewRun, OutboxKind, OutboxRow, ReadVersion,
+    RecordedRequest, RunRecord, RunStatus, Store, StoreError, Tx, now_millis,
 };
 use crate::transport::Transport;
 
@@ -306,6 +306,12 @@ pub struct RunOptions {
     /// and nothing is written. The worker fills this from what its loaders read; a caller that
     /// loads state itself passes it here.
     pub reads: Vec<ReadVersion>,
+    /// The input message the run answers. When the executor's transport is a log in the
+    /// store's own database (the embedded default), the message is acknowledged in the run's
+    /// commit transaction — the run and its input's acknowledgement are one atomic step, and
+    /// [`Committed::acknowledged`] says so; elsewhere it is ignored and the caller acknowledges
+    /// the message itself. The worker sets it.
+    pub input: Option<InputAck>,
 }
 
 impl RunOptions {
@@ -879,7 +885,12 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                     &item.options.reads,
                     item.options.after_requests.as_deref(),
                 ) {
-                    Ok(run) => prepared.push((i, run)),
+                    Ok(mut run) => {
+                        // Acknowledged in the commit only when the input's log is in the
+                        // store's database.
+                        run.ack = item.options.input.clone().filter(|_| self.inline);
+                        prepared.push((i, run));
+                    }
                     Err(source) => {
                         tracing::warn!(key = %item.key, error = %source, "effects refused");
                         results[i] = Some(Err(RunError::Invalid {
@@ -955,6 +966,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 Ok(Committed {
                     key: run.key.clone(),
                     tx,
+                    acknowledged: run.acknowledges,
                     work: Work::Applied {
                         run,
                         status,
@@ -984,6 +996,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 Ok(Committed {
                     key: run.key,
                     tx: record.tx,
+                    acknowledged: run.acknowledges,
                     work: Work::Resume { record },
                 })
             }
@@ -1206,6 +1219,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             out.push(record.map(|record| Committed {
                 key: record.key.clone(),
                 tx: record.tx,
+                acknowledged: false,
                 work: Work::Resume { record },
             }));
         }
@@ -1221,6 +1235,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         Ok(self.store.run(key).await?.map(|record| Committed {
             key: record.key.clone(),
             tx: record.tx,
+            acknowledged: false,
             work: Work::Resume { record },
         }))
     }
@@ -1405,6 +1420,8 @@ fn shown_key(key: &str) -> String {
 #[derive(Debug)]
 struct RunSummary {
     key: String,
+    /// Whether the store acknowledges the run's input in its commit.
+    acknowledges: bool,
     effects_sha256: String,
     after_requests: Option<String>,
     outbox_len: usize,
@@ -1414,6 +1431,7 @@ impl RunSummary {
     fn of(run: &NewRun) -> RunSummary {
         RunSummary {
             key: run.key.clone(),
+            acknowledges: run.ack.is_some(),
             effects_sha256: run.effects_sha256.clone(),
             after_requests: run.after_requests.clone(),
             outbox_len: run.outbox.len(),
@@ -1428,6 +1446,7 @@ pub struct Committed {
     key: String,
     tx: Tx,
     work: Work,
+    acknowledged: bool,
 }
 
 #[derive(Debug)]
@@ -1458,6 +1477,13 @@ impl Committed {
     /// Whether the key had been applied before (nothing was applied again).
     pub fn is_duplicate(&self) -> bool {
         matches!(self.work, Work::Resume { .. })
+    }
+
+    /// Whether the run's input ([`RunOptions::input`]) was acknowledged in the commit
+    /// transaction itself (a log in the store's database): the caller must not acknowledge it
+    /// again.
+    pub fn acknowledged(&self) -> bool {
+        self.acknowledged
     }
 }
 

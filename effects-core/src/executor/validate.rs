@@ -705,6 +705,7 @@ pub(crate) fn prepare(
         reads: new_reads,
         datoms,
         outbox,
+        ack: None,
     })
 }
 

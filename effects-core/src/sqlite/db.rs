@@ -134,6 +134,8 @@ pub(crate) struct Db {
     pub(crate) clock: Clock,
     /// The owners registered through this handle, with their locks (dropped with it).
     pub(crate) liveness: Liveness,
+    /// The `synchronous` setting of the writer's ordinary transactions.
+    synchronous: Synchronous,
 }
 
 impl Drop for Db {
@@ -247,6 +249,7 @@ impl Db {
             appended: Notify::new(),
             clock: Clock::default(),
             liveness: Liveness::new(path),
+            synchronous: options.synchronous,
         })
     }
 
@@ -292,6 +295,48 @@ impl Db {
             let now = self.clock.advance(tx)?;
             f(tx, now)
         })
+    }
+
+    /// [`Db::write_at`] for a transaction whose loss on a power failure loses nothing: its
+    /// commit does not wait for the disk (`synchronous = NORMAL` for it alone, in WAL mode the
+    /// database stays consistent either way), and the next ordinary commit makes it durable
+    /// with its own sync. The log's leases (fetches, heartbeats, give-backs) are such writes:
+    /// lost, a lease ends early and its message is delivered again, which every consumer
+    /// absorbs.
+    pub(crate) fn write_lazy_at<T, F>(
+        self: &Arc<Self>,
+        operation: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        F: FnOnce(&Transaction<'_>, Millis) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(self);
+        async move {
+            db.blocking(move |db| {
+                if db.synchronous == Synchronous::Normal {
+                    return db.write_at_blocking(operation, f);
+                }
+                let mut conn = lock(&db.writer);
+                conn.pragma_update(None, "synchronous", Synchronous::Normal.pragma())
+                    .ctx(operation)?;
+                let out = (|| {
+                    let tx = conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .ctx(operation)?;
+                    let now = db.clock.advance(&tx)?;
+                    let out = f(&tx, now)?;
+                    tx.commit().ctx(operation)?;
+                    Ok(out)
+                })();
+                // Whatever happened, the writer's ordinary transactions sync as configured.
+                conn.pragma_update(None, "synchronous", db.synchronous.pragma())
+                    .ctx(operation)?;
+                out
+            })
+            .await
+        }
     }
 
     /// Runs blocking work per [`Blocking`].

@@ -267,15 +267,34 @@ fn fetch_tx(
 }
 
 fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreError> {
+    ack_seq(tx, &d.consumer, &d.topic, d.sequence, now)
+}
+
+/// Acknowledges a run's input inside the caller's transaction (the run's commit).
+pub(crate) fn ack_input(
+    tx: &Transaction<'_>,
+    input: &crate::store::InputAck,
+    now: Millis,
+) -> Result<(), StoreError> {
+    ack_seq(tx, &input.consumer, &input.topic, input.sequence, now)
+}
+
+fn ack_seq(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    topic: &str,
+    sequence: u64,
+    now: Millis,
+) -> Result<(), StoreError> {
     const OP: &str = "acknowledging";
-    let seq = seq_i64(d.sequence);
+    let seq = seq_i64(sequence);
     let updated = tx
         .prepare_cached(
             "UPDATE log_deliveries SET acked_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
              AND seq = ?3 AND acked_at_ms IS NULL",
         )
         .ctx(OP)?
-        .execute(params![d.consumer, d.topic, seq, now])
+        .execute(params![consumer, topic, seq, now])
         .ctx(OP)?;
     if updated == 0 {
         return Ok(());
@@ -285,7 +304,7 @@ fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreEr
             "SELECT acked_through FROM log_consumers WHERE consumer = ?1 AND topic = ?2",
         )
         .ctx(OP)?
-        .query_row(params![d.consumer, d.topic], |r| r.get(0))
+        .query_row(params![consumer, topic], |r| r.get(0))
         .ctx(OP)?;
     let first_unacked: Option<i64> = tx
         .prepare_cached(
@@ -294,7 +313,7 @@ fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreEr
              WHERE m.topic = ?2 AND m.seq > ?3 AND d.acked_at_ms IS NULL ORDER BY m.seq LIMIT 1",
         )
         .ctx(OP)?
-        .query_row(params![d.consumer, d.topic, watermark], |r| r.get(0))
+        .query_row(params![consumer, topic, watermark], |r| r.get(0))
         .optional()
         .ctx(OP)?;
     let new_watermark = match first_unacked {
@@ -302,7 +321,7 @@ fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreEr
         None => tx
             .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM log_messages WHERE topic = ?1")
             .ctx(OP)?
-            .query_row([&d.topic], |r| r.get(0))
+            .query_row([topic], |r| r.get(0))
             .ctx(OP)?,
     };
     if new_watermark > watermark {
@@ -310,13 +329,13 @@ fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreEr
             "UPDATE log_consumers SET acked_through = ?3 WHERE consumer = ?1 AND topic = ?2",
         )
         .ctx(OP)?
-        .execute(params![d.consumer, d.topic, new_watermark])
+        .execute(params![consumer, topic, new_watermark])
         .ctx(OP)?;
         tx.prepare_cached(
             "DELETE FROM log_deliveries WHERE consumer = ?1 AND topic = ?2 AND seq <= ?3",
         )
         .ctx(OP)?
-        .execute(params![d.consumer, d.topic, new_watermark])
+        .execute(params![consumer, topic, new_watermark])
         .ctx(OP)?;
     }
     Ok(())
@@ -538,7 +557,7 @@ impl Transport for SqliteLog {
                 notified.as_mut().enable();
                 let req = request.clone();
                 let got = db
-                    .write_at("fetching from the log", move |tx, now| {
+                    .write_lazy_at("fetching from the log", move |tx, now| {
                         fetch_tx(tx, &req, now)
                     })
                     .await?;
@@ -557,10 +576,16 @@ impl Transport for SqliteLog {
 
     fn ack(&self, delivery: &Delivery) -> impl Future<Output = Result<(), TransportError>> + Send {
         let d = delivery.clone();
+        let db = Arc::clone(&self.db);
         let fut = self
             .db
             .write_at("acknowledging", move |tx, now| ack_tx(tx, &d, now));
-        async move { Ok(fut.await?) }
+        async move {
+            fut.await?;
+            // The next messages of its key may be handed out now.
+            db.appended.notify_waiters();
+            Ok(())
+        }
     }
 
     fn ack_many(
@@ -569,6 +594,7 @@ impl Transport for SqliteLog {
     ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
         let ds = deliveries.to_vec();
         let n = ds.len();
+        let db = Arc::clone(&self.db);
         let fut = self.db.write_at("acknowledging", move |tx, now| {
             for d in &ds {
                 ack_tx(tx, d, now)?;
@@ -580,7 +606,10 @@ impl Transport for SqliteLog {
                 return Vec::new();
             }
             match fut.await {
-                Ok(()) => (0..n).map(|_| Ok(())).collect(),
+                Ok(()) => {
+                    db.appended.notify_waiters();
+                    (0..n).map(|_| Ok(())).collect()
+                }
                 // One transaction: all or none. The error is the same for every delivery.
                 Err(e) => {
                     let reason = e.to_string();
@@ -608,7 +637,7 @@ impl Transport for SqliteLog {
             "{} #{} (delivery {}) of consumer {:?}",
             d.topic, d.sequence, d.deliveries, d.consumer
         );
-        let fut = self.db.write_at("extending a lease", move |tx, now| {
+        let fut = self.db.write_lazy_at("extending a lease", move |tx, now| {
             extend_tx(tx, &d, visibility, now)
         });
         async move {
@@ -646,7 +675,12 @@ impl Transport for SqliteLog {
             .ctx("giving a delivery back")?;
             Ok(())
         });
-        async move { Ok(fut.await?) }
+        let db = Arc::clone(&self.db);
+        async move {
+            fut.await?;
+            db.appended.notify_waiters();
+            Ok(())
+        }
     }
 
     fn dead_letter(
@@ -679,6 +713,11 @@ impl Transport for SqliteLog {
             .ctx(OP)?;
             ack_tx(tx, &d, now)
         });
-        async move { Ok(fut.await?) }
+        let db = Arc::clone(&self.db);
+        async move {
+            fut.await?;
+            db.appended.notify_waiters();
+            Ok(())
+        }
     }
 }

@@ -1203,19 +1203,31 @@ impl Store for SqliteStore {
         let db = Arc::clone(&self.db);
         let fut = self.db.write_at("committing runs", move |tx, now| {
             let mut out = Vec::with_capacity(runs.len());
+            let mut acked = false;
             for run in &runs {
-                out.push(apply_run(tx, run, &options, now)?);
+                let commit = apply_run(tx, run, &options, now)?;
+                // The run's input, acknowledged with it (a log in this database): when the run
+                // is applied, or was applied before.
+                if let (Some(input), Commit::Applied { .. } | Commit::Existing(_)) =
+                    (&run.ack, &commit)
+                {
+                    super::log::ack_input(tx, input, now)?;
+                    acked = true;
+                }
+                out.push(commit);
             }
             if let Some(hook) = &options.before_commit {
                 hook();
             }
-            Ok(out)
+            Ok((out, acked))
         });
         async move {
-            let out = fut.await?;
-            if out.iter().any(
-                |c| matches!(c, Commit::Applied { published_inline, .. } if *published_inline > 0),
-            ) {
+            let (out, acked) = fut.await?;
+            if acked
+                || out.iter().any(
+                    |c| matches!(c, Commit::Applied { published_inline, .. } if *published_inline > 0),
+                )
+            {
                 db.appended.notify_waiters();
             }
             Ok(out)

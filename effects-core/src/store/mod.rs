@@ -382,6 +382,33 @@ pub struct NewRun {
     pub datoms: Vec<NewDatom>,
     /// The outbox rows, in `seq` order.
     pub outbox: Vec<NewOutboxRow>,
+    /// The input message this run answers, to acknowledge in the commit's own transaction if
+    /// the run is applied (or was applied before): set only when the transport is a log in the
+    /// store's own database (see [`RunOptions::input`](crate::executor::RunOptions::input)).
+    pub ack: Option<InputAck>,
+}
+
+/// An input message of a log in the store's own database, to be acknowledged in the same
+/// transaction as the run it caused ([`NewRun::ack`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InputAck {
+    /// The consumer (group) that fetched it.
+    pub consumer: String,
+    /// Its topic.
+    pub topic: String,
+    /// Its position in the topic.
+    pub sequence: u64,
+}
+
+impl InputAck {
+    /// The input of a delivery.
+    pub fn of(delivery: &crate::transport::Delivery) -> InputAck {
+        InputAck {
+            consumer: delivery.consumer.clone(),
+            topic: delivery.topic.clone(),
+            sequence: delivery.sequence,
+        }
+    }
 }
 
 /// A lease held on claimed outbox rows: who claimed them, and the claim's fencing token.

@@ -154,6 +154,7 @@ where
             options: RunOptions {
                 after_requests: self.config.after_requests.clone(),
                 reads: decided.reads,
+                input: Some(decided.input),
             },
         }
     }

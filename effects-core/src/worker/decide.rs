@@ -11,7 +11,7 @@ use crate::effects::Effects;
 use crate::executor::Committed;
 use crate::handler::{Handler, business_key, message_key};
 use crate::http::HttpClient;
-use crate::store::{ReadVersion, Store, Tracked};
+use crate::store::{InputAck, ReadVersion, Store, Tracked};
 use crate::transport::{Delivery, Transport};
 use crate::worker::{Inputs, LoadError};
 
@@ -24,6 +24,8 @@ pub(super) struct Decided {
     pub(super) effects: Effects,
     /// What the input was loaded from, with the versions read.
     pub(super) reads: Vec<ReadVersion>,
+    /// The input message, acknowledged in the commit when its log is in the store's database.
+    pub(super) input: InputAck,
 }
 
 /// What deciding a delivery gave.
@@ -110,6 +112,7 @@ where
                 key,
                 effects,
                 reads: tracked.reads(),
+                input: InputAck::of(delivery),
             }),
             Err(panic) => {
                 let what = panic

@@ -652,7 +652,7 @@ where
             Acknowledge::AtCommit => {
                 let (acks, committed): (Vec<_>, Vec<_>) = with_delivery
                     .into_iter()
-                    .map(|(d, c)| ((d, super::settle::processed_of(&c)), c))
+                    .map(|(d, c)| ((d, super::settle::processed_of(&c), c.acknowledged()), c))
                     .unzip();
                 let dispatcher = Arc::clone(&inner);
                 self.tasks.settling.spawn(async move {

@@ -56,20 +56,32 @@ where
         }
     }
 
-    /// Acknowledges deliveries whose runs are committed, in one call to the transport.
-    pub(super) async fn acknowledge(&self, settled: &[(Arc<Delivery>, Processed)]) {
+    /// Acknowledges deliveries whose runs are committed, in one call to the transport — but
+    /// for those the commit acknowledged itself (`true`: a log in the store's database).
+    pub(super) async fn acknowledge(&self, settled: &[(Arc<Delivery>, Processed, bool)]) {
         if settled.is_empty() {
             return;
         }
-        for (_, processed) in settled {
+        for (_, processed, _) in settled {
             self.count(processed);
         }
-        let deliveries: Vec<Delivery> = settled.iter().map(|(d, _)| Delivery::clone(d)).collect();
-        let results = self.executor.transport().ack_many(&deliveries).await;
-        for ((delivery, processed), result) in settled.iter().zip(results) {
-            if let Err(e) = result {
-                bump(&self.counters.transport_errors);
-                tracing::error!(error = %e, message_id = %delivery.message_id, "the transport did not take the acknowledgement: the message comes back (a duplicate then)");
+        let deliveries: Vec<Delivery> = settled
+            .iter()
+            .filter(|(_, _, acked)| !acked)
+            .map(|(d, _, _)| Delivery::clone(d))
+            .collect();
+        let mut results = if deliveries.is_empty() {
+            Vec::new()
+        } else {
+            self.executor.transport().ack_many(&deliveries).await
+        }
+        .into_iter();
+        for (delivery, processed, acked) in settled {
+            if !acked {
+                if let Some(Err(e)) = results.next() {
+                    bump(&self.counters.transport_errors);
+                    tracing::error!(error = %e, message_id = %delivery.message_id, "the transport did not take the acknowledgement: the message comes back (a duplicate then)");
+                }
             }
             self.told(delivery, processed);
         }
@@ -135,9 +147,9 @@ where
 
     /// Acknowledges and dispatches committed runs, in the configured order.
     pub(super) async fn settle_committed(&self, runs: Vec<(Arc<Delivery>, Committed)>) {
-        let (acks, committed): (Vec<(Arc<Delivery>, Processed)>, Vec<Committed>) = runs
+        let (acks, committed): (Vec<(Arc<Delivery>, Processed, bool)>, Vec<Committed>) = runs
             .into_iter()
-            .map(|(d, c)| ((d, processed_of(&c)), c))
+            .map(|(d, c)| ((d, processed_of(&c), c.acknowledged()), c))
             .unzip();
         match self.config.acknowledge {
             Acknowledge::AtCommit => {

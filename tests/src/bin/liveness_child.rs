@@ -144,6 +144,7 @@ async fn hold<S: Store>(store: &S, args: &[String]) -> Result<(), BoxError> {
                 reads: Vec::new(),
                 datoms: Vec::new(),
                 outbox: vec![
+                ack: None,
                     NewOutboxRow {
                         seq: 0,
                         kind: OutboxKind::Request,
