@@ -39,7 +39,6 @@ async fn commit_request_run(store: &SqliteStore, key: &str) {
         reads: Vec::new(),
         datoms: Vec::new(),
         outbox: vec![NewOutboxRow {
-            ack: None,
             seq: 0,
             kind: OutboxKind::Request,
             destination: "notify".to_owned(),
@@ -47,6 +46,7 @@ async fn commit_request_run(store: &SqliteStore, key: &str) {
             headers: Default::default(),
             payload: json!({"method": "POST", "endpoint": "notify", "path": "/n"}).to_string(),
         }],
+        ack: None,
     };
     store
         .commit_runs(vec![run], claim("committer", Duration::from_secs(60)))

@@ -784,8 +784,11 @@ async fn a_poison_input_is_dead_lettered_and_the_inputs_behind_it_are_applied<B:
     expect_the_line_goes_on(&store, &run, unique_refusal::<B>()).await;
 }
 
-/// Without classification, the refused run is retried for ever and the inputs behind it on
-/// its partition key never run: the check above fails.
+/// Without classification, the refused run is retried as if the store could come round, and
+/// the inputs behind it on its partition key wait all that time — until the retries allowed
+/// (`WorkerConfig::max_deliveries`, 50 by default, about 45 minutes at the default delays; a
+/// second here) are spent, and then its dead letter says how often it was tried rather than
+/// only why: the check above fails.
 async fn mutant_retrying_data_errors_stops_the_partition_key<B: Backend>(b: B) {
     let store = b.open().await;
     unique_twice(&b).await;
@@ -794,23 +797,19 @@ async fn mutant_retrying_data_errors_stops_the_partition_key<B: Backend>(b: B) {
         store,
         b.broker(),
         Some(Mutant::RetryDataErrors),
-        Duration::from_secs(3),
+        Duration::from_secs(20),
     )
     .await;
-    assert!(!run.settled, "{:?}", run.outcomes);
-    assert!(
-        !run.dead_letters.contains_key("m6"),
-        "{:?}",
-        run.dead_letters
-    );
-    assert!(
-        !run.transactions.contains_key(&key_of("m7")),
-        "m7 waits behind m6"
-    );
-    assert!(run.report.retried > 2, "{:?}", run.report);
+    assert!(run.report.retried >= 49, "{:?}", run.report);
     assert!(
         run.handler_calls > inputs().len(),
         "m6 is handled again and again"
+    );
+    let reason = run.dead_letters.get("m6").map(String::as_str).unwrap_or("");
+    assert!(
+        reason.starts_with("gave up after 50 attempts"),
+        "dead-lettered only once its retries were spent: {:?}",
+        run.dead_letters
     );
 }
 

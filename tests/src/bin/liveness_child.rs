@@ -144,7 +144,6 @@ async fn hold<S: Store>(store: &S, args: &[String]) -> Result<(), BoxError> {
                 reads: Vec::new(),
                 datoms: Vec::new(),
                 outbox: vec![
-                ack: None,
                     NewOutboxRow {
                         seq: 0,
                         kind: OutboxKind::Request,
@@ -162,6 +161,7 @@ async fn hold<S: Store>(store: &S, args: &[String]) -> Result<(), BoxError> {
                         payload: json!({"n": i}).to_string(),
                     },
                 ],
+                ack: None,
             })
         })
         .collect::<Result<_, _>>()?;
