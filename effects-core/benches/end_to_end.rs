@@ -300,12 +300,28 @@ fn worker_config() -> WorkerConfig {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(CONCURRENCY);
-    WorkerConfig {
+    let mut config = WorkerConfig {
         concurrency,
         fetch_wait: Duration::from_millis(100),
         visibility: Duration::from_secs(30),
         ..WorkerConfig::default()
+    };
+    // The group-commit settings, for choosing their defaults (`E2E_MAX_RUNS`, `E2E_MAX_WAIT_US`,
+    // `E2E_IN_FLIGHT`; `E2E_MAX_RUNS=0` commits every run alone).
+    let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(runs) = number("E2E_MAX_RUNS") {
+        config.group_commit = (runs > 0).then(|| effects_core::worker::GroupCommit {
+            max_runs: usize::try_from(runs).unwrap_or(usize::MAX),
+            ..config.group_commit.unwrap_or_default()
+        });
     }
+    if let (Some(wait), Some(group)) = (number("E2E_MAX_WAIT_US"), config.group_commit.as_mut()) {
+        group.max_wait = Duration::from_micros(wait);
+    }
+    if let Some(n) = number("E2E_IN_FLIGHT") {
+        config.max_in_flight = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    config
 }
 
 /// Runs a worker until `stop`, counting applied runs in `applied`.
@@ -484,12 +500,13 @@ fn embedded_process() {
         };
         println!(
             "result seconds={seconds} applied={} reruns={} conflicts={} dead={} outputs={} \
-             once={once} hot={hot}",
+             once={once} hot={hot} commits={}",
             report.applied,
             report.reruns,
             report.conflicts,
             report.dead_lettered,
-            outputs.len()
+            outputs.len(),
+            report.commits
         );
     });
     let _ = std::fs::remove_dir_all(&scratch);

@@ -160,7 +160,7 @@ async fn claim_keys(tx: &Transaction<'_>, keys: &[&str]) -> Result<HashSet<Strin
 }
 
 /// The runs recorded under `keys`, by key.
-async fn load_runs(
+pub(super) async fn load_runs(
     tx: &Transaction<'_>,
     keys: &[&str],
 ) -> Result<HashMap<String, RunRecord>, StoreError> {

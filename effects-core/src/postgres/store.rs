@@ -1021,6 +1021,28 @@ impl Store for PostgresStore {
         }
     }
 
+    fn runs_by_key(
+        &self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<RunRecord>>, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut found = db
+                .transaction("reading effect runs", Isolation::Snapshot, |tx| {
+                    let keys = keys.clone();
+                    Box::pin(async move {
+                        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                        super::commit::load_runs(tx, &refs).await
+                    })
+                })
+                .await?;
+            Ok(keys.iter().map(|k| found.remove(k)).collect())
+        }
+    }
+
     fn claim_run(
         &self,
         key: &str,

@@ -267,38 +267,60 @@ fn fetch_tx(
 }
 
 fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreError> {
-    ack_seq(tx, &d.consumer, &d.topic, d.sequence, now)
+    ack_all(
+        tx,
+        [(d.consumer.as_str(), d.topic.as_str(), d.sequence)],
+        now,
+    )
 }
 
-/// Acknowledges a run's input inside the caller's transaction (the run's commit).
-pub(crate) fn ack_input(
+/// Acknowledges runs' inputs inside the caller's transaction (the runs' commit).
+pub(crate) fn ack_inputs<'a>(
     tx: &Transaction<'_>,
-    input: &crate::store::InputAck,
+    inputs: impl IntoIterator<Item = &'a crate::store::InputAck>,
     now: Millis,
 ) -> Result<(), StoreError> {
-    ack_seq(tx, &input.consumer, &input.topic, input.sequence, now)
+    ack_all(
+        tx,
+        inputs
+            .into_iter()
+            .map(|i| (i.consumer.as_str(), i.topic.as_str(), i.sequence)),
+        now,
+    )
 }
 
-fn ack_seq(
+/// Acknowledges messages (consumer, topic, sequence): each marked acknowledged, then the
+/// watermark of each (consumer, topic) moved up once over the acknowledged prefix.
+fn ack_all<'a>(
     tx: &Transaction<'_>,
-    consumer: &str,
-    topic: &str,
-    sequence: u64,
+    acks: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
     now: Millis,
 ) -> Result<(), StoreError> {
     const OP: &str = "acknowledging";
-    let seq = seq_i64(sequence);
-    let updated = tx
-        .prepare_cached(
-            "UPDATE log_deliveries SET acked_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
-             AND seq = ?3 AND acked_at_ms IS NULL",
-        )
-        .ctx(OP)?
-        .execute(params![consumer, topic, seq, now])
-        .ctx(OP)?;
-    if updated == 0 {
-        return Ok(());
+    let mut moved: HashSet<(&str, &str)> = HashSet::new();
+    for (consumer, topic, sequence) in acks {
+        let updated = tx
+            .prepare_cached(
+                "UPDATE log_deliveries SET acked_at_ms = ?4 WHERE consumer = ?1 AND topic = ?2 \
+                 AND seq = ?3 AND acked_at_ms IS NULL",
+            )
+            .ctx(OP)?
+            .execute(params![consumer, topic, seq_i64(sequence), now])
+            .ctx(OP)?;
+        if updated > 0 {
+            moved.insert((consumer, topic));
+        }
     }
+    for (consumer, topic) in moved {
+        advance_watermark(tx, consumer, topic)?;
+    }
+    Ok(())
+}
+
+/// Moves a consumer's watermark up over the acknowledged prefix of its topic, and drops the
+/// delivery rows below it.
+fn advance_watermark(tx: &Transaction<'_>, consumer: &str, topic: &str) -> Result<(), StoreError> {
+    const OP: &str = "acknowledging";
     let watermark: i64 = tx
         .prepare_cached(
             "SELECT acked_through FROM log_consumers WHERE consumer = ?1 AND topic = ?2",
@@ -596,10 +618,12 @@ impl Transport for SqliteLog {
         let n = ds.len();
         let db = Arc::clone(&self.db);
         let fut = self.db.write_at("acknowledging", move |tx, now| {
-            for d in &ds {
-                ack_tx(tx, d, now)?;
-            }
-            Ok(())
+            ack_all(
+                tx,
+                ds.iter()
+                    .map(|d| (d.consumer.as_str(), d.topic.as_str(), d.sequence)),
+                now,
+            )
         });
         async move {
             if n == 0 {

@@ -1203,7 +1203,7 @@ impl Store for SqliteStore {
         let db = Arc::clone(&self.db);
         let fut = self.db.write_at("committing runs", move |tx, now| {
             let mut out = Vec::with_capacity(runs.len());
-            let mut acked = false;
+            let mut inputs = Vec::new();
             for run in &runs {
                 let commit = apply_run(tx, run, &options, now)?;
                 // The run's input, acknowledged with it (a log in this database): when the run
@@ -1211,11 +1211,12 @@ impl Store for SqliteStore {
                 if let (Some(input), Commit::Applied { .. } | Commit::Existing(_)) =
                     (&run.ack, &commit)
                 {
-                    super::log::ack_input(tx, input, now)?;
-                    acked = true;
+                    inputs.push(input);
                 }
                 out.push(commit);
             }
+            let acked = !inputs.is_empty();
+            super::log::ack_inputs(tx, inputs, now)?;
             if let Some(hook) = &options.before_commit {
                 hook();
             }
@@ -1238,6 +1239,15 @@ impl Store for SqliteStore {
         let key = key.to_owned();
         self.db
             .read("reading an effect run", move |conn| load_run(conn, &key))
+    }
+
+    fn runs_by_key(
+        &self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<RunRecord>>, StoreError>> + Send {
+        self.db.read("reading effect runs", move |conn| {
+            keys.iter().map(|key| load_run(conn, key)).collect()
+        })
     }
 
     fn claim_run(
