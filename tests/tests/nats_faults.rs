@@ -108,6 +108,21 @@ impl<T: Transport + Clone> Transport for Counting<T> {
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         self.inner.dead_letter(d, reason)
     }
+
+    fn ack_many(
+        &self,
+        deliveries: &[Delivery],
+    ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
+        self.inner.ack_many(deliveries)
+    }
+
+    fn extend(
+        &self,
+        d: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.inner.extend(d, visibility)
+    }
 }
 
 fn message(i: usize) -> OutgoingMessage {

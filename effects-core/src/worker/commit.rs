@@ -16,7 +16,7 @@ use crate::handler::Handler;
 use crate::http::HttpClient;
 use crate::store::{Store, StoreError, StoreErrorKind};
 use crate::transport::Transport;
-use crate::worker::{GroupCommit, Inputs};
+use crate::worker::{Acknowledge, GroupCommit, Inputs};
 
 /// Decided runs waiting for their commit, in the order they were decided (two runs of one
 /// partition key are never in one batch: the second is decided only once the first settled).
@@ -154,7 +154,9 @@ where
             options: RunOptions {
                 after_requests: self.config.after_requests.clone(),
                 reads: decided.reads,
-                input: Some(decided.input),
+                // Acknowledged inside the commit where the executor can (its log is in the
+                // store's database), unless the worker must acknowledge through the transport.
+                input: (self.config.acknowledge == Acknowledge::AtCommit).then_some(decided.input),
             },
         }
     }

@@ -41,7 +41,7 @@
 //!    is a duplicate, invalid effects are a dead letter. When the whole transaction fails, its
 //!    runs are committed again one by one, so one bad run cannot hold the others back.
 //! 5. **Settle.** With [`Acknowledge::AtCommit`] (the default) the input is acknowledged as
-//!    soon as its run is committed: from then on its requests and messages belong to the
+//!    soon as its run is committed — on the embedded default, inside the commit transaction: from then on its requests and messages belong to the
 //!    outbox, which sends them (this process right away; a relay if it dies first). With
 //!    [`Acknowledge::AfterEffects`] the acknowledgement waits until the run's requests and
 //!    messages were dispatched, as a handler that needs the input held until then wants.
@@ -184,10 +184,15 @@ use crate::store::Tracked;
 /// When a delivery is acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Acknowledge {
-    /// As soon as its run is committed (default): its requests and messages belong to the
-    /// outbox from then on. The partition moves on at the speed of commits.
+    /// With its run's commit (default): its requests and messages belong to the outbox from
+    /// then on, and the partition moves on at the speed of commits. When the transport is a log
+    /// in the store's own database (the embedded default), inside the commit transaction: a
+    /// committed run's input can then never be delivered again. Elsewhere, right after it.
     #[default]
     AtCommit,
+    /// Right after its run's commit, always through the transport, even when the log is in the
+    /// store's database (a transport that watches acknowledgements sees every one).
+    AfterCommit,
     /// Once its run's requests and messages were dispatched (or dead-lettered, or left to the
     /// relay after a failure): the input is held until its outputs are out.
     AfterEffects,

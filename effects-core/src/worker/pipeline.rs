@@ -649,7 +649,7 @@ where
         }
         let inner = Arc::clone(&self.inner);
         match self.inner.config.acknowledge {
-            Acknowledge::AtCommit => {
+            Acknowledge::AtCommit | Acknowledge::AfterCommit => {
                 let (acks, committed): (Vec<_>, Vec<_>) = with_delivery
                     .into_iter()
                     .map(|(d, c)| ((d, super::settle::processed_of(&c), c.acknowledged()), c))

@@ -152,7 +152,7 @@ where
             .map(|(d, c)| ((d, processed_of(&c), c.acknowledged()), c))
             .unzip();
         match self.config.acknowledge {
-            Acknowledge::AtCommit => {
+            Acknowledge::AtCommit | Acknowledge::AfterCommit => {
                 self.acknowledge(&acks).await;
                 self.dispatch(committed).await;
             }

@@ -285,6 +285,14 @@ impl<T: Transport> Transport for LosesFirstAck<T> {
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         self.log.dead_letter(delivery, reason)
     }
+
+    fn extend(
+        &self,
+        delivery: &Delivery,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.log.extend(delivery, visibility)
+    }
 }
 
 /// What happened to one delivery, as the worker reported it.
