@@ -517,7 +517,8 @@ async fn an_existing_schema_migrates_forward_and_a_foreign_one_is_refused() {
             [
                 (1, "0001_store.sql".to_owned()),
                 (2, "0002_dead_letter_retries.sql".to_owned()),
-                (3, "0003_owners.sql".to_owned())
+                (3, "0003_owners.sql".to_owned()),
+                (4, "0004_blocked_inputs.sql".to_owned())
             ]
         );
         drop(store);
@@ -533,7 +534,7 @@ async fn an_existing_schema_migrates_forward_and_a_foreign_one_is_refused() {
         let store = PostgresStore::connect_existing(schema.options())
             .await
             .unwrap();
-        assert_eq!(store.schema_versions().await.unwrap().len(), 3);
+        assert_eq!(store.schema_versions().await.unwrap().len(), 4);
         assert!(store.retries(10).await.unwrap().is_empty());
 
         // Up to date, it is opened without writing: a role that may only read can inspect it.
