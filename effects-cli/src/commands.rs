@@ -565,7 +565,8 @@ async fn inputs_blocked<S: Inspect>(
                 time::format(b.since),
                 time::format_age(now - b.since),
                 b.attempts.to_string(),
-                cut(&b.reason, 70),
+                // The why is what an operator came for: longer than other lists cut.
+                cut(&b.reason, 160),
                 b.owner.clone(),
                 format!("{} ago", time::format_age(now - b.reported_at)),
             ]
