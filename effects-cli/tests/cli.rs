@@ -236,7 +236,7 @@ fn blocked_inputs_through_the_cli() {
         "notify",
         "card-status-changed",
         vec![input(
-            Some("u\01"),
+            Some("u\u{0}1"),
             "n4",
             Duration::from_secs(5 * 60 + 30),
             7,

@@ -236,7 +236,7 @@ where
             "w1",
             "con\0sumer",
             "to\0pic",
-            vec![input(Some("k\0ey"), "m\01", 30, 1, &with_nul)],
+            vec![input(Some("k\0ey"), "m\u{0}1", 30, 1, &with_nul)],
         )
         .await
         .unwrap();
