@@ -4,8 +4,8 @@
 //! `sqlite:PATH` for the embedded SQLite store, `postgres://USER@HOST:PORT/DATABASE` (or
 //! `postgresql://`) for a PostgreSQL store, whose schema is `--schema NAME` (or the
 //! `EFFECTS_NAMESPACE` environment variable; default `public`). It reads what the service's runs wrote and sent,
-//! what is pending in the outbox, what was dead-lettered and why, which inputs keep failing and hold
-//! up their partition key, and retries dead letters.
+//! what is pending in the outbox, what was dead-lettered and why, which inputs keep failing and
+//! hold up their partition key, and retries dead letters.
 //!
 //! ```text
 //! effects --store sqlite:cards.db runs list --status pending --since 1h

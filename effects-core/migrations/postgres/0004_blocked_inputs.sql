@@ -10,7 +10,7 @@ CREATE TABLE blocked_inputs (
     position       integer NOT NULL,  -- its place in the report
     partition_key  text,              -- NULL: a message without one
     message_id     text    NOT NULL,
-    since_ms       bigint  NOT NULL,  -- the server's clock when the report was written, less how long it had been failing
+    since_ms       bigint  NOT NULL,  -- the server's clock at the report less failing_for
     attempts       bigint  NOT NULL,
     reason         text    NOT NULL,  -- the last failure
     reported_at_ms bigint  NOT NULL,

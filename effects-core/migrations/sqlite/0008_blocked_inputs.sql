@@ -10,7 +10,7 @@ CREATE TABLE blocked_inputs (
     position       INTEGER NOT NULL,  -- its place in the report
     partition_key  TEXT,              -- NULL: a message without one
     message_id     TEXT    NOT NULL,
-    since_ms       INTEGER NOT NULL,  -- the store's clock when the report was written, less how long it had been failing
+    since_ms       INTEGER NOT NULL,  -- the store's clock at the report less failing_for
     attempts       INTEGER NOT NULL,
     reason         TEXT    NOT NULL,  -- the last failure
     reported_at_ms INTEGER NOT NULL,

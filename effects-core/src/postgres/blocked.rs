@@ -64,10 +64,10 @@ pub(crate) async fn report_tx(
         OP,
         "INSERT INTO blocked_inputs (owner, consumer, topic, position, partition_key, \
          message_id, since_ms, attempts, reason, reported_at_ms) \
-         SELECT $1::text, $2::text, $3::text, b.position, b.partition_key, b.message_id, b.since_ms, b.attempts, \
-         b.reason, $4::bigint FROM unnest($5::integer[], $6::text[], $7::text[], $8::bigint[], \
-         $9::bigint[], $10::text[]) AS b(position, partition_key, message_id, since_ms, attempts, \
-         reason)",
+         SELECT $1::text, $2::text, $3::text, b.position, b.partition_key, b.message_id, \
+         b.since_ms, b.attempts, b.reason, $4::bigint \
+         FROM unnest($5::integer[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
+         $10::text[]) AS b(position, partition_key, message_id, since_ms, attempts, reason)",
         &[
             &owner, &consumer, &topic, &now, &positions, &keys, &ids, &since, &attempts, &reasons,
         ],

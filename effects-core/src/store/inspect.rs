@@ -530,8 +530,9 @@ pub trait Inspect: Send + Sync + 'static {
         request: &RetryRequest,
     ) -> impl Future<Output = Result<RetryOutcome, StoreError>> + Send;
 
-    /// The inputs workers reported as blocked ([`Store::report_blocked`](super::Store::report_blocked)),
-    /// longest failing first (by [`BlockedInputEntry::since`]), at most `limit`.
+    /// The inputs workers reported as blocked
+    /// ([`Store::report_blocked`](super::Store::report_blocked)), longest failing first (by
+    /// [`BlockedInputEntry::since`]), at most `limit`.
     fn blocked_inputs(
         &self,
         limit: usize,

@@ -1001,7 +1001,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finds the registered owners whose process is gone, frees the leases they held on
     /// pending rows (the rows are claimable at once; the old fencing tokens no longer match)
-    /// and forgets them with what they reported as blocked ([`Store::report_blocked`]), so that runs whose last response they recorded are stalled at once
+    /// and forgets them with what they reported as blocked ([`Store::report_blocked`]), so
+    /// that runs whose last response they recorded are stalled at once
     /// ([`Store::stalled_runs`]). An owner that is alive, even paused, is never reaped. Several
     /// processes may reap at once: each dead owner is reaped by one of them.
     ///
