@@ -2,7 +2,8 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// The operator's CLI of an effects service: runs, the outbox, dead letters, history, pruning.
+/// The operator's CLI of an effects service: runs, the outbox, dead letters, blocked inputs,
+/// history, pruning.
 #[derive(Debug, Parser)]
 #[command(name = "effects", version, about, long_about = None)]
 pub(crate) struct Cli {
@@ -46,6 +47,10 @@ pub(crate) enum Command {
     /// `input:` id is refused. Requests and messages are listed and retried as on SQLite.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Consumers' inputs: those whose processing keeps failing and holds up their partition
+    /// key.
+    #[command(subcommand)]
+    Inputs(InputsCommand),
     /// An entity's attributes as of a transaction, and their history.
     History(HistoryArgs),
     /// Removes what is old enough: dispatched outbox rows, finished runs, acknowledged log
@@ -91,6 +96,23 @@ pub(crate) enum StatusArg {
 pub(crate) enum OutboxCommand {
     /// Rows neither dispatched nor dead-lettered, oldest first, with why each is waiting.
     Pending {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InputsCommand {
+    /// Inputs that have been failing for longer than their worker's `blocked_after` (30 s by
+    /// default), each holding up the later inputs of its partition key: which key, since when,
+    /// how many attempts, why, and which process holds it. Longest failing first.
+    ///
+    /// Workers report them on every heartbeat (a third of their visibility), and say so when
+    /// none are left; a process found dead takes its reports with it. What a process that is
+    /// still alive reported long ago (see the `reported` column) comes from a worker that
+    /// stopped while its inputs were failing.
+    Blocked {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,

@@ -12,15 +12,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::cli::{
-    Cli, Command, DeadLettersCommand, HistoryArgs, KindArg, OutboxCommand, PruneArgs, RetryArgs,
-    RunsCommand, StatusArg,
+    Cli, Command, DeadLettersCommand, HistoryArgs, InputsCommand, KindArg, OutboxCommand,
+    PruneArgs, RetryArgs, RunsCommand, StatusArg,
 };
 use crate::open::{OpenError, StoreUrl};
 use crate::table::{cut, or_dash, table};
 use crate::time;
 use crate::view::{
-    DatomView, DeadLetterView, HistoryView, OutboxView, PruneView, RetryView, RunDetailView,
-    RunView, payload_value,
+    BlockedInputView, DatomView, DeadLetterView, HistoryView, OutboxView, PruneView, RetryView,
+    RunDetailView, RunView, payload_value,
 };
 
 /// What a command printed, and whether it did all it was asked.
@@ -97,6 +97,9 @@ async fn run<S: Store + Inspect>(
             dead_letters_list(store, limit, as_json).await
         }
         Command::DeadLetters(DeadLettersCommand::Retry(args)) => retry(store, args, as_json).await,
+        Command::Inputs(InputsCommand::Blocked { limit }) => {
+            inputs_blocked(store, limit, as_json).await
+        }
         Command::History(args) => history(store, args, as_json).await,
         Command::Prune(args) => prune(store, args, as_json).await,
     }
@@ -520,6 +523,55 @@ async fn retry<S: Inspect>(store: &S, args: RetryArgs, as_json: bool) -> Result<
         )
     };
     Ok(Output { text, ok })
+}
+
+// ---------------------------------------------------------------------------------------------
+// inputs
+
+async fn inputs_blocked<S: Inspect>(
+    store: &S,
+    limit: usize,
+    as_json: bool,
+) -> Result<Output, CliError> {
+    // The clock first: ages are never negative for reports written after it was read.
+    let now = store.clock().await?;
+    let blocked = store.blocked_inputs(limit).await?;
+    if as_json {
+        let views: Vec<BlockedInputView> = blocked
+            .iter()
+            .map(|b| BlockedInputView::of(b, now))
+            .collect();
+        return Ok(Output::ok(json(&views)));
+    }
+    Ok(Output::ok(table(
+        &[
+            "consumer",
+            "topic",
+            "key",
+            "message",
+            "failing since",
+            "for",
+            "attempts",
+            "reason",
+            "process",
+            "reported",
+        ],
+        blocked.iter().map(|b| {
+            vec![
+                b.consumer.clone(),
+                b.topic.clone(),
+                or_dash(b.partition_key.clone()),
+                b.message_id.clone(),
+                time::format(b.since),
+                time::format_age(now - b.since),
+                b.attempts.to_string(),
+                // The why is what an operator came for: longer than other lists cut.
+                cut(&b.reason, 160),
+                b.owner.clone(),
+                format!("{} ago", time::format_age(now - b.reported_at)),
+            ]
+        }),
+    )))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //! `sqlite:PATH` for the embedded SQLite store, `postgres://USER@HOST:PORT/DATABASE` (or
 //! `postgresql://`) for a PostgreSQL store, whose schema is `--schema NAME` (or the
 //! `EFFECTS_NAMESPACE` environment variable; default `public`). It reads what the service's runs wrote and sent,
-//! what is pending in the outbox, what was dead-lettered and why, and retries dead letters.
+//! what is pending in the outbox, what was dead-lettered and why, which inputs keep failing and
+//! hold up their partition key, and retries dead letters.
 //!
 //! ```text
 //! effects --store sqlite:cards.db runs list --status pending --since 1h
@@ -12,6 +13,7 @@
 //! effects --store sqlite:cards.db outbox pending
 //! effects --store sqlite:cards.db dead-letters list
 //! effects --store sqlite:cards.db dead-letters retry 'input:3:block' --reason "card c2 fixed"
+//! effects --store sqlite:cards.db inputs blocked
 //! effects --store sqlite:cards.db history card/id=c1 --as-of 2
 //! effects --store sqlite:cards.db prune --dry-run
 //! effects --store postgres://postgres@127.0.0.1:5432/test --schema cards runs list

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use effects_core::store::{
-    DeadLetterEntry, EntityHistory, OutboxEntry, RecordedOutcome, RetryRecord, RunRecord,
-    RunSummary,
+    BlockedInputEntry, DeadLetterEntry, EntityHistory, OutboxEntry, RecordedOutcome, RetryRecord,
+    RunRecord, RunSummary,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -210,6 +210,38 @@ impl DeadLetterView {
                 dead_lettered_at: Some(i.dead_lettered_at),
                 payload: payload_value(&i.payload),
             },
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct BlockedInputView {
+    consumer: String,
+    topic: String,
+    partition_key: Option<String>,
+    message_id: String,
+    failing_since_at: i64,
+    failing_for_ms: i64,
+    attempts: u32,
+    reason: String,
+    owner: String,
+    reported_at: i64,
+}
+
+impl BlockedInputView {
+    /// The entry, with how long it has been failing at `now` (the store's clock).
+    pub(crate) fn of(b: &BlockedInputEntry, now: i64) -> BlockedInputView {
+        BlockedInputView {
+            consumer: b.consumer.clone(),
+            topic: b.topic.clone(),
+            partition_key: b.partition_key.clone(),
+            message_id: b.message_id.clone(),
+            failing_since_at: b.since,
+            failing_for_ms: now.saturating_sub(b.since).max(0),
+            attempts: b.attempts,
+            reason: b.reason.clone(),
+            owner: b.owner.clone(),
+            reported_at: b.reported_at,
         }
     }
 }

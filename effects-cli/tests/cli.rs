@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use assert_cmd::Command;
+use effects_core::store::{BlockedInput, SqliteStore, Store};
 use effects_core::testing::harness::Harness;
 use effects_core::{Effects, MessageEffect, Method, RequestEffect};
 use serde_json::json;
@@ -142,6 +143,10 @@ fn the_cards_store_through_the_cli() {
             effects(&store, &["dead-letters", "list"])
         );
         insta::assert_snapshot!(
+            "inputs_blocked_none",
+            effects(&store, &["inputs", "blocked"])
+        );
+        insta::assert_snapshot!(
             "history_as_of",
             effects(&store, &["history", "card/id=c1", "--as-of", "1"])
         );
@@ -178,6 +183,94 @@ fn the_cards_store_through_the_cli() {
             effects(&store, &["--json", "dead-letters", "list"])
         );
     });
+}
+
+/// What workers reported as blocked, as the CLI shows it: longest failing first, a message
+/// without a key, a reason over two lines, NUL in text (written `\u{0}`), two processes.
+#[test]
+fn blocked_inputs_through_the_cli() {
+    let dir = TempDir::new("blocked");
+    let db = dir.0.join("store.db");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let store = SqliteStore::open(&db).expect("a store");
+    let report = |owner: &str, consumer: &str, topic: &str, blocked: Vec<BlockedInput>| {
+        runtime
+            .block_on(store.report_blocked(owner, consumer, topic, blocked))
+            .expect("the report is kept");
+    };
+    let input =
+        |key: Option<&str>, id: &str, failing_for: Duration, attempts, reason: &str| BlockedInput {
+            partition_key: key.map(str::to_owned),
+            message_id: id.to_owned(),
+            failing_for,
+            attempts,
+            reason: reason.to_owned(),
+        };
+    report(
+        "worker-1",
+        "block",
+        "card-block-requested",
+        vec![
+            input(
+                Some("c7"),
+                "m9",
+                Duration::from_secs(3 * 3600 + 60),
+                41,
+                "the store failed while loading the input: database error while loading a card: \
+                 database is locked",
+            ),
+            input(
+                None,
+                "m12",
+                Duration::from_secs(2 * 3600 + 60),
+                3,
+                "not yet: [card/id \"c9\"] has not been created yet\n(the card service is behind)",
+            ),
+        ],
+    );
+    report(
+        "worker-2",
+        "notify",
+        "card-status-changed",
+        vec![input(
+            Some("u\u{0}1"),
+            "n4",
+            Duration::from_secs(5 * 60 + 30),
+            7,
+            "the store failed: a\0b",
+        )],
+    );
+    let db_url = sqlite(&db);
+    let mut table = settings(&dir);
+    // How long ago the test wrote the reports: a second or two, on a slow machine more; the
+    // padding follows.
+    table.add_filter(r"\b\d+s ago", "[age] ago");
+    table.add_filter(r" {2,}", " ");
+    table.add_filter(r"[─═]{2,}", "─");
+    table.bind(|| {
+        insta::assert_snapshot!("inputs_blocked", effects(&db_url, &["inputs", "blocked"]));
+    });
+    let mut json = settings(&dir);
+    json.add_filter(r#""failing_for_ms": \d+"#, r#""failing_for_ms": "[ms]""#);
+    json.bind(|| {
+        insta::assert_snapshot!(
+            "inputs_blocked_json",
+            effects(&db_url, &["--json", "inputs", "blocked", "--limit", "2"])
+        );
+    });
+    report("worker-1", "block", "card-block-requested", Vec::new());
+    report("worker-2", "notify", "card-status-changed", Vec::new());
+    assert_eq!(
+        effects(&db_url, &["inputs", "blocked"]),
+        "$ effects inputs blocked\nexit: 0\n(none)\n"
+    );
+    assert_eq!(
+        effects(&db_url, &["--json", "inputs", "blocked"]),
+        "$ effects --json inputs blocked\nexit: 0\n[]\n"
+    );
 }
 
 #[test]

@@ -21,8 +21,8 @@ use effects_core::executor::{Backoff, Executor};
 use effects_core::http::{HttpConfig, ReqwestClient, RetryPolicy};
 use effects_core::postgres::{PostgresOptions, PostgresStore};
 use effects_core::store::{
-    ClaimOptions, DeadLetterId, Inspect, PruneOlderThan, RequestOutcome, RetryOutcome, RunQuery,
-    RunState, RunStatus, Store, Tx,
+    BlockedInput, ClaimOptions, DeadLetterId, Inspect, PruneOlderThan, RequestOutcome,
+    RetryOutcome, RunQuery, RunState, RunStatus, Store, Tx,
 };
 use effects_core::transport::SqliteLog;
 use effects_core::{DatomEffect, Effects, LookupRef, MessageEffect, Method, RequestEffect};
@@ -517,7 +517,8 @@ async fn an_existing_schema_migrates_forward_and_a_foreign_one_is_refused() {
             [
                 (1, "0001_store.sql".to_owned()),
                 (2, "0002_dead_letter_retries.sql".to_owned()),
-                (3, "0003_owners.sql".to_owned())
+                (3, "0003_owners.sql".to_owned()),
+                (4, "0004_blocked_inputs.sql".to_owned())
             ]
         );
         drop(store);
@@ -533,7 +534,7 @@ async fn an_existing_schema_migrates_forward_and_a_foreign_one_is_refused() {
         let store = PostgresStore::connect_existing(schema.options())
             .await
             .unwrap();
-        assert_eq!(store.schema_versions().await.unwrap().len(), 3);
+        assert_eq!(store.schema_versions().await.unwrap().len(), 4);
         assert!(store.retries(10).await.unwrap().is_empty());
 
         // Up to date, it is opened without writing: a role that may only read can inspect it.
@@ -807,6 +808,105 @@ async fn the_cli_on_a_postgres_schema_filled_by_the_executor() {
         assert_eq!(preview["outbox_rows"], expected.outbox_rows, "{out}");
         assert!(expected.outbox_rows >= 2, "{expected:?}");
         assert_eq!(pg.schema.count("SELECT COUNT(*) FROM outbox").await, before);
+    })
+    .await;
+}
+
+/// What workers report as blocked, listed by `effects inputs blocked` on a PostgreSQL schema
+/// (table and JSON), with a reason holding NUL (which `text` refuses: written `\u{0}`), and
+/// "(none)" once the reports say none are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_blocked_inputs_on_a_postgres_schema() {
+    bounded(async {
+        let schema = Schema::new("cli-blocked").await;
+        let store = PostgresStore::connect(schema.options())
+            .await
+            .unwrap_or_else(|e| panic!("{}", required(e)));
+        let (code, out, err) = cli(&schema.name, &["inputs", "blocked"]).await;
+        assert_eq!((code, out.as_str()), (0, "(none)\n"), "{err}");
+
+        store
+            .report_blocked(
+                "worker-1",
+                "block",
+                "card-block-requested",
+                vec![
+                    BlockedInput {
+                        partition_key: Some("c7".into()),
+                        message_id: "m9".into(),
+                        failing_for: Duration::from_secs(3 * 3600 + 60),
+                        attempts: 41,
+                        reason: "the store failed: connection reset\0 by peer".into(),
+                    },
+                    BlockedInput {
+                        partition_key: None,
+                        message_id: "m12".into(),
+                        failing_for: Duration::from_secs(90),
+                        attempts: 3,
+                        reason: "not yet: [card/id \"c9\"] has not been created yet".into(),
+                    },
+                ],
+            )
+            .await
+            .unwrap();
+        let before = store.clock().await.unwrap();
+        let (code, out, err) = cli(&schema.name, &["--json", "inputs", "blocked"]).await;
+        assert_eq!(code, 0, "{err}");
+        let listed = parse(&out);
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len(), 2, "{out}");
+        let first = &listed[0];
+        assert_eq!(
+            (
+                &first["consumer"],
+                &first["topic"],
+                &first["partition_key"],
+                &first["message_id"],
+                &first["attempts"],
+                &first["reason"],
+                &first["owner"]
+            ),
+            (
+                &json!("block"),
+                &json!("card-block-requested"),
+                &json!("c7"),
+                &json!("m9"),
+                &json!(41),
+                &json!("the store failed: connection reset\\u{0} by peer"),
+                &json!("worker-1")
+            ),
+            "the longest failing first: {out}"
+        );
+        let failing_for = first["failing_for_ms"].as_i64().unwrap();
+        assert!(
+            (3 * 3_600_000 + 60_000..3 * 3_600_000 + 120_000).contains(&failing_for),
+            "{failing_for}"
+        );
+        assert!(first["reported_at"].as_i64().unwrap() <= before, "{out}");
+        assert_eq!(listed[1]["partition_key"], Value::Null, "{out}");
+
+        let (code, out, _) = cli(&schema.name, &["inputs", "blocked", "--limit", "1"]).await;
+        assert_eq!(code, 0);
+        for expected in [
+            "c7",
+            "m9",
+            "3h",
+            "41",
+            "connection reset\\u{0} by peer",
+            "worker-1",
+        ] {
+            assert!(out.contains(expected), "`{expected}` is not in\n{out}");
+        }
+        assert!(!out.contains("m12"), "--limit 1:\n{out}");
+        assert_eq!(Inspect::backlog(&store).await.unwrap().blocked_inputs, 2);
+
+        store
+            .report_blocked("worker-1", "block", "card-block-requested", Vec::new())
+            .await
+            .unwrap();
+        let (code, out, _) = cli(&schema.name, &["inputs", "blocked"]).await;
+        assert_eq!((code, out.as_str()), (0, "(none)\n"));
+        assert_eq!(schema.count("SELECT COUNT(*) FROM blocked_inputs").await, 0);
     })
     .await;
 }

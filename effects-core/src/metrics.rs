@@ -25,6 +25,8 @@
 //! | `effects_outbox_dead_lettered_rows` | gauge | | dead-lettered outbox rows kept for operators |
 //! | `effects_log_dead_lettered_messages` | gauge | | input messages the consumers of the store's log dead-lettered |
 //! | `effects_runs_open` | gauge | | runs not done |
+//! | `effects_blocked_inputs` | gauge | | inputs the workers of every process reported to the store as blocked (`effects inputs blocked` lists them) |
+//! | `effects_blocked_input_oldest_age_seconds` | gauge | | how long the longest failing of them has been failing (0 when there is none): alert when it passes a threshold |
 //! | `effects_worker_lag_messages` | gauge | `consumer`, `topic` | messages of the store's log a consumer has not acknowledged |
 //! | `effects_worker_lag_seconds` | gauge | `consumer`, `topic` | age of the oldest of them (0 when caught up) |
 //!
@@ -80,6 +82,10 @@ pub const OUTBOX_DEAD_LETTERED: &str = "effects_outbox_dead_lettered_rows";
 pub const LOG_DEAD_LETTERED: &str = "effects_log_dead_lettered_messages";
 /// `effects_runs_open`.
 pub const RUNS_OPEN: &str = "effects_runs_open";
+/// `effects_blocked_inputs`.
+pub const BLOCKED_INPUTS: &str = "effects_blocked_inputs";
+/// `effects_blocked_input_oldest_age_seconds`.
+pub const BLOCKED_INPUT_OLDEST_AGE: &str = "effects_blocked_input_oldest_age_seconds";
 /// `effects_worker_lag_messages`.
 pub const WORKER_LAG_MESSAGES: &str = "effects_worker_lag_messages";
 /// `effects_worker_lag_seconds`.
@@ -212,6 +218,12 @@ pub fn record_backlog(report: &BacklogReport) {
     emit::gauge(OUTBOX_DEAD_LETTERED, &[], report.dead_lettered_rows as f64);
     emit::gauge(LOG_DEAD_LETTERED, &[], report.dead_lettered_inputs as f64);
     emit::gauge(RUNS_OPEN, &[], report.open_runs as f64);
+    emit::gauge(BLOCKED_INPUTS, &[], report.blocked_inputs as f64);
+    emit::gauge(
+        BLOCKED_INPUT_OLDEST_AGE,
+        &[],
+        seconds_since(report.now, report.oldest_blocked_since),
+    );
     for lag in &report.consumers {
         let labels = [
             label("consumer", lag.consumer.as_str()),

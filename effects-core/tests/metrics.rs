@@ -364,10 +364,29 @@ fn runs_deliveries_conflicts_requests_dead_letters_and_the_backlog_are_counted()
         })
         .await
         .unwrap();
+        // A worker's report of an input failing for 90 s.
+        effects_core::store::Store::report_blocked(
+            &store,
+            "worker-1",
+            "block",
+            "cards",
+            vec![effects_core::store::BlockedInput {
+                partition_key: Some("c7".into()),
+                message_id: "m9".into(),
+                failing_for: Duration::from_secs(90),
+                attempts: 12,
+                reason: "the database is down".into(),
+            }],
+        )
+        .await
+        .unwrap();
         let report = effects_core::metrics::observe_backlog(&store)
             .await
             .unwrap();
         assert_eq!(report.pending_rows, 1, "the request to /down");
+        assert_eq!(recorded.gauge("effects_blocked_inputs"), Some(1.0));
+        let age = recorded.gauge("effects_blocked_input_oldest_age_seconds");
+        assert!(age.is_some_and(|a| (90.0..120.0).contains(&a)), "{age:?}");
         assert_eq!(recorded.gauge("effects_outbox_pending_rows"), Some(1.0));
         let age = recorded.gauge("effects_outbox_oldest_pending_age_seconds");
         assert!(age.is_some_and(|a| (0.0..30.0).contains(&a)), "{age:?}");

@@ -229,7 +229,8 @@ async fn migrations_are_recorded_and_checked() {
             (4, "0004_dead_letter_retries.sql".to_owned()),
             (5, "0005_owners.sql".to_owned()),
             (6, "0006_clock.sql".to_owned()),
-            (7, "0007_log_given_back.sql".to_owned())
+            (7, "0007_log_given_back.sql".to_owned()),
+            (8, "0008_blocked_inputs.sql".to_owned())
         ]
     );
     drop(store);
@@ -240,7 +241,7 @@ async fn migrations_are_recorded_and_checked() {
     assert_eq!(mode, "wal");
     // Reopening applies nothing twice.
     let store = SqliteStore::open(&db).unwrap();
-    assert_eq!(store.schema_versions().await.unwrap().len(), 7);
+    assert_eq!(store.schema_versions().await.unwrap().len(), 8);
     drop(store);
 
     // A migration edited after it was applied is refused.

@@ -39,11 +39,12 @@ async fn migrations_are_recorded_checked_and_serialised() {
                 [
                     (1, "0001_store.sql".to_owned()),
                     (2, "0002_dead_letter_retries.sql".to_owned()),
-                    (3, "0003_owners.sql".to_owned())
+                    (3, "0003_owners.sql".to_owned()),
+                    (4, "0004_blocked_inputs.sql".to_owned())
                 ]
             );
         }
-        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 3);
+        assert_eq!(db.count("SELECT COUNT(*) FROM schema_version").await, 4);
         drop(stores);
 
         // A migration edited after it was applied is refused.

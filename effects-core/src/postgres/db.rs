@@ -238,6 +238,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_owners.sql",
         sql: include_str!("../../migrations/postgres/0003_owners.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_blocked_inputs.sql",
+        sql: include_str!("../../migrations/postgres/0004_blocked_inputs.sql"),
+    },
 ];
 
 /// The advisory lock (one 64-bit key) held while migrating, so that two processes migrating
@@ -247,6 +252,10 @@ pub(crate) const MIGRATION_LOCK: i64 = 0x6566_6665_6374_7301;
 /// The first key of the advisory locks on entity identities that do not exist yet (see
 /// `store.rs`).
 pub(crate) const ENTITY_LOCK_CLASS: i32 = 0x6566_6601;
+
+/// The first key of the advisory locks that give the reports of one owner, consumer and topic
+/// their turns (see `blocked.rs`).
+pub(crate) const BLOCKED_LOCK_CLASS: i32 = 0x6566_6602;
 
 pub(crate) struct Db {
     pool: Pool,

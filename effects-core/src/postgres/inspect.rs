@@ -22,10 +22,10 @@ use super::store::{
 };
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    BacklogReport, DeadLetterEntry, DeadLetterId, DeadLetterKind, Entity, EntityHistory,
-    HistoryDatom, Inspect, Millis, OutboxEntry, OutboxKind, PruneOlderThan, PruneReport,
-    RecordedOutcome, RetryOutcome, RetryRecord, RetryRequest, RunDetail, RunQuery, RunState,
-    RunStatus, RunSummary, StoreError, Tx,
+    BacklogReport, BlockedInputEntry, DeadLetterEntry, DeadLetterId, DeadLetterKind, Entity,
+    EntityHistory, HistoryDatom, Inspect, Millis, OutboxEntry, OutboxKind, PruneOlderThan,
+    PruneReport, RecordedOutcome, RetryOutcome, RetryRecord, RetryRequest, RunDetail, RunQuery,
+    RunState, RunStatus, RunSummary, StoreError, Tx,
 };
 
 impl PostgresStore {
@@ -415,7 +415,9 @@ async fn backlog_tx(tx: &Transaction<'_>) -> Result<BacklogReport, StoreError> {
          (SELECT MIN(created_at_ms) FROM outbox WHERE dispatched_at_ms IS NULL \
           AND dead_lettered_reason IS NULL), \
          (SELECT COUNT(*) FROM outbox WHERE dead_lettered_reason IS NOT NULL), \
-         (SELECT COUNT(*) FROM effect_runs WHERE status <> 'done')",
+         (SELECT COUNT(*) FROM effect_runs WHERE status <> 'done'), \
+         (SELECT COUNT(*) FROM blocked_inputs), \
+         (SELECT MIN(since_ms) FROM blocked_inputs)",
         &[],
     )
     .await?;
@@ -429,6 +431,8 @@ async fn backlog_tx(tx: &Transaction<'_>) -> Result<BacklogReport, StoreError> {
         dead_lettered_rows: n(3)?,
         dead_lettered_inputs: 0,
         open_runs: n(4)?,
+        blocked_inputs: n(5)?,
+        oldest_blocked_since: get(&row, 6, &w)?,
         consumers: Vec::new(),
     })
 }
@@ -767,6 +771,19 @@ impl Inspect for PostgresStore {
             db.transaction("retrying a dead letter", Isolation::Write, |tx| {
                 let (row, request) = (row.clone(), request.clone());
                 Box::pin(async move { retry_outbox_tx(tx, &row, &request, true).await })
+            })
+            .await
+        }
+    }
+
+    fn blocked_inputs(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<BlockedInputEntry>, StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        async move {
+            db.transaction("reading blocked inputs", Isolation::Snapshot, |tx| {
+                Box::pin(async move { super::blocked::list(tx, limit_param(limit)).await })
             })
             .await
         }

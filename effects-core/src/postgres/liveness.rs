@@ -312,7 +312,8 @@ async fn ping(shared: &Weak<Shared>) -> String {
 /// Reaps the dead owners (see [`Store::reap_dead_owners`](crate::store::Store::reap_dead_owners)),
 /// in one short transaction: the owners whose lock this transaction can take are gone; their
 /// rows are forgotten (only if they still carry the key found dead: an owner that registered
-/// again meanwhile is left alone) and the pending rows they held leased freed.
+/// again meanwhile is left alone), the pending rows they held leased freed and what they
+/// reported as blocked deleted.
 pub(crate) async fn reap(db: &Db) -> Result<Reaped, StoreError> {
     db.transaction("reaping dead owners", Isolation::Write, |tx| {
         Box::pin(async move {
@@ -378,6 +379,7 @@ pub(crate) async fn reap(db: &Db) -> Result<Reaped, StoreError> {
                 &[&forgotten],
             )
             .await?;
+            super::blocked::forget_owners_tx(tx, &forgotten).await?;
             Ok(Reaped {
                 owners: forgotten,
                 rows,

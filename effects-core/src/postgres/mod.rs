@@ -191,6 +191,7 @@
 //! connection then fails rather than fall back to plain text. The bridge is the
 //! `tokio-postgres-rustls` crate (it adds `x509-cert` and its DER parser for channel binding).
 
+mod blocked;
 mod commit;
 mod db;
 mod inspect;

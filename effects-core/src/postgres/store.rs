@@ -14,9 +14,9 @@ use super::db::{
 };
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    Backlog, ClaimOptions, Claimed, Commit, Entity, Finish, HistoryDatom, Lease, Millis,
-    NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport, Reaped,
-    RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
+    Backlog, BlockedInput, BlockedRow, ClaimOptions, Claimed, Commit, Entity, Finish, HistoryDatom,
+    Lease, Millis, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan, PruneReport,
+    Reaped, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError, Tx,
 };
 
 /// The store on PostgreSQL: see the [module documentation](super) for its concurrency, locking
@@ -1467,6 +1467,32 @@ impl Store for PostgresStore {
     fn reap_dead_owners(&self) -> impl Future<Output = Result<Reaped, StoreError>> + Send {
         let db = Arc::clone(&self.db);
         async move { super::liveness::reap(&db).await }
+    }
+
+    fn report_blocked(
+        &self,
+        owner: &str,
+        consumer: &str,
+        topic: &str,
+        blocked: Vec<BlockedInput>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let db = Arc::clone(&self.db);
+        let (owner, consumer, topic) = (owner.to_owned(), consumer.to_owned(), topic.to_owned());
+        let rows = BlockedRow::of(blocked);
+        async move {
+            // A report lives as long as its owner: registered, it goes when the owner is reaped.
+            if !rows.is_empty() && db.liveness.key_of(&owner).is_none() {
+                db.liveness.register(&owner).await?;
+            }
+            db.transaction("reporting blocked inputs", Isolation::Write, |tx| {
+                let (owner, consumer, topic) = (owner.clone(), consumer.clone(), topic.clone());
+                let rows = rows.clone();
+                Box::pin(async move {
+                    super::blocked::report_tx(tx, &owner, &consumer, &topic, &rows).await
+                })
+            })
+            .await
+        }
     }
 
     fn outbox(&self, key: &str) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send {

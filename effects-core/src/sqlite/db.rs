@@ -119,6 +119,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0007_log_given_back.sql",
         sql: include_str!("../../migrations/sqlite/0007_log_given_back.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_blocked_inputs.sql",
+        sql: include_str!("../../migrations/sqlite/0008_blocked_inputs.sql"),
+    },
 ];
 
 pub(crate) struct Db {

@@ -14,9 +14,9 @@ use super::db::{Ctx, SqliteOptions};
 use super::store::SqliteStore;
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    BacklogReport, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind, Entity,
-    EntityHistory, HistoryDatom, InputDeadLetter, Inspect, Lease, Millis, OutboxEntry, OutboxKind,
-    OutboxRow, PruneOlderThan, PruneReport, RecordedOutcome, RetryOutcome, RetryRecord,
+    BacklogReport, BlockedInputEntry, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind,
+    Entity, EntityHistory, HistoryDatom, InputDeadLetter, Inspect, Lease, Millis, OutboxEntry,
+    OutboxKind, OutboxRow, PruneOlderThan, PruneReport, RecordedOutcome, RetryOutcome, RetryRecord,
     RetryRequest, RunDetail, RunQuery, RunRecord, RunState, RunStatus, RunSummary, StoreError, Tx,
 };
 
@@ -782,6 +782,12 @@ fn backlog_tx(conn: &Connection, now: Millis) -> Result<BacklogReport, StoreErro
             "SELECT COUNT(*) FROM effect_runs WHERE status <> 'done'",
             [],
         )?,
+        blocked_inputs: count(conn, OP, "SELECT COUNT(*) FROM blocked_inputs", [])?,
+        oldest_blocked_since: conn
+            .prepare_cached("SELECT MIN(since_ms) FROM blocked_inputs")
+            .ctx(OP)?
+            .query_row([], |r| r.get(0))
+            .ctx(OP)?,
         consumers: consumers
             .into_iter()
             .map(|(consumer, topic, n, oldest)| ConsumerLag {
@@ -1201,6 +1207,15 @@ impl Inspect for SqliteStore {
             }
             Ok(outcome)
         }
+    }
+
+    fn blocked_inputs(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<BlockedInputEntry>, StoreError>> + Send {
+        self.db.read("reading blocked inputs", move |conn| {
+            super::blocked::list(conn, limit_param(limit))
+        })
     }
 
     fn retries(

@@ -262,6 +262,7 @@ pub(crate) fn reap(db: &Db) -> Result<Reaped, StoreError> {
                     .ctx(OP)?
                     .execute([owner])
                     .ctx(OP)?;
+                super::blocked::forget_owner_tx(tx, owner)?;
                 reaped.owners.push(owner.clone());
                 reaped.rows += freed as u64;
             }

@@ -83,6 +83,7 @@
 //! [`Store::register_owner`]: crate::store::Store::register_owner
 //! [`Store::reap_dead_owners`]: crate::store::Store::reap_dead_owners
 
+mod blocked;
 mod clock;
 mod db;
 mod inspect;

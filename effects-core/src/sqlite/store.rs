@@ -13,10 +13,10 @@ use super::db::{Ctx, Db, SqliteOptions};
 use super::log::{SqliteLog, append_message};
 use crate::datom::{LookupRef, Op};
 use crate::store::{
-    Backlog, ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity, Finish, HistoryDatom,
-    Lease, Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow, PruneOlderThan,
-    PruneReport, Reaped, RecordedRequest, RequestOutcome, RunRecord, RunStatus, Store, StoreError,
-    Tx,
+    Backlog, BlockedInput, BlockedRow, ClaimOptions, Claimed, Colocation, Commit, Conflict, Entity,
+    Finish, HistoryDatom, Lease, Millis, NewDatom, NewOutboxRow, NewRun, OutboxKind, OutboxRow,
+    PruneOlderThan, PruneReport, Reaped, RecordedRequest, RequestOutcome, RunRecord, RunStatus,
+    Store, StoreError, Tx,
 };
 use crate::transport::message_headers as publish_headers;
 
@@ -1647,6 +1647,31 @@ impl Store for SqliteStore {
                 return Ok(Reaped::default());
             }
             db.blocking(super::liveness::reap).await
+        }
+    }
+
+    fn report_blocked(
+        &self,
+        owner: &str,
+        consumer: &str,
+        topic: &str,
+        blocked: Vec<BlockedInput>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let (owner, consumer, topic) = (owner.to_owned(), consumer.to_owned(), topic.to_owned());
+        let rows = BlockedRow::of(blocked);
+        let db = Arc::clone(&self.db);
+        async move {
+            // A report lives as long as its owner: registered, it goes when the owner is reaped.
+            if !rows.is_empty() && db.liveness.enabled() && db.liveness.key_of(&owner).is_none() {
+                let owner = owner.clone();
+                Arc::clone(&db)
+                    .blocking(move |db| super::liveness::register(db, &owner))
+                    .await?;
+            }
+            db.write_at("reporting blocked inputs", move |tx, now| {
+                super::blocked::report_tx(tx, &owner, &consumer, &topic, &rows, now)
+            })
+            .await
         }
     }
 

@@ -377,6 +377,37 @@ pub struct ConsumerLag {
     pub oldest_published_at: Option<Millis>,
 }
 
+/// An input a worker reported as blocked ([`Store::report_blocked`](super::Store::report_blocked)):
+/// its processing has been failing for longer than the worker's
+/// `WorkerConfig::blocked_after`, and the later inputs of its partition key wait behind it.
+/// [`Inspect::blocked_inputs`] lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedInputEntry {
+    /// The consumer (group) whose worker holds it.
+    pub consumer: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition key it holds up (`None`: a message without one, which holds up nothing
+    /// but itself).
+    pub partition_key: Option<String>,
+    /// The message's id.
+    pub message_id: String,
+    /// Since when it has been failing (the store's clock when the worker last reported, less
+    /// how long the worker had seen it failing).
+    pub since: Millis,
+    /// Attempts made (deliveries by the broker and retries in the worker), as last reported.
+    pub attempts: u32,
+    /// The last failure, as last reported (a NUL character is written `\u{0}`).
+    pub reason: String,
+    /// The owner (an executor's owner name: which process) that reported it.
+    pub owner: String,
+    /// When that owner last reported it (the store's clock). A worker reports on every
+    /// heartbeat (a third of its `WorkerConfig::visibility`), so an old time means a worker
+    /// that stopped without saying its inputs are no longer blocked, in a process still alive
+    /// (a dead one's reports are removed when it is reaped).
+    pub reported_at: Millis,
+}
+
 /// What a store has left to do, for gauges and health checks: [`Inspect::backlog`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BacklogReport {
@@ -392,6 +423,10 @@ pub struct BacklogReport {
     pub dead_lettered_inputs: u64,
     /// Runs not done.
     pub open_runs: u64,
+    /// Inputs the workers reported as blocked ([`Inspect::blocked_inputs`]).
+    pub blocked_inputs: u64,
+    /// Since when the longest failing of them has been failing.
+    pub oldest_blocked_since: Option<Millis>,
     /// The consumers of the store's own log (empty for a store without one).
     pub consumers: Vec<ConsumerLag>,
 }
@@ -483,7 +518,8 @@ pub trait Inspect: Send + Sync + 'static {
         older_than: PruneOlderThan,
     ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
 
-    /// What is left to do: pending and dead-lettered rows, open runs, consumers' lag.
+    /// What is left to do: pending and dead-lettered rows, open runs, blocked inputs,
+    /// consumers' lag.
     fn backlog(&self) -> impl Future<Output = Result<BacklogReport, StoreError>> + Send;
 
     /// Retries a dead letter (see [Retrying a dead letter](Inspect#retrying-a-dead-letter)) and
@@ -493,6 +529,14 @@ pub trait Inspect: Send + Sync + 'static {
         id: &DeadLetterId,
         request: &RetryRequest,
     ) -> impl Future<Output = Result<RetryOutcome, StoreError>> + Send;
+
+    /// The inputs workers reported as blocked
+    /// ([`Store::report_blocked`](super::Store::report_blocked)), longest failing first (by
+    /// [`BlockedInputEntry::since`]), at most `limit`.
+    fn blocked_inputs(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<BlockedInputEntry>, StoreError>> + Send;
 
     /// Every recorded retry, oldest first, at most `limit`.
     fn retries(

@@ -77,9 +77,9 @@ mod tracked;
 
 pub use self::classify::StoreErrorKind;
 pub use self::inspect::{
-    BacklogReport, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind, EntityHistory,
-    InputDeadLetter, Inspect, OutboxEntry, RecordedOutcome, RetryOutcome, RetryRecord,
-    RetryRequest, RunDetail, RunQuery, RunState, RunSummary,
+    BacklogReport, BlockedInputEntry, ConsumerLag, DeadLetterEntry, DeadLetterId, DeadLetterKind,
+    EntityHistory, InputDeadLetter, Inspect, OutboxEntry, RecordedOutcome, RetryOutcome,
+    RetryRecord, RetryRequest, RunDetail, RunQuery, RunState, RunSummary,
 };
 pub use self::tracked::Tracked;
 
@@ -757,6 +757,53 @@ pub struct BlockedInput {
     pub reason: String,
 }
 
+/// `text` as the stores keep text that may hold anything (what workers report): a NUL
+/// character (U+0000), which PostgreSQL refuses in `text`, is written as the six characters
+/// `\u{0}`. Every store does the same, so that they all give back the same text.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn nul_escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\\u{0}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// A [`BlockedInput`] as the stores write it: its place in the report, its text with NUL
+/// escaped ([`nul_escaped`]), durations in milliseconds.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BlockedRow {
+    pub(crate) position: i32,
+    pub(crate) partition_key: Option<String>,
+    pub(crate) message_id: String,
+    pub(crate) failing_for: Millis,
+    pub(crate) attempts: i64,
+    pub(crate) reason: String,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl BlockedRow {
+    /// The rows of a report, in its order.
+    pub(crate) fn of(report: Vec<BlockedInput>) -> Vec<BlockedRow> {
+        report
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| BlockedRow {
+                position: i32::try_from(i).unwrap_or(i32::MAX),
+                partition_key: b
+                    .partition_key
+                    .as_deref()
+                    .map(|k| nul_escaped(k).into_owned()),
+                message_id: nul_escaped(&b.message_id).into_owned(),
+                failing_for: i64::try_from(b.failing_for.as_millis()).unwrap_or(i64::MAX),
+                attempts: i64::from(b.attempts),
+                reason: nul_escaped(&b.reason).into_owned(),
+            })
+            .collect()
+    }
+}
+
 /// A store error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -981,7 +1028,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finds the registered owners whose process is gone, frees the leases they held on
     /// pending rows (the rows are claimable at once; the old fencing tokens no longer match)
-    /// and forgets them, so that runs whose last response they recorded are stalled at once
+    /// and forgets them with what they reported as blocked ([`Store::report_blocked`]), so
+    /// that runs whose last response they recorded are stalled at once
     /// ([`Store::stalled_runs`]). An owner that is alive, even paused, is never reaped. Several
     /// processes may reap at once: each dead owner is reaped by one of them.
     ///
@@ -993,7 +1041,15 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces what `owner`'s worker of `consumer` on `topic` reports as blocked: the inputs
     /// it holds whose processing has been failing for a while, each holding up its partition
     /// key (an empty list: none any more). A store keeps the report (its clock turns
-    /// `failing_for` into a time) until the next one, or until the owner is reaped as dead.
+    /// `failing_for` into a time) until the next one, or until the owner is reaped as dead;
+    /// operators read it with [`Inspect::blocked_inputs`].
+    ///
+    /// The SQLite and PostgreSQL stores replace the rows of (`owner`, `consumer`, `topic`) in
+    /// one transaction, delete them in the transaction that reaps the owner
+    /// ([`Store::reap_dead_owners`]), and register the owner of a report that is not empty
+    /// ([`Store::register_owner`]), so that it goes when the reporting process dies even if
+    /// nothing else registered it. They keep any text: a NUL character (U+0000) is written as
+    /// `\u{0}`.
     ///
     /// The default keeps nothing.
     fn report_blocked(
