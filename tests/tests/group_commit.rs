@@ -231,19 +231,17 @@ async fn the_order_check_fails_without_key_order() {
     );
 }
 
+/// What the loader below returns.
+type LoadedNote =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Note, LoadError>> + Send>>;
+
 /// A loader that reads an entity through the tracked store for every note; for note 5 it is
 /// `account/id = "x"`, which changes right after the first read.
 fn reading_loader(
     store_for_bump: Arc<Executor<SqliteStore, SqliteLog>>,
     bumped: Arc<AtomicBool>,
     loads: Arc<AtomicUsize>,
-) -> impl Fn(
-    Note,
-    Tracked<SqliteStore>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Note, LoadError>> + Send>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Note, Tracked<SqliteStore>) -> LoadedNote + Send + Sync + 'static {
     move |note: Note, store: Tracked<SqliteStore>| {
         let (executor, bumped, loads) = (
             Arc::clone(&store_for_bump),

@@ -514,19 +514,15 @@ async fn shutdown_finishes_the_work_in_flight() {
     );
 }
 
+/// What a boxed loader returns.
+type Loaded<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LoadError>> + Send>>;
+
 /// A loader that says "not yet" while the card it needs does not exist.
 fn waiting_loader(
     loads: Arc<AtomicUsize>,
 ) -> LoadWith<
     BlockRequest,
-    impl Fn(
-        BlockRequest,
-        Tracked<SqliteStore>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<cards::Card, LoadError>> + Send>,
-    > + Send
-    + Sync
-    + 'static,
+    impl Fn(BlockRequest, Tracked<SqliteStore>) -> Loaded<cards::Card> + Send + Sync + 'static,
 > {
     LoadWith::new(move |r: BlockRequest, store: Tracked<SqliteStore>| {
         let loads = Arc::clone(&loads);
@@ -541,7 +537,7 @@ fn waiting_loader(
             entity.decode().map_err(|e| LoadError::Invalid {
                 reason: e.to_string(),
             })
-        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }) as Loaded<cards::Card>
     })
 }
 

@@ -103,6 +103,8 @@ struct Tasks {
     settling: JoinSet<Vec<JobId>>,
     dispatching: JoinSet<()>,
     beating: JoinSet<()>,
+    /// At most one report of blocked inputs at a time, so they reach the store in order.
+    reporting: JoinSet<()>,
 }
 
 struct Pipeline<S, T, C, H, I> {
@@ -121,6 +123,8 @@ struct Pipeline<S, T, C, H, I> {
     topic: String,
     /// How many inputs the last report said were blocked.
     reported_blocked: usize,
+    /// The latest report, waiting for the one in flight.
+    next_report: Option<Vec<BlockedInput>>,
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
@@ -240,10 +244,26 @@ pub(super) async fn run<S, T, C, H, I>(
                     }
                 }
                 Some(_) = p.tasks.beating.join_next(), if !p.tasks.beating.is_empty() => {}
+                Some(_) = p.tasks.reporting.join_next(), if !p.tasks.reporting.is_empty() => {
+                    p.send_report();
+                }
                 () = until(commit_at), if commit_at.is_some() => {}
                 () = until(wake_at), if wake_at.is_some() => p.wake_due(),
                 () = until(fetch_at), if fetch_at.is_some() => {}
                 _ = beat.tick() => p.heartbeat(),
+            }
+        }
+        if p.reported_blocked > 0 {
+            // Nothing is blocked here any more: say so before going.
+            crate::metrics::blocked_inputs(H::DESCRIPTOR.name, 0);
+            let owner = &inner.executor.config().owner;
+            if let Err(e) = inner
+                .executor
+                .store()
+                .report_blocked(owner, &p.consumer, &p.topic, Vec::new())
+                .await
+            {
+                tracing::warn!(error = %e, "could not clear the blocked inputs reported to the store");
             }
         }
         relay_stop.notify_one();
@@ -283,12 +303,14 @@ where
                 settling: JoinSet::new(),
                 dispatching: JoinSet::new(),
                 beating: JoinSet::new(),
+                reporting: JoinSet::new(),
             },
             next_id: 0,
             stopping: false,
             consumer,
             topic,
             reported_blocked: 0,
+            next_report: None,
         }
     }
 
@@ -311,6 +333,8 @@ where
             && self.tasks.settling.is_empty()
             && self.tasks.dispatching.is_empty()
             && self.tasks.beating.is_empty()
+            && self.tasks.reporting.is_empty()
+            && self.next_report.is_none()
     }
 
     fn stage(&mut self, id: JobId, stage: Stage) {
@@ -899,9 +923,21 @@ where
             }
         }
         self.reported_blocked = blocked.len();
+        self.next_report = Some(blocked);
+        self.send_report();
+    }
+
+    /// Sends the latest report, unless one is in flight (its end sends the next).
+    fn send_report(&mut self) {
+        if !self.tasks.reporting.is_empty() {
+            return;
+        }
+        let Some(blocked) = self.next_report.take() else {
+            return;
+        };
         let inner = Arc::clone(&self.inner);
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        self.tasks.beating.spawn(async move {
+        self.tasks.reporting.spawn(async move {
             let owner = &inner.executor.config().owner;
             if let Err(e) = inner
                 .executor

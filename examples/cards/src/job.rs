@@ -29,7 +29,7 @@ use effects_core::transport::{
     TransportError,
 };
 use effects_core::worker::{
-    LoadEntity, LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport,
+    Acknowledge, LoadEntity, LoadError, LoadWith, Processed, Worker, WorkerConfig, WorkerReport,
 };
 use effects_core::{DatomEffect, Effects, Handler, LookupRef, Message};
 use serde::Deserialize;
@@ -395,8 +395,14 @@ pub async fn run(database: &Path) -> Result<Report, JobError> {
 
     let seen: Arc<Mutex<Vec<Delivered>>> = Arc::default();
     let config = WorkerConfig {
-        // One delivery at a time, so that the printout is the same on every run.
+        // One delivery at a time, from fetch to acknowledgement, so that the printout is the
+        // same on every run.
         concurrency: 1,
+        max_in_flight: 1,
+        // Through the transport, so that the lost acknowledgement of m1 can happen: by default
+        // a log in the store's database is acknowledged inside the run's commit, and a
+        // committed run's input is then never delivered again.
+        acknowledge: Acknowledge::AfterCommit,
         fetch_wait: Duration::from_millis(100),
         visibility: VISIBILITY,
         ..WorkerConfig::default()

@@ -123,6 +123,7 @@ async fn run_workers(
     let config = WorkerConfig {
         // One delivery at a time per worker, so that the processes share the requests.
         concurrency: 1,
+        max_in_flight: 1,
         fetch_wait: Duration::from_millis(100),
         visibility: VISIBILITY,
         ..WorkerConfig::default()
