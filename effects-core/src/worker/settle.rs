@@ -18,6 +18,9 @@ use crate::store::{DeadLetterKind, Store};
 use crate::transport::{Delivery, Transport};
 use crate::worker::Inputs;
 
+/// A delivery whose run is committed, what it is told, and whether the commit acknowledged it.
+pub(super) type Acked = (Arc<Delivery>, Processed, bool);
+
 /// What a committed run's delivery is told.
 pub(super) fn processed_of(committed: &Committed) -> Processed {
     if committed.is_duplicate() {
@@ -58,7 +61,7 @@ where
 
     /// Acknowledges deliveries whose runs are committed, in one call to the transport — but
     /// for those the commit acknowledged itself (`true`: a log in the store's database).
-    pub(super) async fn acknowledge(&self, settled: &[(Arc<Delivery>, Processed, bool)]) {
+    pub(super) async fn acknowledge(&self, settled: &[Acked]) {
         if settled.is_empty() {
             return;
         }
@@ -147,7 +150,7 @@ where
 
     /// Acknowledges and dispatches committed runs, in the configured order.
     pub(super) async fn settle_committed(&self, runs: Vec<(Arc<Delivery>, Committed)>) {
-        let (acks, committed): (Vec<(Arc<Delivery>, Processed, bool)>, Vec<Committed>) = runs
+        let (acks, committed): (Vec<Acked>, Vec<Committed>) = runs
             .into_iter()
             .map(|(d, c)| ((d, processed_of(&c), c.acknowledged()), c))
             .unzip();
