@@ -188,11 +188,13 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         holds: &Holds,
     ) -> Result<bool, StoreError> {
         if !holds.fenced || !holds.lapsing(&row.id) {
+            self.fault(FaultPoint::Fenced, &row.id);
             return Ok(true);
         }
         let held = self.renew_held(vec![row.id.clone()], lease, holds).await?;
         if held.contains(&row.id) {
             tracing::info!(id = %row.id, "the lease was about to end before sending: renewed");
+            self.fault(FaultPoint::Fenced, &row.id);
             Ok(true)
         } else {
             tracing::warn!(id = %row.id, "the lease ended before sending and another claimant has the row: not sent");

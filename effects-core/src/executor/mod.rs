@@ -108,6 +108,8 @@ pub enum FaultPoint {
     AfterPublishBeforeMark,
     /// After a relay round claimed rows, before it sends any (at: the first row's id).
     AfterClaim,
+    /// A row passed its fence: it is sent next (at: its id).
+    Fenced,
 }
 
 /// A deliberately broken behaviour, so that a reliability test can show that its check fails

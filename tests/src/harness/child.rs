@@ -258,6 +258,7 @@ pub fn fault_name(point: FaultPoint) -> &'static str {
         FaultPoint::AfterHttpBeforeRecord => "after_http_before_record",
         FaultPoint::AfterPublishBeforeMark => "after_publish_before_mark",
         FaultPoint::AfterClaim => "after_claim",
+        FaultPoint::Fenced => "fenced",
     }
 }
 
@@ -269,6 +270,7 @@ pub fn fault_point(name: &str) -> Option<FaultPoint> {
         FaultPoint::AfterHttpBeforeRecord,
         FaultPoint::AfterPublishBeforeMark,
         FaultPoint::AfterClaim,
+        FaultPoint::Fenced,
     ]
     .into_iter()
     .find(|p| fault_name(*p) == name)
