@@ -165,7 +165,7 @@ async fn history(store: &SqliteStore) -> (BTreeMap<String, Vec<u64>>, HashMap<St
     (order, txs.into_iter().map(|(k, t)| (k, t.len())).collect())
 }
 
-/// Eight keys, six notes each, published interleaved: returns the per-key order of application
+/// Eight keys, six notes each: returns the per-key order of application
 /// and the worker's report.
 async fn notes_in_order(mutant: Option<Mutant>) -> (BTreeMap<String, Vec<u64>>, WorkerReport) {
     const KEYS: u64 = 8;
@@ -177,12 +177,25 @@ async fn notes_in_order(mutant: Option<Mutant>) -> (BTreeMap<String, Vec<u64>>, 
         builder = builder.mutant(m);
     }
     let executor = Arc::new(builder.build());
-    for i in 0..PER_KEY {
-        for k in 0..KEYS {
+    // One key's notes back to back, so that several of a key are in one fetch and would be
+    // decided side by side if nothing kept them apart.
+    for k in 0..KEYS {
+        for i in 0..PER_KEY {
             log.publish(note(&format!("k{k}"), i)).await.unwrap();
         }
     }
-    let worker = Arc::new(Worker::new(executor, NoteHandler::default()).with_config(config()));
+    // Later notes take less time to load than earlier ones: handled side by side, a key's
+    // notes would be ready out of order.
+    let worker = Arc::new(
+        Worker::new(executor, NoteHandler::default())
+            .with_config(config())
+            .load_with(LoadWith::new(
+                |note: Note, _store: Tracked<SqliteStore>| async move {
+                    tokio::time::sleep(Duration::from_millis(3 * (PER_KEY - note.index))).await;
+                    Ok::<Note, LoadError>(note)
+                },
+            )),
+    );
     let report = run_until_acked(Arc::clone(&worker), &log, Duration::from_secs(30)).await;
     let (order, txs) = history(&store).await;
     assert!(

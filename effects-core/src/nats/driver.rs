@@ -52,8 +52,10 @@ pub(super) async fn drive(shared: Arc<Shared>, group: Arc<Group>) {
             {
                 tracing::warn!(error = %e, "could not renew this process's presence");
             }
-            group.count_members(&shared).await;
         }
+        // Counted at every tick (one small request), so that a process joining the group gets
+        // its share within a few ticks rather than a presence period.
+        group.count_members(&shared).await;
         group.renew(&shared).await;
         group.heartbeat_waiting(&shared).await;
         group.balance(&shared).await;

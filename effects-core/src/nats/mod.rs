@@ -132,10 +132,13 @@
 //! that wrote #63 was sent.)
 //!
 //! The processes of a group are its *members*: each announces itself on its member subject
-//! every third of the TTL (the record expires with the TTL). A process holds at most
-//! `ceil(partitions / members)` partitions: it takes free ones up to that (each from its own
-//! starting point, so members do not race for the same ones) and lets go of the rest, those with
-//! the least in flight first. So two processes end up with half the partitions each, and a
+//! every third of the TTL (the record expires with the TTL), and counts the members at every
+//! tick of its driver (a sixth of the TTL or of the ack wait, whichever is shorter). A process
+//! holds at most `ceil(partitions / members)` partitions: it takes free ones up to that (each
+//! from its own starting point, so members do not race for the same ones) and lets go of the
+//! rest, those with the least in flight first. So two processes end up with half the partitions
+//! each — a process joining a busy group gets its share within a few ticks plus the releases'
+//! last pull requests (about 3–5 s at the defaults) — and a
 //! process that has not fetched from a group for `max(ack wait, 3 × TTL)` and has nothing of it
 //! in work lets go of all of its partitions.
 //!

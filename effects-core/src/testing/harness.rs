@@ -522,6 +522,12 @@ impl Harness {
         Worker::new(Arc::clone(&self.executor), Counted { handler, calls }).with_config(
             WorkerConfig {
                 concurrency: 1,
+                max_in_flight: 1,
+                // Through the transport, as with a broker: a crash between the commit and the
+                // acknowledgement leaves the input to be delivered again, which is what the
+                // harness's crash boundaries are for. (A worker on the embedded log
+                // acknowledges inside the commit by default, where that cannot happen.)
+                acknowledge: crate::worker::Acknowledge::AfterCommit,
                 fetch_wait: Duration::from_millis(50),
                 visibility: VISIBILITY,
                 relay: None,
