@@ -178,6 +178,11 @@ pub async fn run_until_drained<B: Backend>(
     let defaults = WorkerConfig::default();
     let config = WorkerConfig {
         concurrency: options.concurrency.max(1),
+        // A worker takes at most twice its concurrency from the transport at a time, so that
+        // the processes of a small job share its transfers (with the default, 256, the first
+        // process to fetch would take them all; a service with a steady stream of work keeps
+        // the default and its batching).
+        max_in_flight: options.concurrency.max(1) * 2,
         fetch_wait: Duration::from_millis(100),
         after_requests: Some(FRAUD_VERDICTS.to_owned()),
         // Most transfers leave one hot account: with several processes of 8 deliveries each
