@@ -253,6 +253,8 @@ impl<S: Store, T: Transport, C: HttpClient> Relay<S, T, C> {
                 biased;
                 () = &mut shutdown => return totals,
                 () = tokio::time::sleep(pause) => {}
+                // Dispatching left rows behind that are due now.
+                () = self.executor.due.notified() => {}
             }
         }
     }

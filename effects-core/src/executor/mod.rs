@@ -538,6 +538,10 @@ pub struct Executor<S, T, C = NoHttp> {
     fault: Option<FaultHook>,
     mutant: Option<Mutant>,
     recovered: tokio::sync::OnceCell<()>,
+    /// Woken when dispatching left rows behind that are due now (a keyed message whose
+    /// partition had an earlier message pending when its run committed): the relay looks at
+    /// once instead of at its next interval.
+    pub(crate) due: tokio::sync::Notify,
 }
 
 impl<S, T, C> fmt::Debug for Executor<S, T, C> {
@@ -688,6 +692,7 @@ impl<S: Store, T: Transport, C: HttpClient> ExecutorBuilder<S, T, C> {
             fault: self.fault,
             mutant: self.mutant,
             recovered: tokio::sync::OnceCell::new(),
+            due: tokio::sync::Notify::new(),
         }
     }
 }
@@ -1022,6 +1027,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             let mut together: Vec<(usize, String, Tx, usize, usize)> = Vec::new();
             let mut rows = Vec::new();
             let mut one_by_one = Vec::new();
+            let mut left_behind = false;
             for (i, c) in committed.into_iter().enumerate() {
                 match c.work {
                     Work::Applied {
@@ -1032,6 +1038,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         asked,
                     } if status != RunStatus::RequestsPending => {
                         holds.claimed(asked, &claimed);
+                        left_behind |= claimed.len() + published_inline < run.outbox_len;
                         together.push((i, run.key, c.tx, published_inline, run.outbox_len));
                         rows.extend(claimed);
                     }
@@ -1055,6 +1062,12 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 results[i] = Some(result);
             }
             let mut sent = self.send_messages_by_run(rows, holds).await;
+            // A run whose commit could not claim all of its messages (an earlier message of
+            // their partition was pending then) has them due now that those were sent: the
+            // relay takes them at once.
+            if left_behind {
+                self.due.notify_one();
+            }
             for (i, key, tx, published_inline, outbox_len) in together {
                 results[i] = Some(match &mut sent {
                     Ok(by_run) => {
@@ -1094,6 +1107,14 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                 .collect();
             for result in &results {
                 crate::metrics::run_finished(outcome_label(result));
+            }
+            // Rows still pending (held back behind an earlier message of their partition, or
+            // to be retried): the relay looks now rather than at its next interval.
+            if results
+                .iter()
+                .any(|r| r.as_ref().is_ok_and(|o| o.progress().pending > 0))
+            {
+                self.due.notify_one();
             }
             results
         }
