@@ -166,6 +166,14 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         Ok(lost)
     }
 
+    /// Whether a row that failed again has had all the attempts it may have.
+    fn gave_up(&self, row: &OutboxRow) -> bool {
+        self.config
+            .retry
+            .max_attempts
+            .is_some_and(|max| row.attempts >= max)
+    }
+
     /// Renews `ids` under `lease`, noting the new holds; the ids still held.
     async fn renew_held(
         &self,
@@ -359,12 +367,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             }
             Err(e @ HttpError::Exhausted { .. }) => {
                 let error = e.to_string();
-                if self
-                    .config
-                    .retry
-                    .max_attempts
-                    .is_some_and(|max| row.attempts >= max)
-                {
+                if self.gave_up(row) {
                     tracing::error!(id = %row.id, %error, "request failed too often: dead-lettered");
                     RequestOutcome::Failed {
                         reason: format!("gave up after {} attempts: {error}", row.attempts),
@@ -604,12 +607,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
                         }
                         Err(e) => {
                             let error = e.to_string();
-                            if self
-                                .config
-                                .retry
-                                .max_attempts
-                                .is_some_and(|max| row.attempts >= max)
-                            {
+                            if self.gave_up(row) {
                                 tracing::error!(id = %row.id, %error, "message failed too often: dead-lettered");
                                 let reason = format!("gave up after {} attempts: {error}", row.attempts);
                                 if self.store.dead_letter(&row.id, &reason, Some(&lease)).await? {

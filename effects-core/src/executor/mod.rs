@@ -851,17 +851,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
         }
         Ok(results
             .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(RunError::Store {
-                        key: String::new(),
-                        source: StoreError::Corrupt {
-                            what: "batch".to_owned(),
-                            reason: "a batch item got no result".to_owned(),
-                        },
-                    })
-                })
-            })
+            .map(|r| r.unwrap_or_else(|| Err(missing("batch", "a batch item got no result"))))
             .collect())
     }
 
@@ -932,17 +922,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             }
             let results: Vec<Result<Committed, RunError>> = results
                 .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(RunError::Store {
-                            key: String::new(),
-                            source: StoreError::Corrupt {
-                                what: "batch".to_owned(),
-                                reason: "a batch item got no result".to_owned(),
-                            },
-                        })
-                    })
-                })
+                .map(|r| r.unwrap_or_else(|| Err(missing("batch", "a batch item got no result"))))
                 .collect();
             for result in &results {
                 if let Err(e) = result {
@@ -1093,17 +1073,7 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             }
             let results: Vec<Result<RunOutcome, RunError>> = results
                 .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(RunError::Store {
-                            key: String::new(),
-                            source: StoreError::Corrupt {
-                                what: "dispatch".to_owned(),
-                                reason: "a run got no result".to_owned(),
-                            },
-                        })
-                    })
-                })
+                .map(|r| r.unwrap_or_else(|| Err(missing("dispatch", "a run got no result"))))
                 .collect();
             for result in &results {
                 crate::metrics::run_finished(outcome_label(result));
@@ -1426,6 +1396,18 @@ impl<S: Store, T: Transport, C: HttpClient> Executor<S, T, C> {
             .inspect_err(|source| {
                 tracing::error!(error = %source, "commit failed: nothing applied");
             })
+    }
+}
+
+/// The error for a result the store (or a step) failed to give back for a run: a bug, reported
+/// instead of a panic.
+fn missing(what: &str, reason: &str) -> RunError {
+    RunError::Store {
+        key: String::new(),
+        source: StoreError::Corrupt {
+            what: what.to_owned(),
+            reason: reason.to_owned(),
+        },
     }
 }
 
