@@ -194,7 +194,10 @@
 //! connection that fetched it. [`Delivery::deliveries`] is the server's delivery count: it also
 //! counts deliveries into a read-ahead buffer that were given back unseen when a holder let go
 //! of a partition. [`Delivery::sequence`] is the stream sequence and [`Delivery::message_id`]
-//! the `Nats-Msg-Id` (or `<stream>:<sequence>` for a message published without one).
+//! the `Nats-Msg-Id` (or `<stream>:<sequence>` for a message published without one). A
+//! message whose `Nats-Msg-Id` or partition-key header decodes to bytes that are not UTF-8
+//! (only another client can write one) is dead-lettered by the transport with the reason,
+//! never handed out under a guessed id or key.
 //!
 //! **Dead letters.** [`Transport::dead_letter`] publishes the payload and headers to
 //! `<prefix>.dead.<consumer>.<topic>` with the reason, consumer, topic, sequence, delivery count

@@ -721,6 +721,13 @@ impl NatsTransport {
                 until,
             },
         );
+        if let Some(why) = message.unreadable {
+            let reason = format!("message #{} cannot be read: {why}", delivery.sequence);
+            if let Err(e) = self.dead_letter_now(&delivery, &reason).await {
+                tracing::error!(error = %e, sequence = delivery.sequence, "could not dead-letter an unreadable message: it comes back");
+            }
+            return None;
+        }
         if let Some(max) = shared.config.max_deliver {
             if delivery.deliveries > max {
                 let reason = format!(
@@ -792,20 +799,42 @@ fn reserved_header(name: &str) -> bool {
     lower.starts_with("nats-") || lower == HEADER_PARTITION_KEY || lower.starts_with(DEAD_PREFIX)
 }
 
-/// The message id, the partition key and the application's headers of a received message.
+/// The message id, the partition key and the application's headers of a received message, and
+/// why they cannot be read if one of the transport's own (the id, the partition key) does not
+/// decode to text: such a message is dead-lettered, not handed out under a guessed id or key.
 pub(super) fn read_headers(
     headers: Option<&HeaderMap>,
     stream: &str,
     sequence: u64,
-) -> (String, Option<String>, BTreeMap<String, String>) {
+) -> (
+    String,
+    Option<String>,
+    BTreeMap<String, String>,
+    Option<String>,
+) {
     let mut message_id = None;
     let mut partition_key = None;
+    let mut unreadable = None;
     let mut out = BTreeMap::new();
     if let Some(headers) = headers {
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
             let Some(value) = values.last() else { continue };
-            let value = names::decode_value(value.as_str());
+            let own = name.eq_ignore_ascii_case(MSG_ID)
+                || name.eq_ignore_ascii_case(HEADER_PARTITION_KEY);
+            let value = match names::try_decode_value(value.as_str()) {
+                Ok(value) => value,
+                Err(bytes) => {
+                    if own && unreadable.is_none() {
+                        unreadable = Some(format!(
+                            "its header `{name}` ({:?}) decodes to bytes that are not UTF-8 \
+                             (escapes `%XX` are UTF-8 bytes)",
+                            value.as_str()
+                        ));
+                    }
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+            };
             if name.eq_ignore_ascii_case(MSG_ID) {
                 message_id = Some(value);
             } else if name.eq_ignore_ascii_case(HEADER_PARTITION_KEY) {
@@ -816,7 +845,7 @@ pub(super) fn read_headers(
         }
     }
     let message_id = message_id.unwrap_or_else(|| format!("{stream}:{sequence}"));
-    (message_id, partition_key, out)
+    (message_id, partition_key, out, unreadable)
 }
 
 fn dead_letter_of(message: &jetstream::Message) -> NatsDeadLetter {
@@ -1095,10 +1124,25 @@ mod tests {
         map.insert(MSG_ID, names::encode_value("k#0"));
         map.insert(HEADER_PARTITION_KEY, names::encode_value(" card 1\n"));
         map.insert("effects-key", "k");
-        let (id, key, headers) = read_headers(Some(&map), "S", 7);
+        let (id, key, headers, unreadable) = read_headers(Some(&map), "S", 7);
         assert_eq!(id, "k#0");
         assert_eq!(key.as_deref(), Some(" card 1\n"));
         assert_eq!(headers.len(), 1);
+        assert_eq!(unreadable, None);
         assert_eq!(read_headers(None, "S", 7).0, "S:7");
+    }
+
+    #[test]
+    fn a_partition_key_that_does_not_decode_is_unreadable() {
+        let mut map = HeaderMap::new();
+        map.insert(MSG_ID, "m1");
+        map.insert(HEADER_PARTITION_KEY, "%FF%FE");
+        map.insert("x-other", "%FF");
+        let (id, _, headers, unreadable) = read_headers(Some(&map), "S", 7);
+        assert_eq!(id, "m1");
+        assert_eq!(headers["x-other"], "\u{fffd}");
+        let why = unreadable.expect("unreadable");
+        assert!(why.contains("`effects-partition-key`"), "{why}");
+        assert!(why.contains("not UTF-8"), "{why}");
     }
 }
