@@ -41,6 +41,10 @@ pub const HEADER_DEAD_LETTER_SEQUENCE: &str = "effects-dead-letter-sequence";
 pub const HEADER_DEAD_LETTER_DELIVERIES: &str = "effects-dead-letter-deliveries";
 /// On a dead letter: the original message's id.
 pub const HEADER_DEAD_LETTER_MESSAGE_ID: &str = "effects-dead-letter-message-id";
+/// On a dead letter without the original payload: its size in bytes. It is left out when the
+/// dead letter would not fit in the server's `max_payload` with it (a payload at the maximum,
+/// with the dead letter's headers); the original stays in the stream at its sequence.
+pub const HEADER_DEAD_LETTER_PAYLOAD_OMITTED: &str = "effects-dead-letter-payload-omitted";
 
 const MSG_ID: &str = "Nats-Msg-Id";
 const DEAD_PREFIX: &str = "effects-dead-letter-";
@@ -120,7 +124,8 @@ pub struct NatsDeadLetter {
     pub partition_key: Option<String>,
     /// The original headers.
     pub headers: BTreeMap<String, String>,
-    /// The original payload.
+    /// The original payload (empty when it was left out: see
+    /// [`HEADER_DEAD_LETTER_PAYLOAD_OMITTED`], kept in [`NatsDeadLetter::headers`]).
     pub payload: Vec<u8>,
     /// Why.
     pub reason: String,
@@ -777,11 +782,26 @@ impl NatsTransport {
                 d.sequence
             ),
         );
+        // A dead letter over the server's maximum would be refused, and the message would come
+        // back for ever: without its payload it fits.
+        let payload = if fits(
+            &headers,
+            d.payload.len(),
+            inner.client.server_info().max_payload,
+        ) {
+            Bytes::from(d.payload.clone())
+        } else {
+            headers.insert(
+                HEADER_DEAD_LETTER_PAYLOAD_OMITTED,
+                d.payload.len().to_string(),
+            );
+            Bytes::new()
+        };
         let subject = self.dead_letter_subject(&d.consumer, &d.topic);
         let published = async {
             inner
                 .js
-                .publish_with_headers(subject, headers, Bytes::from(d.payload.clone()))
+                .publish_with_headers(subject, headers, payload)
                 .await?
                 .await
         };
@@ -792,6 +812,23 @@ impl NatsTransport {
         bump(&inner.counters.dead_lettered);
         Ok(())
     }
+}
+
+/// Whether a message with these headers and a payload of `payload` bytes fits in
+/// `max_payload`, which counts the header block as NATS writes it (`NATS/1.0`, a `name: value`
+/// line each, an empty line; each line ends with CR LF) and the payload.
+fn fits(headers: &HeaderMap, payload: usize, max_payload: usize) -> bool {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    max_payload == 0 || 10 + lines + 2 + payload <= max_payload
 }
 
 fn reserved_header(name: &str) -> bool {
@@ -871,6 +908,9 @@ fn dead_letter_of(message: &jetstream::Message) -> NatsDeadLetter {
                 HEADER_DEAD_LETTER_DELIVERIES => deliveries = value.parse().unwrap_or(0),
                 HEADER_DEAD_LETTER_MESSAGE_ID => message_id = value,
                 HEADER_PARTITION_KEY => partition_key = Some(value),
+                HEADER_DEAD_LETTER_PAYLOAD_OMITTED => {
+                    headers.insert(name.to_owned(), value);
+                }
                 other if !reserved_header(other) => {
                     headers.insert(other.to_owned(), value);
                 }
@@ -1144,5 +1184,14 @@ mod tests {
         let why = unreadable.expect("unreadable");
         assert!(why.contains("`effects-partition-key`"), "{why}");
         assert!(why.contains("not UTF-8"), "{why}");
+    }
+
+    #[test]
+    fn fitting_counts_the_header_block() {
+        let mut map = HeaderMap::new();
+        map.insert("ab", "cd");
+        // `NATS/1.0\r\n` + `ab: cd\r\n` + `\r\n` = 20 bytes.
+        assert!(fits(&map, 80, 100));
+        assert!(!fits(&map, 81, 100));
     }
 }
