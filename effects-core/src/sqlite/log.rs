@@ -18,7 +18,10 @@
 //! and no other caller gets a message of that key until all of them are acknowledged, given
 //! back, or past their visibility. A later fetch does not add to a key that is still in flight,
 //! even for the same caller (the [order contract](crate::transport) allows it, the log does not
-//! need it). Messages without a key are handed out as they come.
+//! need it). Messages without a key are handed out as they come. A message whose row cannot be
+//! read as a delivery (headers that are not a JSON object of strings, left by another writer of
+//! the file) is dead-lettered by the fetch itself, with the reason, and does not hold up the
+//! messages behind it.
 //!
 //! A keyed message given back ([`Transport::nack`]) keeps its place: while its delay runs, its
 //! key is invisible and its later messages wait; then it is handed out first, with the later
