@@ -52,6 +52,9 @@ pub(super) struct Buffered {
     pub(super) payload: Bytes,
     /// When the server's ack-wait clock for it last started (receipt or a heartbeat).
     pub(super) touched: Instant,
+    /// Why its headers cannot be read (a value that does not decode): it is dead-lettered
+    /// instead of handed out.
+    pub(super) unreadable: Option<String>,
 }
 
 /// A keyed message this process gave back, until it comes back: later messages of its key
@@ -489,6 +492,7 @@ impl Group {
                 headers: d.headers.clone(),
                 payload: Bytes::from(d.payload.clone()),
                 touched: Instant::now(),
+                unreadable: None,
             },
         );
         true
@@ -596,7 +600,7 @@ impl Group {
             }
         };
         let message = js_message.message;
-        let (message_id, partition_key, headers) =
+        let (message_id, partition_key, headers, unreadable) =
             read_headers(message.headers.as_ref(), &shared.config.stream, sequence);
         let l = &self.lanes[lane];
         {
@@ -637,6 +641,7 @@ impl Group {
                     headers,
                     payload: message.payload,
                     touched: Instant::now(),
+                    unreadable,
                 },
             );
         }

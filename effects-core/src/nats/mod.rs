@@ -194,13 +194,19 @@
 //! connection that fetched it. [`Delivery::deliveries`] is the server's delivery count: it also
 //! counts deliveries into a read-ahead buffer that were given back unseen when a holder let go
 //! of a partition. [`Delivery::sequence`] is the stream sequence and [`Delivery::message_id`]
-//! the `Nats-Msg-Id` (or `<stream>:<sequence>` for a message published without one).
+//! the `Nats-Msg-Id` (or `<stream>:<sequence>` for a message published without one). A
+//! message whose `Nats-Msg-Id` or partition-key header decodes to bytes that are not UTF-8
+//! (only another client can write one) is dead-lettered by the transport with the reason,
+//! never handed out under a guessed id or key.
 //!
 //! **Dead letters.** [`Transport::dead_letter`] publishes the payload and headers to
 //! `<prefix>.dead.<consumer>.<topic>` with the reason, consumer, topic, sequence, delivery count
 //! and message id in `effects-dead-letter-*` headers (and a `Nats-Msg-Id` unique to the
 //! message, so a retried dead-lettering is stored once), waits for the acknowledgement, then
-//! terminates the original (`TERM`). [`NatsTransport::dead_letters`] reads them back.
+//! terminates the original (`TERM`). [`NatsTransport::dead_letters`] reads them back. A dead
+//! letter that would not fit in the server's `max_payload` with its payload (a payload at the
+//! maximum) goes without it, its size in [`HEADER_DEAD_LETTER_PAYLOAD_OMITTED`]; the original
+//! stays in the stream at its sequence.
 //!
 //! **MaxDeliver.** The server's own `MaxDeliver` stops delivering a message after that many
 //! attempts and leaves only an advisory behind; instead the consumers deliver without limit and,
@@ -266,8 +272,8 @@ pub use self::consumers::ConsumerSettings;
 pub use self::error::NatsError;
 pub use self::transport::{
     HEADER_DEAD_LETTER_CONSUMER, HEADER_DEAD_LETTER_DELIVERIES, HEADER_DEAD_LETTER_MESSAGE_ID,
-    HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SEQUENCE, HEADER_DEAD_LETTER_TOPIC,
-    HEADER_PARTITION_KEY, NatsDeadLetter, NatsStats, NatsTransport,
+    HEADER_DEAD_LETTER_PAYLOAD_OMITTED, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SEQUENCE,
+    HEADER_DEAD_LETTER_TOPIC, HEADER_PARTITION_KEY, NatsDeadLetter, NatsStats, NatsTransport,
 };
 
 #[cfg(doc)]

@@ -162,10 +162,17 @@ pub(crate) fn encode_value(value: &str) -> String {
 }
 
 /// The inverse of [`encode_value`]. A `%` not followed by two hex digits is kept as it is, so a
-/// value written by another NATS client decodes to itself.
+/// value written by another NATS client decodes to itself. Escapes that decode to bytes that
+/// are not UTF-8 (possible only in a value another client wrote) are replaced with U+FFFD; see
+/// [`try_decode_value`] to refuse them instead.
 pub(crate) fn decode_value(value: &str) -> String {
+    try_decode_value(value).unwrap_or_else(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// [`decode_value`], or the decoded bytes when they are not UTF-8.
+pub(crate) fn try_decode_value(value: &str) -> Result<String, Vec<u8>> {
     if !value.contains('%') {
-        return value.to_owned();
+        return Ok(value.to_owned());
     }
     let bytes = value.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
@@ -181,11 +188,7 @@ pub(crate) fn decode_value(value: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    // A value from another client may decode to bytes that are not UTF-8: keep what can be read.
-    match String::from_utf8(out) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    }
+    String::from_utf8(out).map_err(std::string::FromUtf8Error::into_bytes)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -292,6 +295,13 @@ mod tests {
         assert_eq!(encode_value("x\r\ny"), "x%0D%0Ay");
         assert_eq!(decode_value("100%"), "100%");
         assert_eq!(decode_value("%zz"), "%zz");
+    }
+
+    #[test]
+    fn escapes_that_are_not_utf8_are_told() {
+        assert_eq!(try_decode_value("a%C3%A9"), Ok("a\u{e9}".to_owned()));
+        assert_eq!(try_decode_value("%FF%FE"), Err(vec![0xff, 0xfe]));
+        assert_eq!(decode_value("%FF"), "\u{fffd}");
     }
 
     proptest! {

@@ -41,6 +41,10 @@ pub const HEADER_DEAD_LETTER_SEQUENCE: &str = "effects-dead-letter-sequence";
 pub const HEADER_DEAD_LETTER_DELIVERIES: &str = "effects-dead-letter-deliveries";
 /// On a dead letter: the original message's id.
 pub const HEADER_DEAD_LETTER_MESSAGE_ID: &str = "effects-dead-letter-message-id";
+/// On a dead letter without the original payload: its size in bytes. It is left out when the
+/// dead letter would not fit in the server's `max_payload` with it (a payload at the maximum,
+/// with the dead letter's headers); the original stays in the stream at its sequence.
+pub const HEADER_DEAD_LETTER_PAYLOAD_OMITTED: &str = "effects-dead-letter-payload-omitted";
 
 const MSG_ID: &str = "Nats-Msg-Id";
 const DEAD_PREFIX: &str = "effects-dead-letter-";
@@ -120,7 +124,8 @@ pub struct NatsDeadLetter {
     pub partition_key: Option<String>,
     /// The original headers.
     pub headers: BTreeMap<String, String>,
-    /// The original payload.
+    /// The original payload (empty when it was left out: see
+    /// [`HEADER_DEAD_LETTER_PAYLOAD_OMITTED`], kept in [`NatsDeadLetter::headers`]).
     pub payload: Vec<u8>,
     /// Why.
     pub reason: String,
@@ -721,6 +726,13 @@ impl NatsTransport {
                 until,
             },
         );
+        if let Some(why) = message.unreadable {
+            let reason = format!("message #{} cannot be read: {why}", delivery.sequence);
+            if let Err(e) = self.dead_letter_now(&delivery, &reason).await {
+                tracing::error!(error = %e, sequence = delivery.sequence, "could not dead-letter an unreadable message: it comes back");
+            }
+            return None;
+        }
         if let Some(max) = shared.config.max_deliver {
             if delivery.deliveries > max {
                 let reason = format!(
@@ -770,11 +782,26 @@ impl NatsTransport {
                 d.sequence
             ),
         );
+        // A dead letter over the server's maximum would be refused, and the message would come
+        // back for ever: without its payload it fits.
+        let payload = if fits(
+            &headers,
+            d.payload.len(),
+            inner.client.server_info().max_payload,
+        ) {
+            Bytes::from(d.payload.clone())
+        } else {
+            headers.insert(
+                HEADER_DEAD_LETTER_PAYLOAD_OMITTED,
+                d.payload.len().to_string(),
+            );
+            Bytes::new()
+        };
         let subject = self.dead_letter_subject(&d.consumer, &d.topic);
         let published = async {
             inner
                 .js
-                .publish_with_headers(subject, headers, Bytes::from(d.payload.clone()))
+                .publish_with_headers(subject, headers, payload)
                 .await?
                 .await
         };
@@ -787,25 +814,64 @@ impl NatsTransport {
     }
 }
 
+/// Whether a message with these headers and a payload of `payload` bytes fits in
+/// `max_payload`, which counts the header block as NATS writes it (`NATS/1.0`, a `name: value`
+/// line each, an empty line; each line ends with CR LF) and the payload.
+fn fits(headers: &HeaderMap, payload: usize, max_payload: usize) -> bool {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    max_payload == 0 || 10 + lines + 2 + payload <= max_payload
+}
+
 fn reserved_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.starts_with("nats-") || lower == HEADER_PARTITION_KEY || lower.starts_with(DEAD_PREFIX)
 }
 
-/// The message id, the partition key and the application's headers of a received message.
+/// The message id, the partition key and the application's headers of a received message, and
+/// why they cannot be read if one of the transport's own (the id, the partition key) does not
+/// decode to text: such a message is dead-lettered, not handed out under a guessed id or key.
 pub(super) fn read_headers(
     headers: Option<&HeaderMap>,
     stream: &str,
     sequence: u64,
-) -> (String, Option<String>, BTreeMap<String, String>) {
+) -> (
+    String,
+    Option<String>,
+    BTreeMap<String, String>,
+    Option<String>,
+) {
     let mut message_id = None;
     let mut partition_key = None;
+    let mut unreadable = None;
     let mut out = BTreeMap::new();
     if let Some(headers) = headers {
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
             let Some(value) = values.last() else { continue };
-            let value = names::decode_value(value.as_str());
+            let own = name.eq_ignore_ascii_case(MSG_ID)
+                || name.eq_ignore_ascii_case(HEADER_PARTITION_KEY);
+            let value = match names::try_decode_value(value.as_str()) {
+                Ok(value) => value,
+                Err(bytes) => {
+                    if own && unreadable.is_none() {
+                        unreadable = Some(format!(
+                            "its header `{name}` ({:?}) decodes to bytes that are not UTF-8 \
+                             (escapes `%XX` are UTF-8 bytes)",
+                            value.as_str()
+                        ));
+                    }
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+            };
             if name.eq_ignore_ascii_case(MSG_ID) {
                 message_id = Some(value);
             } else if name.eq_ignore_ascii_case(HEADER_PARTITION_KEY) {
@@ -816,7 +882,7 @@ pub(super) fn read_headers(
         }
     }
     let message_id = message_id.unwrap_or_else(|| format!("{stream}:{sequence}"));
-    (message_id, partition_key, out)
+    (message_id, partition_key, out, unreadable)
 }
 
 fn dead_letter_of(message: &jetstream::Message) -> NatsDeadLetter {
@@ -842,6 +908,9 @@ fn dead_letter_of(message: &jetstream::Message) -> NatsDeadLetter {
                 HEADER_DEAD_LETTER_DELIVERIES => deliveries = value.parse().unwrap_or(0),
                 HEADER_DEAD_LETTER_MESSAGE_ID => message_id = value,
                 HEADER_PARTITION_KEY => partition_key = Some(value),
+                HEADER_DEAD_LETTER_PAYLOAD_OMITTED => {
+                    headers.insert(name.to_owned(), value);
+                }
                 other if !reserved_header(other) => {
                     headers.insert(other.to_owned(), value);
                 }
@@ -1095,10 +1164,34 @@ mod tests {
         map.insert(MSG_ID, names::encode_value("k#0"));
         map.insert(HEADER_PARTITION_KEY, names::encode_value(" card 1\n"));
         map.insert("effects-key", "k");
-        let (id, key, headers) = read_headers(Some(&map), "S", 7);
+        let (id, key, headers, unreadable) = read_headers(Some(&map), "S", 7);
         assert_eq!(id, "k#0");
         assert_eq!(key.as_deref(), Some(" card 1\n"));
         assert_eq!(headers.len(), 1);
+        assert_eq!(unreadable, None);
         assert_eq!(read_headers(None, "S", 7).0, "S:7");
+    }
+
+    #[test]
+    fn a_partition_key_that_does_not_decode_is_unreadable() {
+        let mut map = HeaderMap::new();
+        map.insert(MSG_ID, "m1");
+        map.insert(HEADER_PARTITION_KEY, "%FF%FE");
+        map.insert("x-other", "%FF");
+        let (id, _, headers, unreadable) = read_headers(Some(&map), "S", 7);
+        assert_eq!(id, "m1");
+        assert_eq!(headers["x-other"], "\u{fffd}");
+        let why = unreadable.expect("unreadable");
+        assert!(why.contains("`effects-partition-key`"), "{why}");
+        assert!(why.contains("not UTF-8"), "{why}");
+    }
+
+    #[test]
+    fn fitting_counts_the_header_block() {
+        let mut map = HeaderMap::new();
+        map.insert("ab", "cd");
+        // `NATS/1.0\r\n` + `ab: cd\r\n` + `\r\n` = 20 bytes.
+        assert!(fits(&map, 80, 100));
+        assert!(!fits(&map, 81, 100));
     }
 }

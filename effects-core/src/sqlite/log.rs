@@ -18,7 +18,10 @@
 //! and no other caller gets a message of that key until all of them are acknowledged, given
 //! back, or past their visibility. A later fetch does not add to a key that is still in flight,
 //! even for the same caller (the [order contract](crate::transport) allows it, the log does not
-//! need it). Messages without a key are handed out as they come.
+//! need it). Messages without a key are handed out as they come. A message whose row cannot be
+//! read as a delivery (headers that are not a JSON object of strings, left by another writer of
+//! the file) is dead-lettered by the fetch itself, with the reason, and does not hold up the
+//! messages behind it.
 //!
 //! A keyed message given back ([`Transport::nack`]) keeps its place: while its delay runs, its
 //! key is invisible and its later messages wait; then it is handed out first, with the later
@@ -250,8 +253,29 @@ fn fetch_tx(
             .ctx(OP)?
             .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .ctx(OP)?;
-        let headers = serde_json::from_str(&headers)
-            .map_err(|e| bad(format!("log message {seq}"), format!("headers: {e}")))?;
+        let headers = match serde_json::from_str(&headers) {
+            Ok(headers) => headers,
+            Err(e) => {
+                // Written by another writer of the file: it can never be handed out, and it
+                // must not stop the fetches of everything behind it.
+                let reason = format!(
+                    "log message {seq} cannot be read: its headers are not a JSON object of \
+                     strings ({e})"
+                );
+                dead_letter_unreadable(
+                    tx,
+                    request,
+                    seq,
+                    &message_id,
+                    &headers,
+                    &payload,
+                    &reason,
+                    deliveries,
+                    now,
+                )?;
+                continue;
+            }
+        };
         out.push(Delivery {
             consumer: request.consumer.clone(),
             topic: request.topic.clone(),
@@ -264,6 +288,50 @@ fn fetch_tx(
         });
     }
     Ok(out)
+}
+
+/// Dead-letters a message that cannot be handed out, in the fetch's transaction.
+#[allow(clippy::too_many_arguments)]
+fn dead_letter_unreadable(
+    tx: &Transaction<'_>,
+    request: &FetchRequest,
+    seq: i64,
+    message_id: &str,
+    headers: &str,
+    payload: &[u8],
+    reason: &str,
+    deliveries: u32,
+    now: Millis,
+) -> Result<(), StoreError> {
+    const OP: &str = "dead-lettering an unreadable message";
+    tracing::warn!(%reason, seq, "dead-lettered");
+    tx.prepare_cached(
+        "INSERT INTO log_dead_letters (consumer, topic, seq, message_id, headers, payload, \
+         reason, deliveries, dead_lettered_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+         ON CONFLICT (consumer, topic, seq) DO NOTHING",
+    )
+    .ctx(OP)?
+    .execute(params![
+        request.consumer,
+        request.topic,
+        seq,
+        message_id,
+        headers,
+        payload,
+        reason,
+        deliveries,
+        now
+    ])
+    .ctx(OP)?;
+    ack_all(
+        tx,
+        [(
+            request.consumer.as_str(),
+            request.topic.as_str(),
+            u64::try_from(seq).unwrap_or(0),
+        )],
+        now,
+    )
 }
 
 fn ack_tx(tx: &Transaction<'_>, d: &Delivery, now: Millis) -> Result<(), StoreError> {
@@ -743,5 +811,62 @@ impl Transport for SqliteLog {
             db.appended.notify_waiters();
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row another writer left with headers that are not JSON: dead-lettered by the fetch
+    /// with the reason, and the message behind it on its key is handed out.
+    #[tokio::test]
+    async fn unreadable_headers_are_dead_lettered_and_the_key_goes_on() {
+        let dir =
+            std::env::temp_dir().join(format!("effects-log-unreadable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.db");
+        let log = SqliteLog::open(&path).unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute(
+            "INSERT INTO log_messages (topic, message_id, partition_key, headers, payload, \
+             published_at_ms) VALUES ('t', 'bad', 'k', 'not json', x'00', 0)",
+            [],
+        )
+        .unwrap();
+        log.publish(OutgoingMessage {
+            id: "good".to_owned(),
+            topic: "t".to_owned(),
+            partition_key: Some("k".to_owned()),
+            headers: BTreeMap::new(),
+            payload: b"{}".to_vec(),
+        })
+        .await
+        .unwrap();
+        let got = log
+            .fetch(FetchRequest {
+                consumer: "c".into(),
+                topic: "t".into(),
+                max: 10,
+                visibility: Duration::from_secs(30),
+                wait: Duration::ZERO,
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = got.iter().map(|d| d.message_id.as_str()).collect();
+        assert_eq!(ids, ["good"]);
+        let dead = log.dead_letters("c").await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].message_id, "bad");
+        assert!(
+            dead[0].reason.contains("its headers are not a JSON object"),
+            "{}",
+            dead[0].reason
+        );
+        log.ack(&got[0]).await.unwrap();
+        assert_eq!(log.unacknowledged("c", "t").await.unwrap(), 0);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

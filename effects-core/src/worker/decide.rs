@@ -59,6 +59,15 @@ where
         let name = H::DESCRIPTOR.name;
         let mut key = None;
         if H::DESCRIPTOR.key.is_none() {
+            if delivery.message_id.is_empty() {
+                // Its run would be keyed `handler:topic:`, which every other message without an
+                // id would share: the second would be taken for a redelivery of the first.
+                return Decision::DeadLetter(
+                    "the message id is empty: it names the message's run (`handler:topic:id`), \
+                     so messages without one cannot be told apart"
+                        .to_owned(),
+                );
+            }
             let k = message_key(name, &delivery.topic, &delivery.message_id);
             if check {
                 if let Some(found) = self.existing(&k).await {

@@ -26,10 +26,11 @@
 //!    side by side.
 //! 3. **Decide** ([`WorkerConfig::concurrency`] at once). The idempotency key is
 //!    [`message_key`]`(handler, topic, message id)`, or, for a handler that declares a business
-//!    key (`#[effect_handler(key = transfer.id)]`), [`business_key`]`(handler, key)`. A
-//!    redelivery (or a retry) whose run exists already is the **duplicate path**: the original
-//!    run's pending rows are dispatched and the message is acknowledged — the handler is not
-//!    called again. Otherwise the input is produced by the worker's [`Inputs`] (by default
+//!    key (`#[effect_handler(key = transfer.id)]`), [`business_key`]`(handler, key)`. A message
+//!    with an empty id is dead-lettered when its key comes from the id (all such messages would
+//!    share one run). A redelivery (or a retry) whose run exists already is the **duplicate
+//!    path**: the original run's pending rows are dispatched and the message is acknowledged —
+//!    the handler is not called again. Otherwise the input is produced by the worker's [`Inputs`] (by default
 //!    [`Handler::decode`] of the payload, [`Decode`]; or loaded from the store through a
 //!    [`Tracked`] handle that records each entity read with its version: [`LoadEntity`],
 //!    [`LoadWith`]), and the pure handler is called (a panic is caught).
