@@ -150,8 +150,11 @@ async fn recovery<B: Backend>(b: B, mutant: Option<Mutant>) {
         &args,
     )
     .expect("start the worker child");
+    // Bounded: every run commits and sends its request within 60 s, and a second more per
+    // hundred runs in the larger runs.
+    let bound = Duration::from_secs(60 + runs as u64 / 100);
     let started = child
-        .wait_for("STARTED", Duration::from_secs(60))
+        .wait_for("STARTED", bound)
         .unwrap_or_else(|e| panic!("{e}"));
     let doomed = started
         .strip_prefix("STARTED ")
@@ -184,9 +187,6 @@ async fn recovery<B: Backend>(b: B, mutant: Option<Mutant>) {
             .await
     });
 
-    // Bounded: every run commits and sends its request within 60 s, and a second more per
-    // hundred runs in the larger runs.
-    let bound = Duration::from_secs(60 + runs as u64 / 100);
     let deadline = Instant::now() + bound;
     while responder.counts().0 < runs {
         assert!(

@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use effects_core::executor::Executor;
+use effects_core::executor::{BatchItem, Executor};
 use effects_core::http::{HttpConfig, HttpResponse, ReqwestClient, RetryPolicy};
 use effects_core::store::{
     ClaimOptions, Commit, NewOutboxRow, NewRun, OutboxKind, RequestOutcome, SqliteOptions, Store,
@@ -222,18 +222,35 @@ async fn execute<S: Store + Clone>(store: S, args: &[String]) -> Result<(), BoxE
     )?;
     let executor = Arc::new(Executor::builder(store, broker).http(http).build());
     let owner = executor.config().owner.clone();
-    for i in 0..runs {
+    // As a worker does: runs committed in groups of 64 (what one dispatch drives at once), one
+    // group at a time, each group's requests sent (and left waiting for their responses) while
+    // the next group commits — so that 10 000 runs do not queue 10 000 commits on the store's
+    // pool at once.
+    let items: Vec<BatchItem> = (0..runs)
+        .map(|i| {
+            let effects = Effects::from(DatomEffect::assert(
+                LookupRef::new("card/id", format!("c{i}")),
+                [("card/status", json!("blocked"))],
+            ))
+            .merge(request(i))
+            .merge(MessageEffect::new("card-status-changed", json!({"n": i})));
+            BatchItem::new(format!("{prefix}:{i}"), effects)
+        })
+        .collect();
+    for group in items.chunks(64) {
+        let mut committed = Vec::new();
+        for result in executor.commit_batch(group).await? {
+            match result {
+                Ok(c) => committed.push(c),
+                Err(e) => eprintln!("run failed: {e}"),
+            }
+        }
         let executor = Arc::clone(&executor);
-        let key = format!("{prefix}:{i}");
-        let effects = Effects::from(DatomEffect::assert(
-            LookupRef::new("card/id", format!("c{i}")),
-            [("card/status", json!("blocked"))],
-        ))
-        .merge(request(i))
-        .merge(MessageEffect::new("card-status-changed", json!({"n": i})));
         tokio::spawn(async move {
-            if let Err(e) = executor.run(key, effects).await {
-                eprintln!("run failed: {e}");
+            for result in executor.dispatch(committed).await {
+                if let Err(e) = result {
+                    eprintln!("dispatch failed: {e}");
+                }
             }
         });
     }
