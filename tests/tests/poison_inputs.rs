@@ -221,6 +221,22 @@ fn ordinary() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Publishes [`ordinary`] behind the poison, on its partition key.
+async fn publish_ordinary<T: Transport>(transport: &T) {
+    for (id, payload) in ordinary() {
+        transport
+            .publish(OutgoingMessage {
+                id,
+                topic: TOPIC.to_owned(),
+                partition_key: Some(PARTITION.to_owned()),
+                headers: BTreeMap::new(),
+                payload,
+            })
+            .await
+            .unwrap();
+    }
+}
+
 fn key_of(message_id: &str) -> String {
     message_key(CONSUMER, TOPIC, message_id)
 }
@@ -601,17 +617,7 @@ async fn on_the_log<B: Backend>(b: B, poison: Poison, mutant: Option<Mutant>) ->
     } else {
         result.expect("the log takes the poison");
     }
-    for (id, payload) in ordinary() {
-        log.publish(OutgoingMessage {
-            id,
-            topic: TOPIC.to_owned(),
-            partition_key: Some(PARTITION.to_owned()),
-            headers: BTreeMap::new(),
-            payload,
-        })
-        .await
-        .unwrap();
-    }
+    publish_ordinary(&log).await;
     let run = run_worker(
         &b,
         store,
@@ -791,17 +797,7 @@ mod on_nats {
         publish_raw(&nats, &headers, payload)
             .await
             .expect("the server takes the poison");
-        for (id, payload) in ordinary() {
-            nats.publish(OutgoingMessage {
-                id,
-                topic: TOPIC.to_owned(),
-                partition_key: Some(PARTITION.to_owned()),
-                headers: BTreeMap::new(),
-                payload,
-            })
-            .await
-            .unwrap();
-        }
+        publish_ordinary(&nats).await;
         let run = run_worker(
             &b,
             store,
